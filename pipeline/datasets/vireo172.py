@@ -1,0 +1,148 @@
+"""VIREO Food-172 (Chen & Ngo, ACM MM 2016), read exactly as released (DATASETS.md §1, §5).
+
+Layout::
+
+    <root>/ready_chinese_food/<1..172>/<name>.jpg
+    <root>/SplitAndIngreLabel/{TR,VAL,TE}.txt      "/<class>/<name>.jpg" per line
+    <root>/SplitAndIngreLabel/IngreLabel.txt       "<path> " + one of {1,-1} per ingredient
+    <root>/SplitAndIngreLabel/IngredientList.txt   one ingredient name per line (column order)
+    <root>/SplitAndIngreLabel/FoodList.txt         one dish name per line (line k = folder k)
+
+Labels are 0-based (folder number - 1). Ingredients are joined to split lines by exact path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .base import (
+    DEFAULT_TEMPLATE,
+    DatasetError,
+    DatasetInfo,
+    Record,
+    at_line,
+    read_lines,
+    render_text,
+    require_file,
+    warn,
+)
+
+IMAGE_DIR = "ready_chinese_food"
+ANNOTATION_DIR = "SplitAndIngreLabel"
+SPLIT_FILES = {"train": "TR.txt", "val": "VAL.txt", "test": "TE.txt"}
+OFFICIAL_COUNTS = {"classes": 172, "ingredients": 353, "train": 66_071, "val": 11_016, "test": 33_154}
+_SPLIT_LINE = re.compile(r"^/(\d+)/[^/\s]+\.(jpe?g|png)$", re.IGNORECASE)
+
+LAYOUT_HELP = (
+    "VIREO Food-172 layout: <root>/ready_chinese_food/<1..172>/*.jpg and "
+    "<root>/SplitAndIngreLabel/{TR,VAL,TE,IngreLabel,IngredientList,FoodList}.txt"
+)
+
+
+def _read_names(path: Path, what: str) -> list[str]:
+    names = [line for _, line in read_lines(require_file(path, what))]
+    if not names:
+        raise DatasetError(f"{path}: no {what} names found (the file is empty)")
+    return names
+
+
+def _read_ingredient_labels(path: Path, num_ingredients: int) -> dict[str, tuple[int, ...]]:
+    """Parse ``IngreLabel.txt`` into ``path -> sorted indices of present ingredients``."""
+    table: dict[str, tuple[int, ...]] = {}
+    for line_no, line in read_lines(require_file(path, "ingredient label file (IngreLabel.txt)")):
+        parts = line.split()
+        key, values = parts[0], parts[1:]
+        if len(values) != num_ingredients:
+            raise at_line(path, line_no, f"expected {num_ingredients} ingredient values (one per "
+                          f"line of IngredientList.txt) after the path, found {len(values)}")
+        present = []
+        for col, value in enumerate(values):
+            if value == "1":
+                present.append(col)
+            elif value not in ("-1", "0"):
+                raise at_line(path, line_no, f"ingredient value {value!r} in column {col + 1} "
+                              "is not 1 or -1")
+        if key in table:
+            raise at_line(path, line_no, f"duplicate path {key!r}")
+        table[key] = tuple(present)
+    return table
+
+
+def _read_split(path: Path, split: str, num_classes: int, image_root: Path,
+                ingredient_table: dict[str, tuple[int, ...]], ingredient_names: list[str],
+                template: str) -> list[Record]:
+    records = []
+    for line_no, line in read_lines(require_file(path, f"{split} split file")):
+        match = _SPLIT_LINE.match(line)
+        if match is None:
+            raise at_line(path, line_no, f"expected an image path like '/1/4_41.jpg' "
+                          f"(leading slash, class folder, file name), found {line!r}")
+        class_id = int(match.group(1))
+        if not 1 <= class_id <= num_classes:
+            raise at_line(path, line_no, f"class folder {class_id} is outside 1..{num_classes} "
+                          "(FoodList.txt has one line per class)")
+        if line not in ingredient_table:
+            raise at_line(path, line_no, f"{line!r} has no line in IngreLabel.txt "
+                          "(paths are matched exactly)")
+        present = ingredient_table[line]
+        records.append(Record(
+            id=line,
+            image=image_root / line.lstrip("/"),
+            label=class_id - 1,
+            text=render_text(template, [ingredient_names[i] for i in present]),
+            ingredients=present,
+        ))
+    if not records:
+        raise DatasetError(f"{path}: the {split} split is empty")
+    return records
+
+
+def check_unique_ids(splits: dict[str, list[Record]]) -> None:
+    """Raise if an id appears twice, within a split or across splits."""
+    seen: dict[str, str] = {}
+    for split, records in splits.items():
+        for rec in records:
+            if rec.id in seen:
+                raise DatasetError(f"duplicate id {rec.id!r}: in split {seen[rec.id]!r} and "
+                                   f"again in {split!r}; every image may belong to one split once")
+            seen[rec.id] = split
+
+
+def read_vireo_layout(root: Path, name: str = "vireo172", template: str = DEFAULT_TEMPLATE,
+                      expected_counts: dict[str, int] | None = OFFICIAL_COUNTS) -> DatasetInfo:
+    """Read a VIREO Food-172 root (or any dataset written in its layout, like the demo)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist. {LAYOUT_HELP}")
+    ann = root / ANNOTATION_DIR
+    if not ann.is_dir():
+        raise DatasetError(f"missing folder {ann}. {LAYOUT_HELP}")
+    class_names = _read_names(ann / "FoodList.txt", "dish (FoodList.txt)")
+    ingredient_names = _read_names(ann / "IngredientList.txt", "ingredient (IngredientList.txt)")
+    label_file = ann / "IngreLabel.txt"
+    table = _read_ingredient_labels(label_file, len(ingredient_names))
+    splits = {
+        split: _read_split(ann / fname, split, len(class_names), root / IMAGE_DIR, table,
+                           ingredient_names, template)
+        for split, fname in SPLIT_FILES.items()
+    }
+    check_unique_ids(splits)
+    if expected_counts:
+        found = {"classes": len(class_names), "ingredients": len(ingredient_names),
+                 **{s: len(r) for s, r in splits.items()}}
+        for key, official in expected_counts.items():
+            if found[key] != official:
+                warn(f"{name}: {key} = {found[key]:,}, the official release has {official:,} "
+                     "(fine for a partial copy; check the download otherwise)")
+    return DatasetInfo(
+        name=name, root=root, class_names=class_names, ingredients=ingredient_names,
+        splits=splits, template=template,
+        source_files=[ann / f for f in (*SPLIT_FILES.values(), "IngreLabel.txt",
+                                        "IngredientList.txt", "FoodList.txt")],
+    )
+
+
+def load_vireo172(root: Path, template: str = DEFAULT_TEMPLATE, **_: object) -> DatasetInfo:
+    """The ``vireo172`` adapter."""
+    return read_vireo_layout(root, "vireo172", template)

@@ -1,0 +1,91 @@
+"""Evaluation of a trained run: top-1/top-5 and per-class accuracy, from the cache or images.
+
+From the cache, the run's heads read the cached visual features of a split. End to end, the
+vision backbone the cache was made with is rebuilt (its weights digest is checked), the split's
+images are decoded and encoded exactly as extraction did (same batches, same precision, same
+on-disk dtype), and the same heads classify them: text is never read. On the same device the
+two paths give identical predictions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .backbones import VisionSpec, build_vision, resolve_device
+from .datasets import load_dataset
+from .extract import encode_images
+from .store import CacheError, FeatureCache
+from .train import HeadsModel, load_run, topk_metrics
+
+
+def run_cache(config: dict[str, Any], cache: Path | str | None = None) -> FeatureCache:
+    """The cache a run was trained on (or ``cache``), checked to be the same key."""
+    path = Path(cache) if cache else Path(config["cache"]["path"])
+    fc = FeatureCache(path).require_complete()
+    if fc.key != config["cache"]["key"]:
+        raise CacheError(f"the cache at {path} has key {fc.key}, but the run was trained on "
+                         f"{config['cache']['key']}; pass the cache it was trained on")
+    return fc
+
+
+def rebuild_vision(manifest: dict[str, Any], device: torch.device, weights_dir: Path | str):
+    """The exact vision backbone a cache was made with; refuses if its weights changed."""
+    spec = VisionSpec(**manifest["vision_spec"])
+    vision = build_vision(spec, weights_dir)
+    expected = manifest["inputs"]["visual"]["weights_digest"]
+    if vision.description["weights_digest"] != expected:
+        raise CacheError(f"the vision weights ({spec.finetuned or spec.weights}) no longer match "
+                         f"the cache (digest {vision.description['weights_digest']} != {expected})")
+    return vision.to_runtime(device, manifest["settings"]["channels_last"])
+
+
+def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | None = None,
+                 end_to_end: bool = False, root: Path | str | None = None,
+                 device: str = "auto", num_workers: int = 2,
+                 weights_dir: Path | str = "cache/weights",
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Metrics of the run at ``run_dir`` on ``split``; ``end_to_end`` reruns the backbone."""
+    dev = resolve_device(device)
+    model, config = load_run(run_dir, dev)
+    fc = run_cache(config, cache)
+    generator = torch.Generator(device=dev).manual_seed(config["train"]["seed"])
+    chunk = config["train"]["chunk_rows"]
+    if not end_to_end:
+        data = fc.load_split(split, ("visual", "label"), dev)
+        logits = model.predict(data["visual"], generator, chunk)
+        metrics = topk_metrics(logits.float(), data["label"], len(config["class_names"]))
+        return {"split": split, "source": "cache", **metrics}
+    visual, labels = end_to_end_features(fc, split, root, dev, num_workers, weights_dir, log)
+    logits = model.predict(visual.to(dev), generator, chunk)
+    metrics = topk_metrics(logits.float(), labels.to(dev), len(config["class_names"]))
+    return {"split": split, "source": "images", **metrics}
+
+
+def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
+                        device: torch.device, num_workers: int, weights_dir: Path | str,
+                        log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visual features and labels of ``split`` computed from the images (no text is read)."""
+    manifest = fc.manifest
+    ds = manifest["dataset"]
+    info = load_dataset(ds["name"], root or ds["root"], ds["template"], **ds.get("options", {}))
+    if split not in info.splits:
+        raise CacheError(f"split {split!r} is not in dataset {ds['name']}")
+    records = info.splits[split]
+    vision = rebuild_vision(manifest, device, weights_dir)
+    settings = manifest["settings"]
+    log(f"encoding {len(records):,} {split} images with {manifest['vision_spec']['model']}")
+    visual, errors = encode_images(vision, [r.image for r in records], settings["batch_size"],
+                                   settings["precision"], manifest["dtype"], num_workers,
+                                   f"{split} images")
+    keep = torch.tensor([not e for e in errors])
+    if not keep.all():
+        log(f"{int((~keep).sum())} unreadable images left out (first: "
+            f"{next(e for e in errors if e)})")
+    labels = torch.tensor([r.label for r in records])
+    return visual[keep], labels[keep]
+
+
+__all__ = ["HeadsModel", "evaluate_run", "end_to_end_features", "rebuild_vision", "run_cache"]

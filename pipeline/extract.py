@@ -1,0 +1,453 @@
+"""Stage one: run the vision and text backbones once and write the feature cache.
+
+``extract(ExtractConfig(...))`` reads a dataset through its adapter, builds both backbones,
+derives the cache key from every input that changes features, and writes
+``<cache_dir>/<dataset>/<key>/`` shard by shard (DESIGN.md "The cache"):
+
+- text features are computed once per unique text and gathered per row;
+- images are decoded to uint8 by DataLoader workers and normalised on the device;
+- batches never straddle a shard, so a killed run resumed computes identical shards;
+- a writer thread commits finished shards while the model works on the next ones;
+- read/model/write times are measured per stage and stored in the manifest;
+- under torchrun (or a Slurm array: RANK/WORLD_SIZE) each rank owns every WORLD_SIZE-th shard
+  and rank 0 finalises the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .backbones import (
+    TextSpec,
+    VisionSpec,
+    build_text,
+    build_vision,
+    resolve_device,
+    resolve_precision,
+)
+from .datasets import DEFAULT_TEMPLATE, SPLITS, DatasetInfo, load_dataset
+from .datasets.images import ImageFiles, Preprocess
+from .progress import progress_bar
+from .store import (
+    CacheError,
+    CacheWriter,
+    FeatureCache,
+    FieldSpec,
+    SplitLayout,
+    content_key,
+    from_storage,
+    read_manifest,
+    storage_dtype,
+    to_storage,
+    write_json_atomic,
+)
+from .store.cache import SCHEMA_VERSION
+
+TEXT_TABLE = "text_table.npy"
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``marnet extract`` needs; fields that change features enter the cache key."""
+
+    dataset: str
+    root: Path
+    cache_dir: Path = Path("cache")
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    text: TextSpec = field(default_factory=TextSpec)
+    template: str = DEFAULT_TEMPLATE
+    dtype: str = "float16"  # float16 | bfloat16 | float32 on disk
+    format: str = "zarr"  # zarr | hdf5
+    batch_size: int = 64
+    shard_rows: int = 4096  # rounded up to a multiple of batch_size
+    num_workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16
+    channels_last: bool = True
+    compile: bool = False
+    on_bad_image: str = "fail"  # fail | skip
+    weights_dir: Path = Path("cache/weights")
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    manifest: dict[str, Any]
+    reused: bool
+
+
+@dataclass
+class RankInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owned(self, num_shards: int) -> list[int]:
+        return list(range(self.rank, num_shards, self.world))
+
+
+def rank_info() -> RankInfo:
+    """Rank and world size from torch.distributed, torchrun or Slurm-style env variables."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return RankInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def barrier(ranks: RankInfo, path: Path | None = None, timeout_s: float = 3600) -> None:
+    """Wait for all ranks (torch.distributed), or for ``path`` to appear (env-only ranks)."""
+    if ranks.world == 1:
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        return
+    if path is not None:
+        deadline = time.time() + timeout_s
+        while not path.exists():
+            if time.time() > deadline:
+                raise CacheError(f"rank {ranks.rank}: timed out waiting for {path}")
+            time.sleep(0.5)
+
+
+def key_inputs(cfg: ExtractConfig, info: DatasetInfo, vision: dict[str, Any],
+               text: dict[str, Any], precision: str) -> dict[str, Any]:
+    """The inputs hashed into the cache key (and stored in clear text in the manifest)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": {"name": info.name, "digest": info.digest(), "template": info.template},
+        "visual": vision,
+        "text": text,
+        "dtype": cfg.dtype,
+        "precision": precision,
+        "format": cfg.format,
+    }
+
+
+def split_layouts(info: DatasetInfo, shard_rows: int, dims: dict[str, int],
+                  dtype: str) -> dict[str, SplitLayout]:
+    fields = [FieldSpec("visual", (dims["visual"],), storage_dtype(dtype)),
+              FieldSpec("text", (dims["text"],), storage_dtype(dtype)),
+              FieldSpec("label", (), "int32"), FieldSpec("id", (), "str"),
+              FieldSpec("valid", (), "uint8")]
+    if info.has_ingredients:
+        fields.append(FieldSpec("ingredients", (len(info.ingredients),), "uint8"))
+    return {split: SplitLayout(len(recs), shard_rows, tuple(fields))
+            for split, recs in info.splits.items()}
+
+
+def ingredient_matrix(records, num_ingredients: int) -> np.ndarray:
+    out = np.zeros((len(records), num_ingredients), dtype=np.uint8)
+    for row, rec in enumerate(records):
+        out[row, list(rec.ingredients)] = 1
+    return out
+
+
+def _text_table(path: Path, texts: list[str], encode: Callable[[], torch.Tensor]) -> np.ndarray:
+    """Unique-text features (float32), computed once and kept beside the cache for resume."""
+    table_path = path / TEXT_TABLE
+    meta_path = path / "text_table.json"
+    if table_path.is_file() and meta_path.is_file():
+        import json
+
+        if json.loads(meta_path.read_text()).get("texts") == texts:
+            return np.load(table_path)
+    table = encode().numpy().astype(np.float32)
+    tmp = path / f".{TEXT_TABLE}.tmp{os.getpid()}.npy"
+    np.save(tmp, table)
+    os.replace(tmp, table_path)
+    write_json_atomic(meta_path, {"texts": texts})
+    return table
+
+
+def _batches(pending: list[int], layout: SplitLayout, batch_size: int) -> list[list[int]]:
+    """Row batches of the pending shards; no batch crosses a shard boundary."""
+    out = []
+    for index in pending:
+        start, stop = layout.shard_range(index)
+        out += [list(range(i, min(i + batch_size, stop))) for i in range(start, stop, batch_size)]
+    return out
+
+
+class ShardWriterThread:
+    """Commits finished shards on a background thread so the model never waits on I/O."""
+
+    def __init__(self, writer: CacheWriter, depth: int = 2):
+        self.writer = writer
+        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.write_seconds = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    t0 = time.perf_counter()
+                    self.writer.commit_shard(**job)
+                    self.write_seconds += time.perf_counter() - t0
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                    self.error = exc
+            self.jobs.task_done()
+
+    def submit(self, **job: Any) -> None:
+        self.raise_if_failed()
+        self.jobs.put(job)
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        self.raise_if_failed()
+
+
+def _vision_spec_record(spec: VisionSpec) -> dict[str, Any]:
+    """The vision spec with paths made absolute, so a run can rebuild the backbone later."""
+    record = asdict(spec)
+    if record["finetuned"]:
+        record["finetuned"] = str(Path(record["finetuned"]).resolve())
+    if record["weights"] not in ("hub", "random", "pypi"):
+        record["weights"] = str(Path(record["weights"]).resolve())
+    return record
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+
+
+def image_loader(paths: list[Path], data_config: dict[str, Any], batches: list[list[int]],
+                 num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """uint8 image batches decoded by workers, in exactly the row batches given."""
+    return torch.utils.data.DataLoader(
+        ImageFiles(paths, Preprocess.from_data_config(data_config)), batch_sampler=batches,
+        num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None)
+
+
+def encode_images(vision, paths: list[Path], batch_size: int, precision: str, dtype: str,
+                  num_workers: int = 2, description: str = "images"
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """Visual features of ``paths`` as the cache would hold them (cast through ``dtype``).
+
+    Batches are ``[0, B), [B, 2B), ...`` as in extraction (shards are multiples of B), so the
+    features equal the cached ones bit for bit on the same device and precision. Returns the
+    float32 features and one error message per path ("" when the image decoded).
+    """
+    vision.model.eval()  # inference: norm layers use running statistics, which stay put
+    batches = [list(range(i, min(i + batch_size, len(paths))))
+               for i in range(0, len(paths), batch_size)]
+    loader = image_loader(paths, vision.data_config, batches, num_workers,
+                          vision.device.type == "cuda")
+    feats, errors = [], [""] * len(paths)
+    with progress_bar(description, len(paths)) as advance:
+        for images, indices, errs in loader:
+            with torch.inference_mode():
+                out = to_storage(vision.features(images, precision), dtype)
+            feats.append(from_storage(out, dtype).float())
+            for i, e in zip(indices.tolist(), errs):
+                errors[i] = e
+            advance(len(indices))
+    return (torch.cat(feats) if feats else torch.empty(0, vision.dim)), errors
+
+
+def cache_path_for(cfg: ExtractConfig, info: DatasetInfo, key: str) -> Path:
+    return Path(cfg.cache_dir) / info.name / key
+
+
+def extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractResult:
+    """Run stage one for ``cfg``; reuse the cache when one with the same key is complete."""
+    if cfg.on_bad_image not in ("fail", "skip"):
+        raise ValueError("--on-bad-image must be fail or skip")
+    ranks = rank_info()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", ranks.rank)) %
+                              torch.cuda.device_count())
+    precision = resolve_precision(cfg.precision, device)
+    info = load_dataset(cfg.dataset, cfg.root, cfg.template, **cfg.dataset_options)
+    vision = build_vision(cfg.vision, cfg.weights_dir)
+    text = build_text(cfg.text)
+    inputs = key_inputs(cfg, info, vision.description, text.description, precision)
+    key = content_key(inputs)
+    path = cache_path_for(cfg, info, key)
+    if (path / "manifest.json").is_file() and read_manifest(path).get("status") == "complete":
+        log(f"cache {path} is complete for these settings (key {key}); reusing it")
+        return ExtractResult(path, read_manifest(path), reused=True)
+
+    batch = cfg.batch_size
+    shard_rows = max(batch, (cfg.shard_rows + batch - 1) // batch * batch)
+    if (path / "manifest.json").is_file():  # resuming: keep the interrupted run's geometry
+        previous = read_manifest(path)
+        batch = previous["settings"]["batch_size"]
+        shard_rows = next(iter(previous["splits"].values()))["shard_rows"]
+        if ranks.is_main:
+            log(f"resuming the interrupted cache {path} (batch size {batch}, "
+                f"{shard_rows} rows per shard, as it was started)")
+    layouts = split_layouts(info, shard_rows, {"visual": vision.dim, "text": text.dim}, cfg.dtype)
+    manifest = {
+        "key": key, "inputs": inputs, "format": cfg.format, "dtype": cfg.dtype,
+        "dims": {"visual": vision.dim, "text": text.dim},
+        "dataset": {"name": info.name, "root": str(Path(info.root).resolve()),
+                    "template": info.template, "options": _jsonable(cfg.dataset_options),
+                    "extra": info.extra},
+        "vision_spec": _vision_spec_record(cfg.vision),
+        "text_spec": asdict(cfg.text),
+        "class_names": info.class_names, "ingredients": info.ingredients,
+        "settings": {"batch_size": batch, "num_workers": cfg.num_workers, "device": str(device),
+                     "precision": precision, "channels_last": cfg.channels_last,
+                     "compile": cfg.compile, "on_bad_image": cfg.on_bad_image,
+                     "world_size": ranks.world},
+    }
+    writer = CacheWriter.open(path, manifest, layouts, lock=ranks.is_main, create=ranks.is_main)
+    try:
+        barrier(ranks, path / "manifest.json")
+        texts = sorted({rec.text for recs in info.splits.values() for rec in recs})
+        if ranks.is_main:
+            log(f"writing cache {path} (key {key}); {len(texts):,} unique texts")
+        text_table = _encode_text_table(path, texts, text, device, ranks)
+        text_row = {t: i for i, t in enumerate(texts)}
+        del text
+        vision.to_runtime(device, cfg.channels_last, cfg.compile)
+        for split in SPLITS:
+            if split in info.splits:
+                _extract_split(cfg, info, split, layouts[split], writer, vision, precision,
+                               text_table, text_row, ranks, log)
+        barrier(ranks)
+        if ranks.is_main:
+            manifest = writer.finalise()
+            log(f"cache complete: {path}")
+        else:
+            manifest = read_manifest(path)
+    finally:
+        writer.close()
+    return ExtractResult(path, manifest, reused=False)
+
+
+def _encode_text_table(path: Path, texts: list[str], text, device: torch.device,
+                       ranks: RankInfo) -> np.ndarray:
+    def encode() -> torch.Tensor:
+        with progress_bar("text features", len(texts)) as advance:
+            return text.encode(texts, device, batch_size=128, on_batch=advance)
+
+    if ranks.is_main:
+        table = _text_table(path, texts, encode)
+    barrier(ranks, path / "text_table.json")
+    return table if ranks.is_main else _text_table(path, texts, encode)
+
+
+def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: SplitLayout,
+                   writer: CacheWriter, vision, precision: str, text_table: np.ndarray,
+                   text_row: dict[str, int], ranks: RankInfo,
+                   log: Callable[[str], None]) -> None:
+    records = info.splits[split]
+    pending = writer.pending(split, ranks.owned(layout.num_shards))
+    if not pending:
+        return
+    loader = image_loader([r.image for r in records], vision.data_config,
+                          _batches(pending, layout, cfg.batch_size), cfg.num_workers,
+                          vision.device.type == "cuda")
+    thread = ShardWriterThread(writer)
+    rows_total = sum(layout.shard_range(i)[1] - layout.shard_range(i)[0] for i in pending)
+    timing = {"read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+    current: dict[str, Any] = {}
+    sync = torch.cuda.synchronize if vision.device.type == "cuda" else (lambda: None)
+    try:
+        with progress_bar(f"{split} images", rows_total) as advance:
+            t_read = time.perf_counter()
+            for images, indices, errors in loader:
+                t_model = time.perf_counter()
+                with torch.inference_mode():
+                    feats = vision.features(images, precision)
+                feats = to_storage(feats, cfg.dtype)
+                sync()
+                read_s, model_s = t_model - t_read, time.perf_counter() - t_model
+                timing["read_s"] += read_s
+                timing["model_s"] += model_s
+                rows = indices.tolist()
+                shard = rows[0] // layout.shard_rows
+                if current and current["index"] != shard:
+                    _submit_shard(thread, current, split, records, info, text_table, text_row)
+                    current = {}
+                if not current:
+                    current = {"index": shard, "rows": [], "feats": [], "errors": [],
+                               "timing": {"read_s": 0.0, "model_s": 0.0}}
+                current["timing"]["read_s"] += read_s
+                current["timing"]["model_s"] += model_s
+                current["rows"] += rows
+                current["feats"].append(feats)
+                for row, err in zip(rows, errors):
+                    if err:
+                        if cfg.on_bad_image == "fail":
+                            raise CacheError(f"unreadable image for {records[row].id!r}: {err}. "
+                                             "Fix or remove the file, or pass "
+                                             "--on-bad-image skip to record and skip it")
+                        current["errors"].append((row, err))
+                advance(len(rows), info=_timing_line(timing, thread.write_seconds))
+                t_read = time.perf_counter()
+            if current:
+                _submit_shard(thread, current, split, records, info, text_table, text_row)
+    finally:
+        thread.close()
+    timing["write_s"] = thread.write_seconds
+    per_img = {k: round(v * 1000 / max(rows_total, 1), 3) for k, v in timing.items()}
+    log(f"{split}: {rows_total:,} rows; ms/img read {per_img['read_s']}, "
+        f"model {per_img['model_s']}, write {per_img['write_s']}")
+
+
+def _timing_line(timing: dict[str, float], write_s: float) -> str:
+    """Share of time spent reading/decoding, in the model, and writing: which side binds."""
+    total = timing["read_s"] + timing["model_s"] + write_s or 1e-9
+    return (f"read {100 * timing['read_s'] / total:.0f}% model "
+            f"{100 * timing['model_s'] / total:.0f}% write {100 * write_s / total:.0f}%")
+
+
+def _submit_shard(thread: ShardWriterThread, current: dict[str, Any], split: str, records,
+                  info: DatasetInfo, text_table: np.ndarray, text_row: dict[str, int]) -> None:
+    rows = current["rows"]
+    recs = [records[r] for r in rows]
+    visual = np.concatenate(current["feats"])
+    valid = np.ones(len(rows), dtype=np.uint8)
+    skipped = []
+    first = rows[0]
+    for row, err in current["errors"]:
+        valid[row - first] = 0
+        visual[row - first] = 0
+        skipped.append({"split": split, "id": records[row].id, "path": str(records[row].image),
+                        "reason": err})
+    text_rows = text_table[[text_row[r.text] for r in recs]]
+    dtype = thread.writer.manifest["dtype"]
+    arrays = {
+        "visual": visual,
+        "text": to_storage(torch.from_numpy(text_rows), dtype),
+        "label": np.array([r.label for r in recs], dtype=np.int32),
+        "id": np.array([r.id for r in recs]),
+        "valid": valid,
+    }
+    if info.has_ingredients:
+        arrays["ingredients"] = ingredient_matrix(recs, len(info.ingredients))
+    thread.submit(split=split, index=current["index"], arrays=arrays,
+                  ids=[r.id for r in recs], skipped=skipped, timing=current["timing"])
+
+
+def open_cache(path: Path | str) -> FeatureCache:
+    """A complete cache for stage two (refuses incomplete ones with instructions)."""
+    return FeatureCache(path).require_complete()
+
+
+__all__ = ["ExtractConfig", "ExtractResult", "encode_images", "extract", "open_cache",
+           "rank_info"]

@@ -1,0 +1,301 @@
+"""Stage-one fine-tuning: train the vision backbone on the train split before caching.
+
+``--method ce`` trains backbone + linear head with cross-entropy. ``ita``, ``ita-mp`` and
+``sdm`` add ``beta *`` an alignment loss between the backbone feature and the text feature of
+the same image, through MARNet's projection heads ``E_v`` / ``E_s`` (METHODS §1.2): ITA
+(symmetric InfoNCE), ITA with same-class positives (§3 #18), or SDM (§4.2). Text features are
+read from an existing cache of the same dataset (computed once by the frozen text backbone),
+never recomputed per step. This is where privileged text reaches the backbone; heads trained on
+frozen features can only reshape what the features already hold.
+
+Each epoch ends with a validation top-1 (linear head, un-augmented val images) and a resumable
+state file; the final checkpoint holds the best epoch's backbone and head plus provenance
+(method, beta, base weights, data digest, seed...). ``extract --finetuned CKPT`` puts that
+provenance into the cache key and manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import VisionSpec, build_vision, resolve_device, resolve_precision
+from .datasets import DEFAULT_TEMPLATE, DatasetInfo, load_dataset
+from .datasets.images import ImageFiles, Preprocess, TrainAugment
+from .extract import encode_images
+from .heads.common import ProjectionEncoder, Standardizer
+from .losses import ita_loss, sdm_loss
+from .progress import progress_bar
+from .store import CacheError, FeatureCache
+
+FINETUNE_METHODS = ("ce", "ita", "ita-mp", "sdm")
+
+
+@dataclass
+class FinetuneConfig:
+    """What ``marnet finetune`` trains and how."""
+
+    dataset: str
+    root: Path
+    out: Path  # the checkpoint (.safetensors); resumable state lives in <out>.state/
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    method: str = "ce"  # ce | ita | ita-mp | sdm
+    beta: float = 1.0
+    text_cache: Path | None = None  # a cache of this dataset with text features
+    proj_dim: int | None = None  # projection dim d (None: the text dim)
+    tau: float | None = None  # None: 0.07 for ita/ita-mp, 0.02 for sdm
+    epochs: int = 5
+    lr: float = 3e-4  # backbone learning rate
+    head_lr: float = 3e-3  # linear head and projections
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    train_blocks: str = "all"  # all | last-K (the last K entries of model.blocks + the head)
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int = 2
+    template: str = DEFAULT_TEMPLATE
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    weights_dir: Path = Path("cache/weights")
+
+
+class FinetuneError(RuntimeError):
+    pass
+
+
+def trainable_prefix(model: nn.Module, train_blocks: str) -> list[nn.Module]:
+    """Freeze all but the last K ``model.blocks`` (and what follows them); return the frozen
+    modules (kept in eval mode so their norm statistics do not move)."""
+    if train_blocks == "all":
+        return []
+    if not train_blocks.startswith("last-") or not train_blocks[5:].isdigit():
+        raise FinetuneError(f"--train-blocks expects all or last-K, got {train_blocks!r}")
+    k = int(train_blocks[5:])
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not 0 < k <= len(blocks):
+        raise FinetuneError(f"--train-blocks {train_blocks}: the model has "
+                            f"{len(blocks) if blocks is not None else 'no'} .blocks; use all")
+    first_trainable = next(blocks[len(blocks) - k].parameters())
+    frozen_modules, trainable = [], False
+    for name, child in model.named_children():
+        if name == "blocks":
+            for i, block in enumerate(blocks):
+                if i < len(blocks) - k:
+                    frozen_modules.append(block)
+            trainable = True
+            continue
+        if not trainable and any(True for _ in child.parameters()):
+            frozen_modules.append(child)
+    for module in frozen_modules:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    assert first_trainable.requires_grad
+    return frozen_modules
+
+
+def train_text_features(cache_path: Path, info: DatasetInfo, split: str = "train") -> torch.Tensor:
+    """Text features of ``info.splits[split]`` from a cache of the same dataset, in record order."""
+    fc = FeatureCache(cache_path).require_complete()
+    if fc.manifest["inputs"]["dataset"]["digest"] != info.digest():
+        raise CacheError(f"the text cache {cache_path} was made from other dataset files than "
+                         f"{info.root} (dataset digests differ); extract this dataset first")
+    data = fc.load_split(split, ("text", "id"), valid_only=False)
+    row = {id_: i for i, id_ in enumerate(data["id"])}
+    return data["text"][[row[r.id] for r in info.splits[split]]]
+
+
+class AlignmentHead(nn.Module):
+    """Linear classifier plus, for alignment methods, MARNet's projections ``E_v``, ``E_s``."""
+
+    def __init__(self, method: str, visual_dim: int, text_dim: int, classes: int,
+                 proj_dim: int | None, tau: float | None):
+        super().__init__()
+        self.method = method
+        self.classifier = nn.Linear(visual_dim, classes)
+        if method != "ce":
+            d = proj_dim or text_dim
+            self.visual_proj = ProjectionEncoder(visual_dim, d)
+            self.text_proj = ProjectionEncoder(text_dim, d)
+            self.text_norm = Standardizer(text_dim)
+            self.tau = tau if tau is not None else (0.02 if method == "sdm" else 0.07)
+
+    def align(self, feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``L_align(E_v f, E_s x_s)``: ITA, multi-positive ITA or SDM."""
+        f_v, f_s = self.visual_proj(feats), self.text_proj(self.text_norm(text))
+        if self.method == "sdm":
+            return sdm_loss(f_v, f_s, labels, tau=self.tau)
+        return ita_loss(f_v, f_s, self.tau, labels if self.method == "ita-mp" else None)
+
+    def loss(self, feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None,
+             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``CE(C(f), y) + beta * L_align``."""
+        ce = F.cross_entropy(self.classifier(feats), labels)
+        if self.method == "ce":
+            return ce, {"ce": ce.detach()}
+        align = self.align(feats, labels, text)
+        return ce + beta * align, {"ce": ce.detach(), self.method: align.detach()}
+
+
+def provenance(cfg: FinetuneConfig, info: DatasetInfo, base: dict[str, Any],
+               text_key: str | None) -> dict[str, Any]:
+    return {
+        "model": base["model"], "base_weights": base["weights"],
+        "base_weights_digest": base["weights_digest"], "method": cfg.method, "beta": cfg.beta,
+        "tau": cfg.tau, "proj_dim": cfg.proj_dim, "epochs": cfg.epochs, "lr": cfg.lr,
+        "head_lr": cfg.head_lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+        "train_blocks": cfg.train_blocks, "augment": cfg.augment, "seed": cfg.seed,
+        "image_size": base["data_config"]["input_size"][-1],
+        "crop_pct": base["data_config"]["crop_pct"],
+        "dataset": info.name, "dataset_digest": info.digest(), "text_cache_key": text_key,
+    }
+
+
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fine-tune; resume from ``<out>.state/`` if it holds the same run; return provenance."""
+    if cfg.method not in FINETUNE_METHODS:
+        raise FinetuneError(f"unknown method {cfg.method!r}; choose {', '.join(FINETUNE_METHODS)}")
+    if cfg.method != "ce" and cfg.text_cache is None:
+        raise FinetuneError(f"--method {cfg.method} aligns with text features: pass "
+                            "--text-cache CACHE_DIR (run `marnet extract` on this dataset first)")
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    info = load_dataset(cfg.dataset, cfg.root, cfg.template, **cfg.dataset_options)
+    vision = build_vision(cfg.vision, cfg.weights_dir)
+    aligned = cfg.method != "ce"
+    text = train_text_features(Path(cfg.text_cache), info) if aligned else None
+    text_key = FeatureCache(cfg.text_cache).key if aligned else None
+    meta = provenance(cfg, info, vision.description, text_key)
+    head = AlignmentHead(cfg.method, vision.dim, text.shape[1] if text is not None else 0,
+                         info.num_classes, cfg.proj_dim, cfg.tau)
+    if text is not None:
+        head.text_norm.fit(text)
+        text = text.to(device)
+    frozen = trainable_prefix(vision.model, cfg.train_blocks)
+    vision.to_runtime(device)
+    head.to(device)
+    backbone_params = [p for p in vision.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": backbone_params, "lr": cfg.lr},
+        {"params": [p for p in head.parameters() if p.requires_grad], "lr": cfg.head_lr},
+    ], weight_decay=cfg.weight_decay)
+    train_records = info.splits["train"]
+    val_records = info.splits.get("val") or info.splits["test"]
+    steps_per_epoch = max(1, len(train_records) // cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[cfg.lr, cfg.head_lr], total_steps=cfg.epochs * steps_per_epoch,
+        pct_start=min(0.3, 1 / max(cfg.epochs, 1)))
+    state_dir = Path(f"{cfg.out}.state")
+    start_epoch, best, history = _resume(state_dir, meta, vision.model, head, optimizer,
+                                         scheduler, log)
+    labels = torch.tensor([r.label for r in train_records])
+    size = vision.data_config["input_size"][-1]
+    preprocess = TrainAugment(size) if cfg.augment else Preprocess.from_data_config(vision.data_config)
+    dataset = ImageFiles([r.image for r in train_records], preprocess)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        vision.model.train()
+        for module in frozen:
+            module.eval()
+        sums: dict[str, torch.Tensor] = {}
+        with progress_bar(f"finetune {cfg.method} epoch {epoch}/{cfg.epochs}", len(loader)) as advance:
+            for images, index, errors in loader:
+                ok = torch.tensor([not e for e in errors])
+                images, index = images[ok], index[ok]
+                y = labels[index].to(device)
+                feats = vision.features(images, precision)
+                loss, parts = head.loss(feats, y, text[index.to(device)] if text is not None
+                                        else None, cfg.beta)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                for k, v in {"loss": loss.detach(), **parts}.items():
+                    sums[k] = sums.get(k, 0) + v
+                advance(1)
+        val_top1 = _val_top1(vision, head, val_records, precision, cfg)
+        record = {"epoch": epoch, **{k: round(float(v) / len(loader), 5) for k, v in sums.items()},
+                  "val_top1": round(val_top1, 3), "seconds": round(time.perf_counter() - t0, 1)}
+        history.append(record)
+        log(json.dumps(record))
+        if best is None or val_top1 > best["val_top1"]:
+            best = {"epoch": epoch, "val_top1": val_top1}
+            _save_weights(state_dir / "best.safetensors", vision.model, head, meta)
+        _save_state(state_dir, epoch, best, history, meta, vision.model, head, optimizer, scheduler)
+    meta = {**meta, "best_epoch": best["epoch"], "val_top1": round(best["val_top1"], 3),
+            "history": history}
+    _save_weights(Path(cfg.out), *_load_best(state_dir, vision.model, head), meta)
+    log(f"saved {cfg.out} (best epoch {best['epoch']}, val top-1 {best['val_top1']:.2f}%)")
+    return meta
+
+
+def _val_top1(vision, head: AlignmentHead, records, precision: str, cfg: FinetuneConfig) -> float:
+    feats, errors = encode_images(vision, [r.image for r in records], cfg.batch_size, precision,
+                                  "float32", cfg.num_workers, "validate")
+    keep = torch.tensor([not e for e in errors])
+    labels = torch.tensor([r.label for r in records])[keep].to(vision.device)
+    with torch.no_grad():
+        pred = head.classifier(feats[keep].to(vision.device)).argmax(1)
+    return 100.0 * (pred == labels).float().mean().item()
+
+
+def _save_weights(path: Path, model: nn.Module, head: nn.Module, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"backbone.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"marnet": json.dumps(meta, default=str)})
+    tmp.replace(path)
+
+
+def _load_best(state_dir: Path, model: nn.Module, head: nn.Module) -> tuple[nn.Module, nn.Module]:
+    from safetensors.torch import load_file
+
+    state = load_file(str(state_dir / "best.safetensors"))
+    model.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
+    head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+    return model, head
+
+
+def _save_state(state_dir: Path, epoch: int, best: dict, history: list, meta: dict,
+                model: nn.Module, head: nn.Module, optimizer, scheduler) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / "last.pt.tmp"
+    torch.save({"epoch": epoch, "best": best, "history": history, "meta": meta,
+                "model": model.state_dict(), "head": head.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
+    tmp.replace(state_dir / "last.pt")
+
+
+def _resume(state_dir: Path, meta: dict, model: nn.Module, head: nn.Module, optimizer,
+            scheduler, log: Callable[[str], None]) -> tuple[int, dict | None, list]:
+    path = state_dir / "last.pt"
+    if not path.is_file():
+        return 1, None, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["meta"] != meta:
+        raise FinetuneError(f"{state_dir} holds a fine-tuning run with other settings; "
+                            "remove it or choose another --out")
+    model.load_state_dict(state["model"])
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log(f"resuming fine-tuning after epoch {state['epoch']} from {path}")
+    return state["epoch"] + 1, state["best"], state["history"]
+
+
+__all__ = ["FINETUNE_METHODS", "FinetuneConfig", "FinetuneError", "finetune"]

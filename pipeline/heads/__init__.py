@@ -1,0 +1,59 @@
+"""The method registry: name -> config dataclass, defaults, and the head module it builds.
+
+Every head exposes ``stages(train, val, ctx) -> list[Stage]`` for the trainer and
+``predict(visual, generator) -> logits`` for evaluation: test time sees visual features only.
+Ablations are configuration: ``visual`` is the aligned classifier with no alignment loss, the
+Table 2 rows are ``marnet`` variants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from ..config import apply_overrides
+from .alignment import ALIGNMENT_LOSSES, AlignConfig, AlignedClassifier
+from .common import Dims, SplitData, Stage, Standardizer, TrainContext
+from .marnet import VARIANTS, DiffusionConfig, MARNet, MARNetConfig
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    config: type
+    defaults: dict[str, Any]
+    build: Callable[[Any, Dims], nn.Module]
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    "visual": MethodSpec(AlignConfig, {"loss": "none"}, AlignedClassifier,
+                         "classifier on visual features (E_v + linear), CE only: the baseline"),
+    "ita": MethodSpec(AlignConfig, {"loss": "ita"}, AlignedClassifier,
+                      "ITA (MGCA): symmetric InfoNCE + CE; identical to MARNet's EMA"),
+    "sdm": MethodSpec(AlignConfig, {"loss": "sdm", "tau": 0.02}, AlignedClassifier,
+                      "SDM (IRRA): KL between image-text similarity and label matching"),
+    "marnet": MethodSpec(MARNetConfig, {}, MARNet,
+                         "MARNet: EMA + CDR (conditional feature diffusion) + fusion"),
+}
+
+# `--ablation` names (Table 2 rows) -> MARNet variants
+ABLATIONS = {"ema": "ema", "mlp": "mlp", "cdr": "cdr", "fusion": "full"}
+
+
+def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The resolved config of method ``name`` with its defaults and ``overrides`` applied."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    spec = METHODS[name]
+    return apply_overrides(apply_overrides(spec.config(), spec.defaults), overrides or {})
+
+
+def build_head(name: str, cfg: Any, dims: Dims) -> nn.Module:
+    return METHODS[name].build(cfg, dims)
+
+
+__all__ = ["ABLATIONS", "ALIGNMENT_LOSSES", "METHODS", "VARIANTS", "AlignConfig", "Dims",
+           "DiffusionConfig", "MARNetConfig", "SplitData", "Stage", "Standardizer",
+           "TrainContext", "build_head", "method_config"]

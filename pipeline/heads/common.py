@@ -1,0 +1,154 @@
+"""Building blocks shared by the heads. Plain ``nn.Module``s; no I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+class Standardizer(nn.Module):
+    """Per-dimension z-score with train-split statistics (METHODS §3 #7, SeDA R-0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> "Standardizer":
+        self.mean.copy_(features.mean(dim=0))
+        self.std.copy_(features.std(dim=0, unbiased=False))
+        return self
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / (self.std + self.eps)
+
+
+class ProjectionEncoder(nn.Module):
+    """``g(E x)``: one linear layer and LeakyReLU(0.01) (MARNet Eq. 5-6, ``E_v`` / ``E_s``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, negative_slope: float = 0.01):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.act = nn.LeakyReLU(negative_slope)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(features))
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Transformer-style sinusoidal embedding of integer timesteps, ``[B, dim]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return nn.functional.pad(emb, (0, dim % 2))
+
+
+class MLP(nn.Module):
+    """``layers`` linear layers with SiLU between them (MARNet: "an MLP of four linear layers")."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int = 4):
+        super().__init__()
+        dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+        blocks: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            blocks.append(nn.Linear(a, b))
+            if i < layers - 1:
+                blocks.append(nn.SiLU())
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+    def hidden_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The first hidden activation (SeDA's "interactive feature", R-1)."""
+        return self.net[1](self.net[0](features))
+
+
+class ConditionalDenoiser(nn.Module):
+    """x0-predicting denoiser ``X_theta(x_t, t, c)``: an :class:`MLP` on ``[x_t ; c ; emb(t)]``.
+
+    MARNet Eq. 19/22 with the layout of METHODS §3 #5 (concatenation conditioning, sinusoidal
+    time embedding, 4 linear layers, SiLU).
+    """
+
+    def __init__(self, x_dim: int, cond_dim: int, hidden: int = 1024, t_dim: int = 128,
+                 layers: int = 4):
+        super().__init__()
+        self.t_dim = t_dim
+        self.mlp = MLP(x_dim + cond_dim + t_dim, hidden, x_dim, layers)
+
+    def inputs(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x_t, cond, sinusoidal_embedding(t, self.t_dim).to(x_t.dtype)], dim=-1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.inputs(x_t, t, cond))
+
+    def interactive_features(self, x_t: torch.Tensor, t: torch.Tensor,
+                             cond: torch.Tensor) -> torch.Tensor:
+        return self.mlp.hidden_features(self.inputs(x_t, t, cond))
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Feature and label sizes a head is built for."""
+
+    visual: int
+    text: int
+    classes: int
+
+
+@dataclass
+class SplitData:
+    """One split on the device, standardised: ``visual``, ``text``, ``label`` (and extras)."""
+
+    tensors: Batch
+
+    def __len__(self) -> int:
+        return len(self.tensors["label"])
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+@dataclass
+class Stage:
+    """One training phase of a head.
+
+    ``modules`` are trained with ``loss(batch) -> (loss, parts)``. ``select`` maps a group name
+    to ``(modules, val_metric)``: after each epoch each group keeps its parameters from the
+    epoch with the best validation metric (groups with disjoint parameters select
+    independently). ``prepare`` runs once before the first epoch. ``sampler`` is ``random``
+    (a permutation) or ``balanced`` (classes x samples per class).
+    """
+
+    name: str
+    modules: list[nn.Module]
+    loss: Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    select: dict[str, tuple[list[nn.Module], Callable[[], float]]] = field(default_factory=dict)
+    epochs: int | None = None  # None: the trainer's default
+    prepare: Callable[[], None] | None = None
+    sampler: str = "random"
+    fields: tuple[str, ...] = ("visual", "text", "label")
+
+
+@dataclass
+class TrainContext:
+    """What a head needs from the trainer: the device, the training RNG, the eval seed."""
+
+    device: torch.device
+    generator: torch.Generator
+    eval_seed: int = 0
+    chunk_rows: int = 8192
+
+    def eval_generator(self) -> torch.Generator:
+        """A fresh generator seeded with ``eval_seed``: evaluations are repeatable."""
+        return torch.Generator(device=self.device).manual_seed(self.eval_seed)

