@@ -223,7 +223,7 @@ def demo(
     data_root: Path = typer.Option(Path("data/synthfood"), help="Where the demo dataset is generated."),
     cache_dir: Path = typer.Option(Path("cache"), help="Cache root."),
     seeds: str = typer.Option("0", help="Comma-separated seeds for the heads, e.g. 0,1,2."),
-    finetune_epochs: int = typer.Option(3, help="Backbone fine-tuning epochs."),
+    finetune_epochs: int = typer.Option(4, help="Backbone fine-tuning epochs."),
     head_epochs: int = typer.Option(30, help="Epochs per head training stage."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:

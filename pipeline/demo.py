@@ -38,7 +38,9 @@ class DemoConfig:
     text: str = "minilm"
     pooling: str = "mean"
     finetune_method: str = "ce"
-    finetune_epochs: int = 3
+    finetune_epochs: int = 4
+    finetune_blocks: str = "last-3"  # the last 3 of EfficientNet's 7 stages + head
+    finetune_lr: float = 1e-3
     seeds: tuple[int, ...] = (0,)
     head_epochs: int = 30
     device: str = "auto"
@@ -70,7 +72,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] = print)
             dataset="synthfood", root=cfg.data_root, out=ckpt,
             vision=VisionSpec(cfg.visual, cfg.weights, image_size=cfg.image_size, crop_pct=1.0),
             method=cfg.finetune_method, text_cache=frozen.path, epochs=cfg.finetune_epochs,
-            device=cfg.device, num_workers=cfg.num_workers,
+            lr=cfg.finetune_lr, train_blocks=cfg.finetune_blocks, device=cfg.device, num_workers=cfg.num_workers,
             weights_dir=cfg.cache_dir / "weights"), log)
     tuned = _extract(cfg, ckpt, log)
     rows = run_matrix(tuned.path, TABLE2_ROWS, cfg.seeds, cfg.out,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -293,13 +294,41 @@ def _jpeg_bytes(img: Image.Image, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
+def _render_class(args: tuple[Path, SynthFoodConfig, int, Dish]) -> tuple[dict[str, list[str]], list[str]]:
+    """Render and write every image of one dish; return its split lines and label lines."""
+    tmp, cfg, k, dish = args
+    folder = tmp / IMAGE_DIR / str(k + 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    split_lines: dict[str, list[str]] = {s: [] for s in SPLIT_FILES}
+    label_lines: list[str] = []
+    index = 0
+    for split_no, (split, per_class) in enumerate(cfg.split_sizes().items()):
+        for _ in range(per_class):
+            rng = np.random.default_rng([cfg.seed, k, split_no, index])
+            present = sample_ingredients(dish, cfg, rng)
+            img = render_image(present, dish, cfg, rng)
+            rel = f"/{k + 1}/{k + 1}_{index}.jpg"
+            (folder / f"{k + 1}_{index}.jpg").write_bytes(_jpeg_bytes(img, rng))
+            split_lines[split].append(rel)
+            flags = ["-1"] * len(INGREDIENTS)
+            for i in present:
+                flags[i] = "1"
+            label_lines.append(rel + " " + " ".join(flags))
+            index += 1
+    return split_lines, label_lines
+
+
 def generate(root: Path, cfg: SynthFoodConfig = SynthFoodConfig(),
-             on_image: Callable[[], None] | None = None) -> None:
+             on_image: Callable[[int], None] | None = None, workers: int | None = None) -> None:
     """Write the dataset to ``root`` in the VIREO Food-172 layout (fresh; overwrites).
 
-    Writes into ``<root>.partial`` and renames at the end, so a killed run leaves no
-    half-written dataset behind. ``on_image`` is called once per image (progress bars).
+    Dishes are rendered in parallel processes (each image has its own seeded generator, so
+    the files do not depend on the number of workers). Writes into ``<root>.partial`` and
+    renames at the end, so a killed run leaves no half-written dataset behind. ``on_image(n)``
+    reports progress.
     """
+    from concurrent.futures import ProcessPoolExecutor
+
     root = Path(root)
     tmp = root.with_name(root.name + ".partial")
     if tmp.exists():
@@ -307,28 +336,18 @@ def generate(root: Path, cfg: SynthFoodConfig = SynthFoodConfig(),
     ann = tmp / ANNOTATION_DIR
     ann.mkdir(parents=True)
     dishes = make_dishes(cfg)
-    n_ing = len(INGREDIENTS)
+    jobs = [(tmp, cfg, k, dish) for k, dish in enumerate(dishes)]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    per_class = sum(cfg.split_sizes().values())
     label_lines: list[str] = []
     split_lines: dict[str, list[str]] = {s: [] for s in SPLIT_FILES}
-    for k, dish in enumerate(dishes):
-        folder = tmp / IMAGE_DIR / str(k + 1)
-        folder.mkdir(parents=True)
-        index = 0
-        for split_no, (split, per_class) in enumerate(cfg.split_sizes().items()):
-            for _ in range(per_class):
-                rng = np.random.default_rng([cfg.seed, k, split_no, index])
-                present = sample_ingredients(dish, cfg, rng)
-                img = render_image(present, dish, cfg, rng)
-                rel = f"/{k + 1}/{k + 1}_{index}.jpg"
-                (folder / f"{k + 1}_{index}.jpg").write_bytes(_jpeg_bytes(img, rng))
-                split_lines[split].append(rel)
-                flags = ["-1"] * n_ing
-                for i in present:
-                    flags[i] = "1"
-                label_lines.append(rel + " " + " ".join(flags))
-                index += 1
-                if on_image:
-                    on_image()
+    with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as pool:
+        for lines, labels in pool.map(_render_class, jobs):
+            for split in SPLIT_FILES:
+                split_lines[split] += lines[split]
+            label_lines += labels
+            if on_image:
+                on_image(per_class)
     for split, fname in SPLIT_FILES.items():
         (ann / fname).write_text("".join(line + "\n" for line in split_lines[split]))
     (ann / "IngreLabel.txt").write_text("".join(line + "\n" for line in label_lines))
@@ -338,6 +357,20 @@ def generate(root: Path, cfg: SynthFoodConfig = SynthFoodConfig(),
     if root.exists():
         shutil.rmtree(root)
     tmp.rename(root)
+
+
+class _Serial:
+    """A stand-in for a process pool that maps in this process."""
+
+    def __enter__(self) -> "_Serial":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
 
 
 def marker(cfg: SynthFoodConfig) -> dict:
@@ -351,7 +384,7 @@ def is_generated(root: Path, cfg: SynthFoodConfig) -> bool:
 
 
 def ensure_synthfood(root: Path, cfg: SynthFoodConfig = SynthFoodConfig(),
-                     on_image: Callable[[], None] | None = None) -> bool:
+                     on_image: Callable[[int], None] | None = None) -> bool:
     """Generate the demo dataset at ``root`` unless it is already there; True if generated."""
     if is_generated(root, cfg):
         return False
