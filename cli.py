@@ -59,10 +59,11 @@ def _summary_table(title: str, summary: list[dict]) -> Table:
     from .pipeline.report import cell
 
     table = Table(title=title)
-    for col in ("row", "Acc-1 (%)", "Acc-5 (%)", "seeds"):
-        table.add_column(col, justify="left" if col == "row" else "right")
+    keys = [k for k in ("backbone", "row") if summary and k in summary[0]]
+    for col in (*keys, "Acc-1 (%)", "Acc-5 (%)", "seeds"):
+        table.add_column(col, justify="left" if col in keys else "right")
     for entry in summary:
-        table.add_row(entry["row"], cell(entry, "top1"), cell(entry, "top5"),
+        table.add_row(*(entry[k] for k in keys), cell(entry, "top1"), cell(entry, "top5"),
                       ",".join(str(s) for s in entry["seeds"]))
     return table
 
@@ -167,6 +168,7 @@ def train_heads(
     batch_size: int = typer.Option(256, help="Batch size."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Method setting KEY=VALUE, repeatable (e.g. diffusion.hidden=512, ema.tau=0.1)."),
+    features: str = typer.Option("visual", help="visual (every method), or text with --method visual: the text-only ceiling, a reference that reads text at test time."),
 ) -> None:
     """Stage two: train a method's heads on a cache; select on validation; report test."""
     from .pipeline.config import parse_overrides
@@ -183,7 +185,7 @@ def train_heads(
             overrides["fusion"] = fusion
         results = run(cache, method, out, overrides,
                       TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                  device=device), log=console.print)
+                                  device=device), log=console.print, features=features)
     except _user_errors() as exc:
         _fail(exc)
     rows = [{"what": method, "split": s, **results[s]} for s in ("val", "test") if s in results]
@@ -219,26 +221,34 @@ def evaluate(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Where runs and result tables go."),
+    out: Optional[Path] = typer.Option(None, help="Where runs and result tables go [default: runs/demo, or runs/demo-finetune with --study finetune]."),
+    study: str = typer.Option("table2", help="table2: the Table-2 rows on the CE-fine-tuned backbone; finetune: the same heads on frozen / CE / ITA / ITA-mp fine-tuned backbones plus the text-only ceiling (several times longer)."),
     data_root: Path = typer.Option(Path("data/synthfood"), help="Where the demo dataset is generated."),
     cache_dir: Path = typer.Option(Path("cache"), help="Cache root."),
-    seeds: str = typer.Option("0", help="Comma-separated seeds for the heads, e.g. 0,1,2."),
+    seeds: str = typer.Option("", help="Comma-separated seeds for the heads [default: 0 for table2, 0,1,2 for finetune]."),
     finetune_epochs: int = typer.Option(4, help="Backbone fine-tuning epochs."),
+    beta: float = typer.Option(1.0, help="Weight of the alignment loss when fine-tuning with ita / ita-mp."),
     head_epochs: int = typer.Option(30, help="Epochs per head training stage."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The offline demo end to end: generate, fine-tune, extract, train Table-2 heads, report."""
-    from .pipeline.demo import DemoConfig, run_demo
+    from .pipeline.demo import DemoConfig, run_demo, run_finetune_study
 
+    if study not in ("table2", "finetune"):
+        _fail(ValueError(f"--study takes table2 or finetune, got {study!r}"))
+    default_out, default_seeds = (("runs/demo", "0") if study == "table2"
+                                  else ("runs/demo-finetune", "0,1,2"))
+    out = out or Path(default_out)
+    cfg = DemoConfig(out=out, data_root=data_root, cache_dir=cache_dir,
+                     seeds=tuple(int(s) for s in (seeds or default_seeds).split(",")),
+                     finetune_epochs=finetune_epochs, finetune_beta=beta,
+                     head_epochs=head_epochs, device=device)
     try:
-        result = run_demo(DemoConfig(out=out, data_root=data_root, cache_dir=cache_dir,
-                                     seeds=tuple(int(s) for s in seeds.split(",")),
-                                     finetune_epochs=finetune_epochs, head_epochs=head_epochs,
-                                     device=device), log=console.print)
+        result = (run_demo if study == "table2" else run_finetune_study)(cfg, log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     summary = json.loads((out / "results.json").read_text())["summary"]
-    console.print(_summary_table("synthfood demo: MARNet Table 2 rows (test)", summary))
+    console.print(_summary_table(f"synthfood demo ({study}): test accuracy", summary))
     console.print(f"written: {out / 'results.md'}, {out / 'results.json'} "
                   f"({result['minutes']:.1f} min)")
 

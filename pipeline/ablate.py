@@ -17,11 +17,12 @@ from .train import TrainConfig, train_heads
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One table row: a display name, a method and its overrides."""
+    """One table row: a display name, a method, its overrides and its input features."""
 
     row: str
     method: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    features: str = "visual"  # "text": the text-only ceiling (reads text at test time)
 
 
 # MARNet Table 2 rows (METHODS §1.9): baseline, +EMA, +MLP, +CDR(MLP), +Fusion
@@ -32,6 +33,8 @@ TABLE2_ROWS = (
     RowSpec("+CDR(MLP)", "marnet", {"variant": "cdr"}),
     RowSpec("+Fusion (MARNet)", "marnet", {"variant": "full"}),
 )
+
+TEXT_CEILING = RowSpec("Text-only ceiling (reads text at test)", "visual", features="text")
 
 
 def slug(name: str) -> str:
@@ -62,7 +65,7 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
             else:
                 log(f"{spec.row} seed {seed}")
                 res = train_heads(cache, spec.method, run_dir, overrides,
-                                  replace(train_cfg, seed=seed), log)
+                                  replace(train_cfg, seed=seed), log, spec.features)
             test = res.get("test") or res["val"]
             results.append({"row": spec.row, "method": spec.method, "seed": seed,
                             "top1": test["top1"], "top5": test["top5"],

@@ -18,7 +18,7 @@ from .backbones import VisionSpec, build_vision, resolve_device
 from .datasets import load_dataset
 from .extract import encode_images
 from .store import CacheError, FeatureCache
-from .train import HeadsModel, load_run, topk_metrics
+from .train import HeadsModel, load_features, load_run, topk_metrics
 
 
 def run_cache(config: dict[str, Any], cache: Path | str | None = None) -> FeatureCache:
@@ -53,8 +53,12 @@ def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | N
     fc = run_cache(config, cache)
     generator = torch.Generator(device=dev).manual_seed(config["train"]["seed"])
     chunk = config["train"]["chunk_rows"]
+    features = config.get("features", "visual")
+    if end_to_end and features != "visual":
+        raise ValueError("an end-to-end evaluation needs a run trained on visual features; "
+                         f"this run classifies {features} features")
     if not end_to_end:
-        data = fc.load_split(split, ("visual", "label"), dev)
+        data = load_features(fc, split, dev, features, ("visual", "label"))
         logits = model.predict(data["visual"], generator, chunk)
         metrics = topk_metrics(logits.float(), data["label"], len(config["class_names"]))
         return {"split": split, "source": "cache", **metrics}

