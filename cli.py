@@ -254,6 +254,43 @@ def demo(
 
 
 @app.command()
+def bench(
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every measurement to this JSON file."),
+    visual: str = typer.Option("tf_efficientnet_lite0", help="timm model for the extraction benches (random weights: speed does not depend on them)."),
+    image_size: Optional[int] = typer.Option(None, help="Input size [default: 96 on CPU, 224 on GPU]."),
+    images: Optional[int] = typer.Option(None, help="Images for the extraction benches [default: 512 on CPU, 4096 on GPU]."),
+    batch_size: int = typer.Option(64, help="Extraction batch size."),
+    head_rows: int = typer.Option(20_000, help="Synthetic feature rows for the head benches."),
+    num_workers: int = typer.Option(2, help="DataLoader workers (extraction and the naive baseline)."),
+) -> None:
+    """Measure throughput ratios side by side (extraction, head training, cache reads, sampling)."""
+    from .pipeline.bench import BenchConfig, run_bench, write_json
+
+    report = run_bench(BenchConfig(device=device, visual=visual, image_size=image_size,
+                                   images=images, batch_size=batch_size, head_rows=head_rows,
+                                   num_workers=num_workers), log=console.print)
+    table = Table(title=f"marnet bench on {report['device']} ({report['precision']})")
+    for col in ("ratio", "measured", "target", "status", "details"):
+        table.add_column(col, justify="right" if col in ("measured", "target") else "left")
+    for name, res in report["results"].items():
+        if "ratio" not in res:
+            continue
+        details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in res.items()
+                            if k not in ("ratio", "status", "target", "ddpm", "ddim"))
+        style = {"pass": "green", "short": "red"}.get(res["status"], "")
+        table.add_row(name, f"{res['ratio']:.2f}x", "-" if res["target"] is None else
+                      f">= {res['target']:g}", f"[{style}]{res['status']}[/]" if style else
+                      res["status"], details)
+    console.print(table)
+    console.print("peak memory (MiB): " + ", ".join(
+        f"{k}={v}" for k, v in report["results"]["memory"].items()))
+    if json_out:
+        write_json(report, json_out)
+
+
+@app.command()
 def datasets() -> None:
     """List the dataset adapters."""
     from .pipeline.datasets import ADAPTERS

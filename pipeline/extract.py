@@ -319,17 +319,21 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractRe
         texts = sorted({rec.text for recs in info.splits.values() for rec in recs})
         if ranks.is_main:
             log(f"writing cache {path} (key {key}); {len(texts):,} unique texts")
+        t_text = time.perf_counter()
         text_table = _encode_text_table(path, texts, text, device, ranks)
         text_row = {t: i for i, t in enumerate(texts)}
         del text
         vision.to_runtime(device, cfg.channels_last, cfg.compile)
+        last_run = {"text_s": round(time.perf_counter() - t_text, 3), "images": 0, "images_s": 0.0}
         for split in SPLITS:
             if split in info.splits:
-                _extract_split(cfg, info, split, layouts[split], writer, vision, precision,
-                               text_table, text_row, ranks, log)
+                rows, seconds = _extract_split(cfg, info, split, layouts[split], writer, vision,
+                                               precision, text_table, text_row, ranks, log)
+                last_run["images"] += rows
+                last_run["images_s"] = round(last_run["images_s"] + seconds, 3)
         barrier(ranks)
         if ranks.is_main:
-            manifest = writer.finalise()
+            manifest = writer.finalise({"last_run": last_run})
             log(f"cache complete: {path}")
         else:
             manifest = read_manifest(path)
@@ -353,11 +357,13 @@ def _encode_text_table(path: Path, texts: list[str], text, device: torch.device,
 def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: SplitLayout,
                    writer: CacheWriter, vision, precision: str, text_table: np.ndarray,
                    text_row: dict[str, int], ranks: RankInfo,
-                   log: Callable[[str], None]) -> None:
+                   log: Callable[[str], None]) -> tuple[int, float]:
+    """Write this rank's pending shards of ``split``; return (rows, wall seconds)."""
     records = info.splits[split]
     pending = writer.pending(split, ranks.owned(layout.num_shards))
     if not pending:
-        return
+        return 0, 0.0
+    t_start = time.perf_counter()
     loader = image_loader([r.image for r in records], vision.data_config,
                           _batches(pending, layout, cfg.batch_size), cfg.num_workers,
                           vision.device.type == "cuda")
@@ -407,6 +413,7 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: Sp
     per_img = {k: round(v * 1000 / max(rows_total, 1), 3) for k, v in timing.items()}
     log(f"{split}: {rows_total:,} rows; ms/img read {per_img['read_s']}, "
         f"model {per_img['model_s']}, write {per_img['write_s']}")
+    return rows_total, time.perf_counter() - t_start
 
 
 def _timing_line(timing: dict[str, float], write_s: float) -> str:

@@ -1,0 +1,51 @@
+"""The bench's measurements run and report sane, internally consistent figures (no timing
+thresholds are asserted: the machine decides those)."""
+
+import pytest
+import torch
+
+from marnet.pipeline.bench import (
+    BenchConfig,
+    _status,
+    bench_cache_read,
+    bench_ddim_vs_ddpm,
+    bench_heads_vs_gemm,
+    bench_heads_vs_naive,
+    timed,
+)
+
+TINY = BenchConfig(device="cpu", head_rows=512, head_batch=32, visual_dim=16, text_dim=8,
+                   classes=3, read_rows=2000, warmup=1, iters=2, num_workers=0, sample_rows=40)
+CPU = torch.device("cpu")
+
+
+def test_timed_returns_the_median():
+    calls = []
+    assert timed(lambda: calls.append(1), 2, 5, CPU) >= 0
+    assert len(calls) == 7
+
+
+def test_status_marks_pass_and_short_against_the_device_target():
+    assert _status("heads_vs_naive", 25.0, torch.device("cuda")) == "pass"
+    assert _status("heads_vs_naive", 5.0, torch.device("cuda")) == "short"
+    assert _status("heads_vs_naive", 1.5, CPU) == "pass"
+    assert _status("ddim_vs_ddpm", 30.0, CPU, extra_ok=False) == "short"
+    assert _status("ablation_vs_end_to_end", 3.0, CPU) == "report"
+
+
+def test_head_benches_report_consistent_ratios(tmp_path):
+    naive = bench_heads_vs_naive(TINY, CPU, "fp32", tmp_path)
+    assert naive["ratio"] == pytest.approx(naive["ours_samples_per_s"] / naive["naive_samples_per_s"])
+    gemm = bench_heads_vs_gemm(TINY, CPU, "fp32")
+    assert gemm["ratio"] == pytest.approx(gemm["step_gflops"] / gemm["gemm_gflops"])
+
+
+def test_cache_read_bench_reads_both_formats(tmp_path):
+    res = bench_cache_read(TINY, CPU, tmp_path)
+    assert res["ratio"] == res["zarr_vs_npy"] and res["hdf5_vs_npy"] > 0
+
+
+def test_ddim_vs_ddpm_compares_step_counts_and_accuracy():
+    res = bench_ddim_vs_ddpm(TINY, CPU, "fp32")
+    assert res["ddpm"]["steps"] == 100 and res["ddim"]["steps"] == TINY.ddim_steps
+    assert res["top1_drop"] == pytest.approx(res["ddpm"]["top1"] - res["ddim"]["top1"], abs=0.01)
