@@ -128,6 +128,9 @@ def test_csv_header_must_name_the_columns(tmp_path, write_folder):
     with pytest.raises(DatasetError, match=r"labels.csv:1: expected the columns path, label, "
                                            r"split and text and/or ingredients, found file"):
         load_dataset("folder", root)
+    _set_csv_line(root, 1, "path,label,text,split,text")
+    with pytest.raises(DatasetError, match=r"labels.csv:1: column 'text' is named twice"):
+        load_dataset("folder", root)
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -137,7 +140,7 @@ def test_csv_header_must_name_the_columns(tmp_path, write_folder):
     ('{"path": "x.jpg", "label": "ramen", "split": "train", "ingredients": "egg"}',
      "ingredients must be a list of strings"),
     ('{"path": "x.jpg", "label": ["ramen"], "split": "train", "text": "t"}',
-     'label must be a string, found ["ramen"]'),
+     'label must be a string or a number, found ["ramen"]'),
 ])
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, write_folder, line, problem):
     root = write_folder(tmp_path / "own", "jsonl")

@@ -126,6 +126,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _require_columns(path: Path, line_no: int, names: list[str]) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise at_line(path, line_no, f"column {repeated[0]!r} is named twice; name each once")
     missing = [name for name in REQUIRED_COLUMNS if name not in names]
     if missing or not any(name in names for name in TEXT_COLUMNS):
         raise at_line(path, line_no, f"expected the columns {', '.join(REQUIRED_COLUMNS)} and "
@@ -137,7 +140,8 @@ def _string(path: Path, line_no: int, row: dict[str, Any], key: str) -> str:
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise at_line(path, line_no, f"{key} must be a string, found {json.dumps(value)}")
+        raise at_line(path, line_no, f"{key} must be a string or a number, found "
+                      f"{json.dumps(value)}")
     return str(value).strip()
 
 
