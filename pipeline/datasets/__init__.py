@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from .base import (
@@ -13,15 +14,28 @@ from .base import (
     Loader,
     Record,
 )
+from .folder import load_folder
+from .ingredient101 import load_ingredient101
 from .synthfood import load_synthfood
 from .vireo172 import load_vireo172
 
 ADAPTERS: dict[str, tuple[Loader, str]] = {
     "vireo172": (load_vireo172, "VIREO Food-172: ready_chinese_food/ + SplitAndIngreLabel/ "
                                 "(per-image ingredients)"),
+    "ingredient101": (load_ingredient101, "Ingredient-101: Annotations/ + the Food-101 images "
+                                          "(per-class ingredients; --images-root, "
+                                          "--ingredients complete|simplified)"),
+    "folder": (load_folder, "your own data: images/ + labels.csv or labels.jsonl "
+                            "(path,label,text,split[,ingredients])"),
     "synthfood": (load_synthfood, "the embedded offline demo, generated on first use "
                                   "(VIREO layout)"),
 }
+
+
+def adapter_options(name: str) -> list[str]:
+    """The options adapter ``name`` takes besides ``root`` and ``template``."""
+    loader, _ = ADAPTERS[name]
+    return [p for p in inspect.signature(loader).parameters if p not in ("root", "template")]
 
 
 def load_dataset(name: str, root: Path | str, template: str = DEFAULT_TEMPLATE,
@@ -29,9 +43,13 @@ def load_dataset(name: str, root: Path | str, template: str = DEFAULT_TEMPLATE,
     """Read dataset ``name`` from ``root`` with the registered adapter."""
     if name not in ADAPTERS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(ADAPTERS))}")
+    unknown = sorted(set(options) - set(adapter_options(name)))
+    if unknown:
+        raise DatasetError(f"dataset {name!r} does not take the option(s) {', '.join(unknown)}; "
+                           f"it takes: {', '.join(adapter_options(name)) or 'none'}")
     loader, _ = ADAPTERS[name]
     return loader(Path(root), template=template, **options)
 
 
 __all__ = ["ADAPTERS", "DEFAULT_TEMPLATE", "SPLITS", "DatasetError", "DatasetInfo",
-           "DatasetWarning", "Record", "load_dataset"]
+           "DatasetWarning", "Record", "adapter_options", "load_dataset"]

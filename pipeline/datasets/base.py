@@ -32,7 +32,17 @@ def at_line(path: Path | str, line_no: int, problem: str) -> DatasetError:
 
 
 def warn(message: str) -> None:
+    """Emit a :class:`DatasetWarning` (unusual input that can still be read)."""
     warnings.warn(message, DatasetWarning, stacklevel=3)
+
+
+def warn_on_unofficial_counts(name: str, found: dict[str, int], official: dict[str, int]) -> None:
+    """One warning listing every count in ``found`` that differs from the official release's."""
+    differ = [f"{key} {found[key]:,} (official {expected:,})"
+              for key, expected in official.items() if key in found and found[key] != expected]
+    if differ:
+        warn(f"{name}: counts differ from the official release: {', '.join(differ)}; fine for a "
+             "partial copy, otherwise check the download")
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,49 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def require_dir(path: Path, what: str, hint: str = "") -> Path:
+    """Return ``path`` if it is a folder, else raise an error that says what belongs there."""
+    if not path.is_dir():
+        message = f"missing {what}: expected a folder at {path}"
+        raise DatasetError(f"{message}. {hint}" if hint else message)
+    return path
+
+
+def _not_utf8(path: Path, line_no: int, reason: str, column: int) -> DatasetError:
+    return at_line(path, line_no, f"not valid UTF-8 ({reason} at byte {column + 1} of the line); "
+                   "re-save the file as UTF-8")
+
+
+def read_text(path: Path) -> str:
+    """Read a whole UTF-8 text file (a leading BOM is dropped).
+
+    Non-UTF-8 bytes raise a :class:`DatasetError` naming the file and the line they are on.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        raise _not_utf8(path, data.count(b"\n", 0, exc.start) + 1, exc.reason,
+                        exc.start - line_start) from None
+
+
+class UniqueIds:
+    """Remembers where each record id was first listed; a second listing is an error."""
+
+    def __init__(self, rule: str = "every image may appear once, in one split") -> None:
+        self._first: dict[str, str] = {}
+        self._rule = rule
+
+    def claim(self, record_id: str, path: Path, line_no: int) -> None:
+        """Register ``record_id`` as listed at ``path:line_no``; raise if it was listed before."""
+        here = f"{path}:{line_no}"
+        first = self._first.setdefault(record_id, here)
+        if first != here:
+            raise at_line(path, line_no, f"duplicate id {record_id!r}, already listed at {first}; "
+                          f"{self._rule}. Remove one of the lines")
+
+
 def read_lines(path: Path) -> list[tuple[int, str]]:
     """Read a UTF-8 text file as ``(line_no, stripped_line)`` pairs, skipping empty lines.
 
@@ -112,11 +165,24 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
         try:
             line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").strip()
         except UnicodeDecodeError as exc:
-            raise at_line(path, line_no, f"not valid UTF-8 ({exc.reason} at byte {exc.start}); "
-                          "re-save the file as UTF-8") from None
+            raise _not_utf8(path, line_no, exc.reason, exc.start) from None
         if line:
             out.append((line_no, line))
     return out
+
+
+def read_unique_names(path: Path, what: str) -> list[str]:
+    """One name per non-empty line, each name once (e.g. ``classes.txt``), in file order."""
+    first_line: dict[str, int] = {}
+    for line_no, name in read_lines(require_file(path, what)):
+        if name in first_line:
+            raise at_line(path, line_no, f"{name!r} is already listed at line "
+                          f"{first_line[name]}; names must be unique")
+        first_line[name] = line_no
+    if not first_line:
+        raise DatasetError(f"{path}: no names found (the file is empty); expected the {what}, "
+                           "one name per line")
+    return list(first_line)
 
 
 Loader = Callable[..., DatasetInfo]

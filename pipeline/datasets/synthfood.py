@@ -397,7 +397,7 @@ def total_images(cfg: SynthFoodConfig) -> int:
 
 
 def load_synthfood(root: Path, template: str = DEFAULT_TEMPLATE,
-                   config: SynthFoodConfig | None = None, **_: object) -> DatasetInfo:
+                   config: SynthFoodConfig | None = None) -> DatasetInfo:
     """The ``synthfood`` adapter: generate on first use, then read through the VIREO parser.
 
     With ``config`` given, the data at ``root`` is regenerated if it was made with another

@@ -21,11 +21,14 @@ from .base import (
     DatasetError,
     DatasetInfo,
     Record,
+    UniqueIds,
     at_line,
     read_lines,
     render_text,
+    require_dir,
     require_file,
     warn,
+    warn_on_unofficial_counts,
 )
 
 IMAGE_DIR = "ready_chinese_food"
@@ -47,31 +50,38 @@ def _read_names(path: Path, what: str) -> list[str]:
     return names
 
 
+def _present_columns(path: Path, line_no: int, values: list[str],
+                     num_ingredients: int) -> tuple[int, ...]:
+    """Indices of the ``1`` values of one ``IngreLabel.txt`` line; values other than 1/-1 fail."""
+    if len(values) != num_ingredients:
+        raise at_line(path, line_no, f"expected {num_ingredients} ingredient values (one per "
+                      f"line of IngredientList.txt) after the path, found {len(values)}")
+    positives = values.count("1")
+    if positives + values.count("-1") != len(values):
+        col, value = next((c, v) for c, v in enumerate(values) if v not in ("1", "-1"))
+        raise at_line(path, line_no, f"ingredient value {value!r} in column {col + 1} is not "
+                      "1 (present) or -1 (absent)")
+    present, col = [], -1
+    for _ in range(positives):  # list.index scans in C: a line has ~3 positives of 353
+        col = values.index("1", col + 1)
+        present.append(col)
+    return tuple(present)
+
+
 def _read_ingredient_labels(path: Path, num_ingredients: int) -> dict[str, tuple[int, ...]]:
     """Parse ``IngreLabel.txt`` into ``path -> sorted indices of present ingredients``."""
     table: dict[str, tuple[int, ...]] = {}
+    lines = UniqueIds("every image has one ingredient line")
     for line_no, line in read_lines(require_file(path, "ingredient label file (IngreLabel.txt)")):
-        parts = line.split()
-        key, values = parts[0], parts[1:]
-        if len(values) != num_ingredients:
-            raise at_line(path, line_no, f"expected {num_ingredients} ingredient values (one per "
-                          f"line of IngredientList.txt) after the path, found {len(values)}")
-        present = []
-        for col, value in enumerate(values):
-            if value == "1":
-                present.append(col)
-            elif value not in ("-1", "0"):
-                raise at_line(path, line_no, f"ingredient value {value!r} in column {col + 1} "
-                              "is not 1 or -1")
-        if key in table:
-            raise at_line(path, line_no, f"duplicate path {key!r}")
-        table[key] = tuple(present)
+        key, *values = line.split()
+        lines.claim(key, path, line_no)
+        table[key] = _present_columns(path, line_no, values, num_ingredients)
     return table
 
 
 def _read_split(path: Path, split: str, num_classes: int, image_root: Path,
                 ingredient_table: dict[str, tuple[int, ...]], ingredient_names: list[str],
-                template: str) -> list[Record]:
+                template: str, ids: UniqueIds) -> list[Record]:
     records = []
     for line_no, line in read_lines(require_file(path, f"{split} split file")):
         match = _SPLIT_LINE.match(line)
@@ -84,7 +94,8 @@ def _read_split(path: Path, split: str, num_classes: int, image_root: Path,
                           "(FoodList.txt has one line per class)")
         if line not in ingredient_table:
             raise at_line(path, line_no, f"{line!r} has no line in IngreLabel.txt "
-                          "(paths are matched exactly)")
+                          "(paths are matched exactly); add its ingredient line")
+        ids.claim(line, path, line_no)
         present = ingredient_table[line]
         records.append(Record(
             id=line,
@@ -94,19 +105,19 @@ def _read_split(path: Path, split: str, num_classes: int, image_root: Path,
             ingredients=present,
         ))
     if not records:
-        raise DatasetError(f"{path}: the {split} split is empty")
+        raise DatasetError(f"{path}: the {split} split is empty; it needs one image path per "
+                           "line, like '/1/4_41.jpg'")
     return records
 
 
-def check_unique_ids(splits: dict[str, list[Record]]) -> None:
-    """Raise if an id appears twice, within a split or across splits."""
-    seen: dict[str, str] = {}
-    for split, records in splits.items():
-        for rec in records:
-            if rec.id in seen:
-                raise DatasetError(f"duplicate id {rec.id!r}: in split {seen[rec.id]!r} and "
-                                   f"again in {split!r}; every image may belong to one split once")
-            seen[rec.id] = split
+def _warn_unlisted(label_file: Path, table: dict[str, tuple[int, ...]],
+                   splits: dict[str, list[Record]]) -> None:
+    """Warn about ``IngreLabel.txt`` lines whose path is in no split file."""
+    listed = {rec.id for records in splits.values() for rec in records}
+    unlisted = [key for key in table if key not in listed]
+    if unlisted:
+        warn(f"{label_file}: {len(unlisted):,} paths are in no split file "
+             f"(first: {unlisted[0]!r}); they are not used")
 
 
 def read_vireo_layout(root: Path, name: str = "vireo172", template: str = DEFAULT_TEMPLATE,
@@ -115,34 +126,30 @@ def read_vireo_layout(root: Path, name: str = "vireo172", template: str = DEFAUL
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist. {LAYOUT_HELP}")
-    ann = root / ANNOTATION_DIR
-    if not ann.is_dir():
-        raise DatasetError(f"missing folder {ann}. {LAYOUT_HELP}")
+    ann = require_dir(root / ANNOTATION_DIR, "annotation folder", LAYOUT_HELP)
     class_names = _read_names(ann / "FoodList.txt", "dish (FoodList.txt)")
     ingredient_names = _read_names(ann / "IngredientList.txt", "ingredient (IngredientList.txt)")
     label_file = ann / "IngreLabel.txt"
     table = _read_ingredient_labels(label_file, len(ingredient_names))
+    ids = UniqueIds()
     splits = {
         split: _read_split(ann / fname, split, len(class_names), root / IMAGE_DIR, table,
-                           ingredient_names, template)
+                           ingredient_names, template, ids)
         for split, fname in SPLIT_FILES.items()
     }
-    check_unique_ids(splits)
+    _warn_unlisted(label_file, table, splits)
     if expected_counts:
         found = {"classes": len(class_names), "ingredients": len(ingredient_names),
                  **{s: len(r) for s, r in splits.items()}}
-        for key, official in expected_counts.items():
-            if found[key] != official:
-                warn(f"{name}: {key} = {found[key]:,}, the official release has {official:,} "
-                     "(fine for a partial copy; check the download otherwise)")
+        warn_on_unofficial_counts(name, found, expected_counts)
     return DatasetInfo(
         name=name, root=root, class_names=class_names, ingredients=ingredient_names,
-        splits=splits, template=template,
+        splits=splits, template=template, extra={"text_level": "image"},
         source_files=[ann / f for f in (*SPLIT_FILES.values(), "IngreLabel.txt",
                                         "IngredientList.txt", "FoodList.txt")],
     )
 
 
-def load_vireo172(root: Path, template: str = DEFAULT_TEMPLATE, **_: object) -> DatasetInfo:
-    """The ``vireo172`` adapter."""
+def load_vireo172(root: Path, template: str = DEFAULT_TEMPLATE) -> DatasetInfo:
+    """The ``vireo172`` adapter: per-image ingredients, text over the ingredients present."""
     return read_vireo_layout(root, "vireo172", template)
