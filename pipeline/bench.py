@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,6 +68,7 @@ class BenchConfig:
     ablation_epochs: int = 5
     ddim_steps: int = 4
     sample_rows: int = 2000  # test rows for the DDIM vs DDPM comparison (2x as many train)
+    head_overrides: dict[str, Any] = field(default_factory=dict)  # MARNet settings ({}: paper scale)
     warmup: int = 3
     iters: int = 10
     num_workers: int = 2
@@ -120,7 +121,7 @@ def _split(data: dict[str, torch.Tensor], device: torch.device) -> SplitData:
 def _marnet_stage_a(cfg: BenchConfig, device: torch.device, train: SplitData):
     """MARNet's first training stage (EMA + CDR, the paper-scale 1024-wide denoiser)."""
     dims = Dims(cfg.visual_dim, cfg.text_dim, cfg.classes)
-    head = build_head("marnet", method_config("marnet"), dims).to(device)
+    head = build_head("marnet", method_config("marnet", cfg.head_overrides), dims).to(device)
     ctx = TrainContext(device, torch.Generator(device=device).manual_seed(0))
     stage = head.stages(train, train, ctx)[0]
     params = [p for m in stage.modules for p in m.parameters()]
@@ -264,7 +265,8 @@ def bench_ddim_vs_ddpm(cfg: BenchConfig, device: torch.device, precision: str) -
     train = SplitData({k: v[:n_train] for k, v in rows.tensors.items()})
     test = SplitData({k: v[n_train:] for k, v in rows.tensors.items()})
     dims = Dims(cfg.visual_dim, cfg.text_dim, cfg.classes)
-    head = build_head("marnet", method_config("marnet", {"variant": "cdr"}), dims).to(device)
+    head = build_head("marnet", method_config("marnet", {**cfg.head_overrides, "variant": "cdr"}),
+                      dims).to(device)
     ctx = TrainContext(device, torch.Generator(device=device).manual_seed(0))
     stage = head.stages(train, test, ctx)[0]
     optimizer = torch.optim.AdamW([p for m in stage.modules for p in m.parameters()], lr=1e-3)

@@ -34,6 +34,7 @@ from .heads.common import ProjectionEncoder, Standardizer
 from .losses import ita_loss, sdm_loss
 from .progress import progress_bar
 from .store import CacheError, FeatureCache
+from .train import held_out_split
 
 FINETUNE_METHODS = ("ce", "ita", "ita-mp", "sdm")
 
@@ -144,6 +145,22 @@ class AlignmentHead(nn.Module):
         return ce + beta * align, {"ce": ce.detach(), self.method: align.detach()}
 
 
+def selection_split(info: DatasetInfo, text: torch.Tensor | None, seed: int,
+                    fraction: float = 0.1) -> tuple[list, list, torch.Tensor | None, str]:
+    """Train records, validation records (never test), train text rows, and a description.
+
+    The dataset's val split when it has one; else a stratified ``fraction`` of train held
+    out, as the head trainer does.
+    """
+    train = info.splits["train"]
+    if info.splits.get("val"):
+        return train, info.splits["val"], text, "val split"
+    keep, held = held_out_split(torch.tensor([r.label for r in train]), fraction, seed)
+    return ([train[i] for i in keep.tolist()], [train[i] for i in held.tolist()],
+            text[keep] if text is not None else None,
+            f"{fraction:.0%} of train held out (stratified, seed {seed})")
+
+
 def provenance(cfg: FinetuneConfig, info: DatasetInfo, base: dict[str, Any],
                text_key: str | None) -> dict[str, Any]:
     return {
@@ -173,7 +190,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[st
     aligned = cfg.method != "ce"
     text = train_text_features(Path(cfg.text_cache), info) if aligned else None
     text_key = FeatureCache(cfg.text_cache).key if aligned else None
-    meta = provenance(cfg, info, vision.description, text_key)
+    train_records, val_records, text, validation = selection_split(info, text, cfg.seed)
+    meta = {**provenance(cfg, info, vision.description, text_key), "validation": validation}
     head = AlignmentHead(cfg.method, vision.dim, text.shape[1] if text is not None else 0,
                          info.num_classes, cfg.proj_dim, cfg.tau)
     if text is not None:
@@ -187,8 +205,6 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[st
         {"params": backbone_params, "lr": cfg.lr},
         {"params": [p for p in head.parameters() if p.requires_grad], "lr": cfg.head_lr},
     ], weight_decay=cfg.weight_decay)
-    train_records = info.splits["train"]
-    val_records = info.splits.get("val") or info.splits["test"]
     steps_per_epoch = max(1, len(train_records) // cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[cfg.lr, cfg.head_lr], total_steps=cfg.epochs * steps_per_epoch,

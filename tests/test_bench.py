@@ -15,7 +15,8 @@ from marnet.pipeline.bench import (
 )
 
 TINY = BenchConfig(device="cpu", head_rows=512, head_batch=32, visual_dim=16, text_dim=8,
-                   classes=3, read_rows=2000, warmup=1, iters=2, num_workers=0, sample_rows=40)
+                   classes=3, read_rows=2000, warmup=1, iters=2, num_workers=0, sample_rows=40,
+                   head_overrides={"diffusion.hidden": 32, "diffusion.schedule.steps": 20})
 CPU = torch.device("cpu")
 
 
@@ -47,5 +48,5 @@ def test_cache_read_bench_reads_both_formats(tmp_path):
 
 def test_ddim_vs_ddpm_compares_step_counts_and_accuracy():
     res = bench_ddim_vs_ddpm(TINY, CPU, "fp32")
-    assert res["ddpm"]["steps"] == 100 and res["ddim"]["steps"] == TINY.ddim_steps
+    assert res["ddpm"]["steps"] == 20 and res["ddim"]["steps"] == TINY.ddim_steps
     assert res["top1_drop"] == pytest.approx(res["ddpm"]["top1"] - res["ddim"]["top1"], abs=0.01)

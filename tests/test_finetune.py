@@ -102,3 +102,17 @@ def test_extract_with_a_finetuned_checkpoint_records_its_provenance(synth_root, 
     assert prov["method"] == "ita" and prov["beta"] == 0.5 and prov["model"] == "test_efficientnet"
     assert manifest["inputs"]["visual"]["data_config"]["input_size"] == [3, 32, 32]
     assert result.path.name != tiny_cache.name
+
+
+def test_without_a_val_split_selection_holds_out_train_never_test(tmp_path, write_folder):
+    """A folder dataset with train and test only: validation comes from train."""
+    from marnet.pipeline.datasets import load_dataset
+    from marnet.pipeline.finetune import selection_split
+
+    root = write_folder(tmp_path / "f", with_val=False)
+    info = load_dataset("folder", root)
+    train, val, _, how = selection_split(info, None, seed=0)
+    test_ids = {r.id for r in info.splits["test"]}
+    assert val and not test_ids & {r.id for r in val}
+    assert not {r.id for r in train} & {r.id for r in val}
+    assert len(train) + len(val) == len(info.splits["train"]) and "held out" in how
