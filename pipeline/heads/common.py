@@ -97,6 +97,14 @@ class ConditionalDenoiser(nn.Module):
         return self.mlp.hidden_features(self.inputs(x_t, t, cond))
 
 
+def val_top1(logits: Callable[[], torch.Tensor], labels: torch.Tensor) -> Callable[[], float]:
+    """A selection metric for :class:`Stage`: top-1 of ``logits()`` on ``labels``, no grad."""
+    def metric() -> float:
+        with torch.no_grad():
+            return (logits().argmax(dim=1) == labels).float().mean().item()
+    return metric
+
+
 @dataclass(frozen=True)
 class Dims:
     """Feature and label sizes a head is built for."""

@@ -25,8 +25,17 @@ from torch import nn
 
 from ..losses import FEATURE_FUSIONS, FUSIONS, feature_mse, fuse_features, fuse_logits
 from ..schedule import NoiseSchedule, ScheduleConfig
-from .alignment import AlignConfig, AlignedClassifier, top1
-from .common import MLP, Batch, ConditionalDenoiser, Dims, SplitData, Stage, TrainContext
+from .alignment import AlignConfig, AlignedClassifier
+from .common import (
+    MLP,
+    Batch,
+    ConditionalDenoiser,
+    Dims,
+    SplitData,
+    Stage,
+    TrainContext,
+    val_top1,
+)
 
 VARIANTS = ("ema", "mlp", "cdr", "full")
 
@@ -203,16 +212,17 @@ class MARNet(nn.Module):
         cfg = self.cfg
         if cfg.variant == "ema":
             return self.ema.stages(train, val, ctx)
+        labels = val["label"]
         if cfg.variant == "mlp":
-            return [Stage("mlp", [self.mlp], self.mlp.loss, {"mlp": ([self.mlp], lambda: self._val(
-                lambda: self.mlp.predict(val["visual"]), val))})]
+            return [Stage("mlp", [self.mlp], self.mlp.loss, {"mlp": (
+                [self.mlp], val_top1(lambda: self.mlp.predict(val["visual"]), labels))})]
         schedule = self._schedule(ctx.device)
         d = cfg.diffusion
 
-        def val_cdr() -> float:
+        def val_cdr_logits() -> torch.Tensor:
             x_cdr = self.cdr.generate(val["visual"], schedule, ctx.eval_generator(),
                                       ctx.chunk_rows, d.val_sampler, d.val_steps)
-            return top1(self.cdr.classifier(x_cdr), val["label"])
+            return self.cdr.classifier(x_cdr)
 
         def loss_a(batch: Batch):
             total, parts, x0_hat = self.cdr.loss(batch, schedule, ctx.generator)
@@ -226,13 +236,13 @@ class MARNet(nn.Module):
             return total, parts
 
         modules: list[nn.Module] = [m for m in (self.ema, self.cdr) if m is not None]
-        select = {"cdr": ([self.cdr], lambda: self._val(val_cdr))}
+        select = {"cdr": ([self.cdr], val_top1(val_cdr_logits, labels))}
         if self.ema is not None:
-            select["ema"] = ([self.ema], lambda: self._val(lambda: self.ema.predict(val["visual"]), val))
+            select["ema"] = ([self.ema], val_top1(lambda: self.ema.predict(val["visual"]), labels))
         if cfg.joint and self.fusion is not None:
             modules.append(self.fusion)
-            select = {"all": (modules, lambda: self._val(
-                lambda: self.predict(val["visual"], ctx.eval_generator(), ctx.chunk_rows), val))}
+            select = {"all": (modules, val_top1(lambda: self.predict(
+                val["visual"], ctx.eval_generator(), ctx.chunk_rows), labels))}
         stages = [Stage("ema+cdr" if self.ema is not None else "cdr", modules, loss_a, select)]
         if self.fusion is not None and not cfg.joint:
             stages.append(self._fusion_stage(train, val, ctx, schedule))
@@ -240,14 +250,14 @@ class MARNet(nn.Module):
 
     def _fusion_stage(self, train: SplitData, val: SplitData, ctx: TrainContext,
                       schedule: NoiseSchedule) -> Stage:
+        """Stage (b): EMA and CDR frozen; the fusion classifier learns on sampled ``x_CDR``."""
         cfg = self.cfg
 
         def prepare() -> None:
-            """Freeze EMA and CDR; sample K x_CDR per train image and one per val image."""
+            """Sample K x_CDR per train image and one per val image (fixed eval noise)."""
             with torch.no_grad():
-                gen = ctx.generator
                 self._train_samples = torch.stack([
-                    self.cdr.generate(train["visual"], schedule, gen, ctx.chunk_rows)
+                    self.cdr.generate(train["visual"], schedule, ctx.generator, ctx.chunk_rows)
                     for _ in range(max(1, cfg.fusion_samples))])
                 self._val_samples = self.cdr.generate(val["visual"], schedule,
                                                       ctx.eval_generator(), ctx.chunk_rows)
@@ -262,15 +272,6 @@ class MARNet(nn.Module):
             ce = F.cross_entropy(logits, batch["label"])
             return ce, {"fusion_ce": ce.detach()}
 
-        def val_fusion() -> float:
-            return top1(self.fusion(self._val_ema, self._val_samples), val["label"])
-
-        return Stage("fusion", [self.fusion], loss_b,
-                     {"fusion": ([self.fusion], lambda: self._val(val_fusion))},
+        metric = val_top1(lambda: self.fusion(self._val_ema, self._val_samples), val["label"])
+        return Stage("fusion", [self.fusion], loss_b, {"fusion": ([self.fusion], metric)},
                      epochs=cfg.fusion_epochs, prepare=prepare, fields=("label",))
-
-    @staticmethod
-    def _val(fn, val: SplitData | None = None) -> float:
-        with torch.no_grad():
-            out = fn()
-        return out if isinstance(out, float) else top1(out, val["label"])
