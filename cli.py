@@ -272,19 +272,34 @@ def cache_ls(root: Optional[str] = typer.Argument(None, help="Cache root, a fold
     from .pipeline.store import CacheError, FeatureCache, list_caches
 
     where = _cache_location(root)
-    paths = list_caches(where)
+    try:
+        paths = list_caches(where)
+    except _user_errors() as exc:
+        _fail(exc)
     console.print(f"{len(paths)} cache(s) in {where}", soft_wrap=True)
     for path in paths:
         name = str(path)[len(where.rstrip("/")) + 1:] if str(path).startswith(where) else str(path)
         try:
             m = FeatureCache(path).manifest
-        except (CacheError, ValueError) as exc:
+            rows = " · ".join(f"{s} {meta['rows']:,}" for s, meta in m["splits"].items())
+            line = (f"{name}  {m.get('status', '?')}  {m['format']} {m['dtype']}  "
+                    f"{m['inputs']['visual']['model']} + {m['inputs']['text']['model']}  {rows}")
+        except (CacheError, ValueError, KeyError) as exc:
             console.print(Text.assemble(name, ("  unreadable: ", "red"), str(exc)), soft_wrap=True)
             continue
-        rows = " · ".join(f"{s} {meta['rows']:,}" for s, meta in m["splits"].items())
-        console.print(f"{name}  {m.get('status', '?')}  {m['format']} {m['dtype']}  "
-                      f"{m['inputs']['visual']['model']} + {m['inputs']['text']['model']}  "
-                      f"{rows}", soft_wrap=True, markup=False)
+        console.print(line, soft_wrap=True, markup=False)
+
+
+def _info_summary(info: dict) -> str:
+    """Completeness, format, dtype, dims, size and lock holder, as rich markup."""
+    state = "[green]complete[/]" if info["complete"] else (
+        f"[yellow]incomplete[/]: {info['committed_shards']} of {info['total_shards']} shards "
+        "committed; run the same `marnet extract` again to resume")
+    size = "" if info["size_bytes"] is None else f", {info['size_bytes'] / 2 ** 20:,.1f} MiB"
+    lock = info["locked_by"]
+    held = (f"\nlocked by pid {lock.get('pid')} on {lock.get('host')}"
+            + (" (stale: that process is gone)" if lock["stale"] else "") if lock else "")
+    return f"{state} · {info['format']} · {info['dtype']} · dims {info['dims']}{size}{held}"
 
 
 def _info_tables(info: dict) -> list[Table]:
@@ -322,15 +337,7 @@ def cache_info(
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
-    state = "[green]complete[/]" if info["complete"] else (
-        f"[yellow]incomplete[/]: {info['committed_shards']} of {info['total_shards']} shards "
-        "committed; run the same `marnet extract` again to resume")
-    size = "" if info["size_bytes"] is None else f", {info['size_bytes'] / 2 ** 20:,.1f} MiB"
-    console.print(Text.from_markup(f"{state} · {info['format']} · {info['dtype']} · dims "
-                                   f"{info['dims']}{size}"), soft_wrap=True)
-    if info["locked_by"]:
-        console.print(f"being written by pid {info['locked_by'].get('pid')} on "
-                      f"{info['locked_by'].get('host')}", soft_wrap=True)
+    console.print(Text.from_markup(_info_summary(info)), soft_wrap=True)
     for table in _info_tables(info):
         console.print(table)
     console.print(f"skipped records: {len(info['skipped'])}"
@@ -366,9 +373,10 @@ def cache_rm(
 ) -> None:
     """Delete a cache (refused while an extraction is writing it)."""
     from .pipeline.store import read_manifest, remove_cache
+    from .pipeline.store.location import require_local
 
     try:
-        read_manifest(path)
+        read_manifest(require_local(path, "remove"))
         if not yes and not typer.confirm(f"delete the cache {path}?"):
             raise typer.Exit(1)
         remove_cache(path)

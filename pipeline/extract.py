@@ -105,6 +105,13 @@ class RankInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def coordination(self) -> str:
+        """How the ranks meet: the process group's backend, the filesystem, or not at all."""
+        if self.group:
+            return str(torch.distributed.get_backend())
+        return "filesystem" if self.world > 1 else "none"
+
     def owned(self, num_shards: int) -> list[int]:
         """The shards this rank writes: every ``world``-th, starting at ``rank``."""
         return list(range(self.rank, num_shards, self.world))
@@ -419,7 +426,7 @@ def _new_manifest(cfg: ExtractConfig, info: DatasetInfo, key: str, inputs: dict[
         "settings": {"batch_size": batch, "num_workers": cfg.num_workers, "device": str(device),
                      "precision": precision, "channels_last": cfg.channels_last,
                      "compile": cfg.compile, "on_bad_image": cfg.on_bad_image,
-                     "world_size": ranks.world},
+                     "world_size": ranks.world, "coordination": ranks.coordination},
     }
 
 

@@ -80,9 +80,10 @@ def extract_cli():
 def subprocess_env() -> dict[str, str]:
     """Environment for ``python -m marnet.cli`` subprocesses: offline, no progress bars, and
     this process's thread count (CPU results can differ in the last bit across thread counts,
-    and torchrun would otherwise set one thread per process)."""
+    and torchrun would otherwise set one thread per process); idle OpenMP threads sleep
+    instead of spinning, as several processes share few cores."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MARNET_PROGRESS="0",
-               OMP_NUM_THREADS=str(torch.get_num_threads()))
+               OMP_NUM_THREADS=str(torch.get_num_threads()), OMP_WAIT_POLICY="PASSIVE")
     return env

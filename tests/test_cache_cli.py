@@ -29,7 +29,8 @@ def _copy(cache, dest, **manifest_changes):
 
 def test_cache_ls_info_verify_export_and_rm(tiny_cache, tmp_path):
     root = tmp_path / "root"
-    copy = _copy(tiny_cache, root / "synthfood" / tiny_cache.name)
+    skipped = {"split": "train", "id": "/1/bad.jpg", "path": "x/bad.jpg", "reason": "truncated"}
+    copy = _copy(tiny_cache, root / "synthfood" / tiny_cache.name, skipped=[skipped])
     listing = _run("cache", "ls", root)
     assert f"synthfood/{tiny_cache.name}  complete  zarr float16" in listing
     assert "train 32 · val 12 · test 16" in listing
@@ -39,10 +40,11 @@ def test_cache_ls_info_verify_export_and_rm(tiny_cache, tmp_path):
     assert {s: m["rows"] for s, m in info["splits"].items()} == {"train": 32, "val": 12,
                                                                  "test": 16}
     assert info["dims"] == {"visual": 256, "text": 384} and info["dtype"] == "float16"
-    assert info["inputs"]["text"]["pooling"] == "mean" and info["skipped"] == []
+    assert info["inputs"]["text"]["pooling"] == "mean" and info["skipped"] == [skipped]
     assert set(info["timings"]["ms_per_row"]) == {"read", "model", "write"}
     human = _run("cache", "info", copy)
-    assert "complete" in human and "visual.weights_digest" in human and "skipped records: 0" in human
+    assert "complete" in human and "visual.weights_digest" in human
+    assert "skipped records: 1\n  train /1/bad.jpg: truncated" in human
 
     assert "ok" in _run("cache", "verify", copy)
     export = tmp_path / "export"
@@ -74,6 +76,8 @@ def test_stage_two_refuses_incomplete_mismatched_and_unexpected_caches(tiny_cach
     assert "incomplete (3 of 4 shards committed" in out and "again to resume" in out
     out = _run("cache", "verify", incomplete, code=1)
     assert "incomplete: 3 of 4 shards committed" in out
+    info = json.loads(_run("cache", "info", incomplete, "--json"))
+    assert not info["complete"] and info["splits"]["test"]["committed_shards"] == 0
 
     out = _run("train-heads", "--cache", tiny_cache, "--out", tmp_path / "r1", "--method",
                "visual", "--expect", "visual.model=vit_base_patch16_224", "--expect",
@@ -87,6 +91,7 @@ def test_stage_two_refuses_incomplete_mismatched_and_unexpected_caches(tiny_cach
          "--device", "cpu", "--expect", f"key={tiny_cache.name}", "--expect", "dtype=float16")
     assert json.loads((run / "config.json").read_text())["cache"]["path"] == url
     _run("eval", "--run", run, "--device", "cpu")  # the recorded URL is the default cache
+    assert "incomplete" in _run("eval", "--run", run, "--cache", incomplete, code=2)
 
     manifest = json.loads((tiny_cache / "manifest.json").read_text())
     inputs = {**manifest["inputs"], "text": {**manifest["inputs"]["text"], "pooling": "cls"}}

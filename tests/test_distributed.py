@@ -13,11 +13,12 @@ from marnet.pipeline.store import CacheError, FeatureCache
 from marnet.pipeline.store.cache import read_records
 
 
-def _check_two_rank_cache(cache_dir, reference_path):
+def _check_two_rank_cache(cache_dir, reference_path, coordination):
     (path,) = list((cache_dir / "synthfood").iterdir())
     cache, reference = FeatureCache(path), FeatureCache(reference_path)
     assert cache.key == reference.key and cache.complete and cache.verify() == []
     assert cache.manifest["settings"]["world_size"] == 2
+    assert cache.manifest["settings"]["coordination"] == coordination
     assert cache.manifest["finalised_by"]["rank"] == 0
     writers = set()
     for split in cache.splits:
@@ -40,7 +41,7 @@ def test_torchrun_two_processes_equal_a_single_process_run(
         env=subprocess_env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cache complete" in proc.stdout
-    _check_two_rank_cache(tmp_path / "cache", tiny_cache)
+    _check_two_rank_cache(tmp_path / "cache", tiny_cache, "gloo")
 
 
 def test_slurm_style_ranks_coordinate_through_the_cache_folder(
@@ -54,7 +55,7 @@ def test_slurm_style_ranks_coordinate_through_the_cache_folder(
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
     assert "rank 0 finalises" in outputs[0] and "cache complete" in outputs[1]
-    _check_two_rank_cache(tmp_path / "cache", tiny_cache)
+    _check_two_rank_cache(tmp_path / "cache", tiny_cache, "filesystem")
 
 
 def test_a_rank_left_alone_times_out_and_one_process_finishes_the_cache(

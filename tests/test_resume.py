@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from marnet.pipeline.extract import extract
-from marnet.pipeline.store import FeatureCache, stale_temp_files
+from marnet.pipeline.store import FeatureCache, cache_info, stale_temp_files
 
 CRASH = Path(__file__).with_name("crash_extract.py")
 MOMENTS = ("text-table", "after-3-records", "mid-shard", "before-record")
@@ -54,6 +54,7 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted_run(
 
     (path,) = list((cache_dir / "synthfood").iterdir())
     assert path.name == tiny_cache.name  # the same settings: the same key as the reference
+    assert cache_info(path)["locked_by"]["stale"]  # the dead writer's lock, recognised as such
     logs = []  # started again, even with another batch and shard size: the run's own are kept
     again = make_extract_config(synth_root, cache_dir, shard_rows=16, batch_size=4)
     result = extract(again, log=logs.append)

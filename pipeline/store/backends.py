@@ -59,6 +59,7 @@ class ZarrBackend:
     def __init__(self, root: Path | str):
         self.root = root
         self.path = join(root, "features.zarr")
+        self._reader = None  # the group opened once for reading (verify reads shard by shard)
 
     def _group(self, mode: str = "r"):
         import zarr
@@ -86,7 +87,9 @@ class ZarrBackend:
             _fsync_tree(Path(self.path) / split / name / "c" / str(index))
 
     def read(self, split: str, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return np.asarray(self._group("r")[split][field][start:stop])
+        if self._reader is None:
+            self._reader = self._group("r")
+        return np.asarray(self._reader[split][field][start:stop])
 
 
 def _fsync_tree(path: Path) -> None:

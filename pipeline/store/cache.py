@@ -110,7 +110,6 @@ class SplitLayout:
         return start, min(start + self.shard_rows, self.rows)
 
 
-
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 

@@ -41,13 +41,22 @@ def require_local(root: Path | str, action: str) -> Path:
     return Path(root)
 
 
+def _filesystem(url: str):
+    """``(filesystem, path)`` for an fsspec URL; a missing implementation is a clear error."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        raise ValueError(f"cannot open {url}: {exc}") from None
+
+
 def read_text(root: Path | str, name: str) -> str:
     """The text of ``root/name`` (``FileNotFoundError`` when it does not exist)."""
     if not is_url(root):
         return Path(root, name).read_text()
-    import fsspec
-
-    with fsspec.open(join(root, name), "rt") as fh:
+    fs, path = _filesystem(join(root, name))
+    with fs.open(path, "rt") as fh:
         return fh.read()
 
 
@@ -56,9 +65,7 @@ def find(root: Path | str, name: str) -> list[Path | str]:
     if not is_url(root):
         root = Path(root)
         return sorted(p.parent for p in root.glob("**/" + name)) if root.is_dir() else []
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(root)
+    fs, path = _filesystem(root)
     hits = fs.glob(path.rstrip("/") + "/**/" + name)
     return sorted(fs.unstrip_protocol(h.rsplit("/", 1)[0]) for h in hits)
 

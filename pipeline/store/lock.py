@@ -88,7 +88,7 @@ class CacheLock:
                 self.held = True
                 return self
             holder = self.holder()
-            if not self._stale(holder):
+            if not self.stale(holder):
                 raise LockError(self._held_message(holder))
             self.path.unlink(missing_ok=True)
         raise LockError(f"could not take the lock {self.path}: it keeps reappearing")
@@ -100,7 +100,8 @@ class CacheLock:
         except (OSError, json.JSONDecodeError):
             return {}
 
-    def _stale(self, holder: dict) -> bool:
+    def stale(self, holder: dict) -> bool:
+        """Whether ``holder`` is known dead: it ran on this host and its process is gone."""
         if not holder:  # vanished between our attempt and the read: try again
             return not self.path.exists()
         return holder.get("host") == self.me["host"] and not pid_alive(int(holder.get("pid", -1)))

@@ -56,7 +56,8 @@ def cache_info(path: Path | str) -> dict[str, Any]:
         splits[split] = {"rows": meta["rows"], "valid_rows": meta.get("valid_rows"),
                          "shards": meta["num_shards"], "committed_shards": committed,
                          "shard_rows": meta["shard_rows"], "fields": meta["fields"]}
-    lock = None if is_url(cache.root) else CacheLock(cache.root).holder() or None
+    lock = None if is_url(cache.root) else CacheLock(cache.root)
+    holder = lock.holder() if lock else {}
     return {
         "path": str(cache.root), "key": m["key"], "status": m.get("status"),
         "complete": cache.complete, "committed_shards": cache.num_committed(),
@@ -65,7 +66,8 @@ def cache_info(path: Path | str) -> dict[str, Any]:
         "skipped": m.get("skipped", []), "timings": m.get("timings", {}),
         "settings": m.get("settings", {}), "versions": m.get("versions", {}),
         "created": m.get("created"), "completed": m.get("completed"),
-        "size_bytes": _size_bytes(cache.root), "locked_by": lock,
+        "size_bytes": _size_bytes(cache.root),
+        "locked_by": {**holder, "stale": lock.stale(holder)} if holder else None,
     }
 
 
