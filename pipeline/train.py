@@ -23,7 +23,7 @@ from .backbones import resolve_device, resolve_precision
 from .config import ConfigError, from_dict
 from .heads import METHODS, Dims, SplitData, Stage, Standardizer, TrainContext, build_head, method_config
 from .progress import progress_bar
-from .store import FeatureCache, write_json_atomic
+from .store import FeatureCache, canonical, require_expected, write_json_atomic
 
 
 @dataclass
@@ -224,9 +224,12 @@ def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
 
 def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
                 overrides: dict[str, Any] | None = None, cfg: TrainConfig = TrainConfig(),
-                log: Callable[[str], None] = print, features: str = "visual") -> dict[str, Any]:
+                log: Callable[[str], None] = print, features: str = "visual",
+                expect: dict[str, str] | None = None) -> dict[str, Any]:
     """Train ``method`` on the cache at ``cache_path``; write and return the run's results.
 
+    The cache must be complete, and match ``expect`` (dotted key inputs such as
+    ``visual.model`` or ``dtype``, or ``key``, mapped to their expected values).
     ``features="text"`` classifies text features instead of visual ones: the text-only
     ceiling of a dataset (it reads text at test time, so it is a reference, not a method).
     """
@@ -235,6 +238,7 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     if features == "text" and method != "visual":
         raise ValueError("the text-only ceiling trains the plain classifier: use --method visual")
     cache = FeatureCache(cache_path).require_complete()
+    require_expected(cache.manifest, expect or {}, str(cache.root))
     method_cfg = method_config(method, overrides)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -253,10 +257,11 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     config = {
         "method": method, "method_config": asdict(method_cfg), "train": asdict(cfg),
         "summary": METHODS[method].summary,
-        "cache": {"path": str(Path(cache_path).resolve()), "key": cache.key,
+        "cache": {"path": canonical(cache.root), "key": cache.key,
                   "dataset": cache.manifest["dataset"]["name"],
                   "visual": cache.manifest["inputs"]["visual"]["model"],
-                  "text": cache.manifest["inputs"]["text"]["model"]},
+                  "text": cache.manifest["inputs"]["text"]["model"],
+                  "inputs": cache.manifest["inputs"]},
         "dims": asdict(dims), "class_names": cache.class_names, "validation": val_source,
         "features": features,
         "device": str(device), "precision": precision,

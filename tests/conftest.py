@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MARNET_PROGRESS", "0")
 
+import torch  # noqa: E402
+
 from marnet.pipeline.backbones import TextSpec, VisionSpec  # noqa: E402
 from marnet.pipeline.datasets.synthfood import SynthFoodConfig, generate  # noqa: E402
 from marnet.pipeline.extract import ExtractConfig, extract  # noqa: E402
@@ -236,3 +238,39 @@ def write_folder():
     """``write_folder(root, fmt="csv"|"jsonl", integer_labels=False, with_val=True,
     classes=None)``."""
     return write_folder_root
+
+
+def extract_cli_args(cfg: ExtractConfig) -> list[str]:
+    """The ``marnet extract`` arguments equivalent to ``cfg`` (same settings, same cache key)."""
+    vision, text = cfg.vision, cfg.text
+    args = ["extract", "--dataset", cfg.dataset, "--root", str(cfg.root),
+            "--cache-dir", str(cfg.cache_dir), "--visual", vision.model,
+            "--visual-weights", vision.weights, "--text", text.model, "--pooling", text.pooling,
+            "--max-length", str(text.max_length), "--template", cfg.template,
+            "--dtype", cfg.dtype, "--format", cfg.format, "--batch-size", str(cfg.batch_size),
+            "--shard-rows", str(cfg.shard_rows), "--num-workers", str(cfg.num_workers),
+            "--device", cfg.device, "--precision", cfg.precision]
+    if vision.image_size:
+        args += ["--image-size", str(vision.image_size)]
+    if vision.crop_pct is not None:
+        args += ["--crop-pct", str(vision.crop_pct)]
+    return args
+
+
+@pytest.fixture(scope="session")
+def extract_cli():
+    """``extract_cli(cfg)``: the ``marnet extract`` command line of an ExtractConfig."""
+    return extract_cli_args
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict[str, str]:
+    """Environment for ``python -m marnet.cli`` subprocesses: offline, no progress bars, and
+    this process's thread count (CPU results can differ in the last bit across thread counts,
+    and torchrun would otherwise set one thread per process); idle OpenMP threads sleep
+    instead of spinning, as several processes share few cores."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MARNET_PROGRESS="0",
+               OMP_NUM_THREADS=str(torch.get_num_threads()), OMP_WAIT_POLICY="PASSIVE")
+    return env

@@ -1,6 +1,10 @@
-"""The feature cache: round trips in both formats, verification, resume, lock, key."""
+"""The feature cache: round trips in both formats, verification, resume, lock, key, storage
+errors, fsspec reads, export, removal, and manifest matching."""
 
+import errno
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
@@ -12,10 +16,19 @@ from marnet.pipeline.store import (
     CacheWriter,
     FeatureCache,
     FieldSpec,
+    LockError,
     SplitLayout,
+    backends,
     content_key,
+    diff_inputs,
+    export_npy,
+    list_caches,
+    remove_cache,
+    stale_temp_files,
     to_storage,
 )
+from marnet.pipeline.store import cache as store_cache
+from marnet.pipeline.store.match import expectation_problems
 
 FIELDS = (FieldSpec("visual", (6,), "float16"), FieldSpec("text", (3,), "float16"),
           FieldSpec("label", (), "int32"), FieldSpec("id", (), "str"),
@@ -144,3 +157,143 @@ def test_content_key_is_stable_and_sensitive():
     a = {"visual": {"model": "m", "digest": "1"}, "dtype": "float16"}
     assert content_key(a) == content_key(json.loads(json.dumps(a)))
     assert content_key(a) != content_key({**a, "dtype": "bfloat16"})
+
+
+def _layout():
+    return SplitLayout(rows=11, shard_rows=4, fields=FIELDS)
+
+
+@pytest.mark.parametrize("where, code", [("data", errno.ENOSPC), ("record", errno.EACCES)])
+def test_storage_errors_keep_committed_shards_and_say_how_to_resume(tmp_path, monkeypatch,
+                                                                     where, code):
+    root = tmp_path / "c"
+    _write(root, "hdf5", shards=[0])
+    writer = CacheWriter.open(root, _manifest("hdf5"), {"train": _layout()})
+    with monkeypatch.context() as patch:
+        def fail(*args, **kwargs):
+            raise OSError(code, os.strerror(code))
+
+        if where == "data":  # the disk fills while the shard file is being written
+            patch.setattr(backends.os, "fsync", fail)
+        else:  # the shard's data is written, its commit record cannot be
+            patch.setattr(store_cache, "write_json_atomic", fail)
+        arrays, ids = _shard(_layout(), 1)
+        with pytest.raises(CacheError) as error:
+            writer.commit_shard("train", 1, arrays, ids)
+    message = str(error.value)
+    assert str(root) in message and os.strerror(code) in message
+    assert "1 of 3 shards are committed" in message and "run the same command again" in message
+    assert writer.pending("train") == [1, 2] and stale_temp_files(root) == []
+    problems = FeatureCache(root).verify()
+    assert len(problems) == 1 and problems[0].startswith("incomplete: 1 of 3")
+    writer.commit_shard("train", 1, arrays, ids)  # the cause fixed: the same shard again
+    writer.commit_shard("train", 2, *_shard(_layout(), 2))
+    writer.finalise()
+    writer.close()
+    assert FeatureCache(root).verify() == []
+
+
+def test_an_unwritable_cache_location_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CacheError, match=r"opening the cache .*file/c failed: .*Not a directory"):
+        CacheWriter.open(tmp_path / "file" / "c", _manifest("zarr"), {"train": _layout()})
+
+
+def test_verify_checks_the_committed_shards_of_an_incomplete_cache(tmp_path):
+    _write(tmp_path, "zarr", shards=[0, 2])
+    target = tmp_path / "features.zarr/train/visual/c/2/0"
+    raw = bytearray(target.read_bytes())
+    raw[5] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    problems = FeatureCache(tmp_path).verify()
+    assert problems[0].startswith("incomplete: 2 of 3 shards committed")
+    assert problems[1:] == ["train shard 2/visual: checksum mismatch"]
+
+
+def test_hdf5_reads_refuse_missing_rows(tmp_path):
+    _write(tmp_path, "hdf5", shards=[0, 2])
+    backend = FeatureCache(tmp_path).backend
+    assert backend.read("train", "label", 8, 11).tolist() == [2, 0, 1]
+    with pytest.raises(FileNotFoundError, match="rows 4-11 of train/label are missing"):
+        backend.read("train", "label")
+
+
+def test_resume_refuses_another_shard_geometry(tmp_path):
+    _write(tmp_path, "zarr", shards=[0])
+    other = SplitLayout(rows=11, shard_rows=8, fields=FIELDS)
+    with pytest.raises(CacheError, match="started with 4 rows per shard, not 8"):
+        CacheWriter.open(tmp_path, _manifest("zarr"), {"train": other})
+
+
+def test_lock_held_from_another_host_names_it_and_is_never_released_by_others(tmp_path):
+    holder = {"pid": os.getpid(), "host": "node-7", "started": 0}
+    (tmp_path / ".lock").write_text(json.dumps(holder))
+    with pytest.raises(LockError, match=r"pid \d+ on node-7.*delete .*\.lock"):
+        CacheLock(tmp_path).acquire()
+    ours = CacheLock(tmp_path)
+    ours.held = True  # as if taken, then taken over by someone else: the file is theirs
+    ours.release()
+    assert json.loads((tmp_path / ".lock").read_text())["host"] == "node-7"
+
+
+def test_a_zarr_cache_reads_from_an_fsspec_url_and_writes_are_refused_there(tmp_path):
+    import fsspec
+
+    _write(tmp_path / "c", "zarr")
+    fsspec.filesystem("memory").put(str(tmp_path / "c"), "/tests/store/c", recursive=True)
+    url = "memory://tests/store/c"
+    remote, local = FeatureCache(url), FeatureCache(tmp_path / "c")
+    assert remote.verify() == [] and list_caches("memory://tests/store") == [
+        "memory:///tests/store/c"]
+    assert torch.equal(remote.load_split("train")["visual"], local.load_split("train")["visual"])
+    with pytest.raises(ValueError, match="local or mounted POSIX filesystem"):
+        CacheWriter.open(url, _manifest("zarr"), {"train": _layout()})
+    _write(tmp_path / "h", "hdf5")
+    fsspec.filesystem("memory").put(str(tmp_path / "h"), "/tests/store/h", recursive=True)
+    with pytest.raises(ValueError, match="HDF5 caches are read from a local or mounted path"):
+        FeatureCache("memory://tests/store/h")
+
+
+def test_export_npy_writes_plain_arrays_ids_and_an_index(tmp_path):
+    _write(tmp_path / "c", "zarr", dtype="bfloat16")
+    cache = FeatureCache(tmp_path / "c")
+    index = export_npy(tmp_path / "c", tmp_path / "out")
+    visual = np.load(tmp_path / "out/train/visual.npy")
+    assert visual.dtype == np.float32  # bfloat16 has no numpy dtype: exported exactly as float32
+    assert np.array_equal(visual, cache.load_split("train", ("visual",))["visual"].numpy())
+    assert np.array_equal(np.load(tmp_path / "out/train/label.npy"),
+                          cache.read_numpy("train", "label"))
+    ids = (tmp_path / "out/train/id.txt").read_text().splitlines()
+    assert ids == [f"/1/{i}.jpg" for i in range(11)]
+    on_disk = json.loads((tmp_path / "out/index.json").read_text())
+    assert on_disk == json.loads(json.dumps(index)) and on_disk["key"] == "k"
+    assert on_disk["splits"]["train"]["files"]["visual"] == {
+        "file": "train/visual.npy", "dtype": "float32", "shape": [11, 6]}
+
+
+def test_remove_cache_refuses_folders_that_are_not_caches_and_live_writers(tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(CacheError, match="manifest.json is missing"):
+        remove_cache(tmp_path / "notes")
+    _write(tmp_path / "c", "zarr")
+    (tmp_path / "c/.lock").write_text(json.dumps(  # a live process on this host holds it
+        {"pid": os.getppid(), "host": socket.gethostname(), "started": 0}))
+    with pytest.raises(LockError, match="another extraction is writing"):
+        remove_cache(tmp_path / "c")
+    (tmp_path / "c/.lock").write_text(json.dumps(  # its process is gone: stale
+        {"pid": 2 ** 22 + 12345, "host": socket.gethostname(), "started": 0}))
+    remove_cache(tmp_path / "c")
+    assert not (tmp_path / "c").exists() and (tmp_path / "notes").exists()
+
+
+def test_input_differences_and_expectations_are_named_field_by_field():
+    run = {"visual": {"model": "m", "weights_digest": "a"}, "dtype": "float16"}
+    cache = {"visual": {"model": "m", "weights_digest": "b"}, "dtype": "float16", "extra": 1}
+    assert diff_inputs(run, cache, ("run", "cache")) == [
+        'extra: run (absent), cache 1', 'visual.weights_digest: run "a", cache "b"']
+    manifest = {"key": "abc", "inputs": cache}
+    assert expectation_problems(manifest, {"visual.model": "m", "dtype": "float16",
+                                           "key": "abc", "extra": "1"}) == []
+    problems = expectation_problems(manifest, {"visual.model": "n", "visual.modle": "m"})
+    assert problems[0] == "visual.model is \"m\", expected 'n'"
+    assert problems[1].startswith("visual.modle: not a key input (known: dtype, extra, key,")

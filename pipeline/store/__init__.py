@@ -2,22 +2,28 @@
 
 from .backends import FORMATS, FieldSpec
 from .cache import (
-    CacheError,
-    CacheLock,
     CacheWriter,
     FeatureCache,
     SplitLayout,
     content_key,
     field_checksum,
     from_storage,
-    list_caches,
+    is_feature,
     read_manifest,
-    remove_cache,
+    stale_temp_files,
     storage_dtype,
     to_storage,
     write_json_atomic,
 )
+from .errors import CacheError
+from .location import canonical, is_url
+from .lock import CacheLock, LockError
+from .manage import cache_info, export_npy, list_caches, remove_cache
+from .match import diff_inputs, parse_expectations, require_expected, require_same_inputs
 
 __all__ = ["FORMATS", "CacheError", "CacheLock", "CacheWriter", "FeatureCache", "FieldSpec",
-           "SplitLayout", "content_key", "field_checksum", "from_storage", "list_caches",
-           "read_manifest", "remove_cache", "storage_dtype", "to_storage", "write_json_atomic"]
+           "LockError", "SplitLayout", "cache_info", "canonical", "content_key", "diff_inputs",
+           "export_npy", "field_checksum", "from_storage", "is_feature", "is_url",
+           "list_caches", "parse_expectations", "read_manifest", "remove_cache",
+           "require_expected", "require_same_inputs", "stale_temp_files", "storage_dtype",
+           "to_storage", "write_json_atomic"]

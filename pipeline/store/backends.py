@@ -8,7 +8,7 @@ whole shard (a fixed block of rows) at a time, and each write is atomic on its o
 - HDF5: one file per shard holding every field, written under a temp name and renamed (HDF5
   files are not crash-safe while open, so a killed writer must never hold the only copy).
 
-Readers concatenate shards transparently. bfloat16 has no numpy dtype; it is stored as its raw
+Readers concatenate shards transparently. A zarr cache can also be read from an fsspec URL. bfloat16 has no numpy dtype; it is stored as its raw
 uint16 bits and the manifest says so.
 """
 
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from .location import is_url, join
 
 FORMATS = ("zarr", "hdf5")
 
@@ -34,7 +36,7 @@ class FieldSpec:
 
 
 class Backend(Protocol):
-    root: Path
+    root: Path | str
 
     def create(self, split: str, rows: int, shard_rows: int, fields: list[FieldSpec]) -> None: ...
 
@@ -49,11 +51,15 @@ def _np_dtype(spec: FieldSpec):
 
 
 class ZarrBackend:
-    """``<root>/features.zarr/<split>/<field>``, zarr v3, one zarr shard per cache shard."""
+    """``<root>/features.zarr/<split>/<field>``, zarr v3, one zarr shard per cache shard.
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.path = self.root / "features.zarr"
+    ``root`` may be an fsspec URL for reading (zarr opens it through its ``FsspecStore``).
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = root
+        self.path = join(root, "features.zarr")
+        self._reader = None  # the group opened once for reading (verify reads shard by shard)
 
     def _group(self, mode: str = "r"):
         import zarr
@@ -77,9 +83,24 @@ class ZarrBackend:
         group = self._group("r+")[split]
         for name, values in arrays.items():
             group[name][start:start + len(values)] = values
+        for name in arrays:  # the data must be durable before its commit record is
+            _fsync_tree(Path(self.path) / split / name / "c" / str(index))
 
     def read(self, split: str, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return np.asarray(self._group("r")[split][field][start:stop])
+        if self._reader is None:
+            self._reader = self._group("r")
+        return np.asarray(self._reader[split][field][start:stop])
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file below a folder (a zarr shard of a 2-d field is a folder)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _inner_chunk_rows(shard_rows: int, spec: FieldSpec) -> int:
@@ -94,60 +115,102 @@ def _inner_chunk_rows(shard_rows: int, spec: FieldSpec) -> int:
     return shard_rows
 
 
-class HDF5Backend:
-    """``<root>/features.hdf5/<split>/shard-00000.h5``: one HDF5 file per shard, all fields."""
+@dataclass(frozen=True)
+class _ShardFile:
+    start: int
+    stop: int
+    path: Path
 
-    def __init__(self, root: Path):
+
+class HDF5Backend:
+    """``<root>/features.hdf5/<split>/shard-00000.h5``: one HDF5 file per shard, all fields.
+
+    Local or mounted paths only: reading HDF5 through fsspec would fetch every shard file
+    through Python file objects, which is slow and untested here.
+    """
+
+    def __init__(self, root: Path | str):
+        if is_url(root):
+            raise ValueError(f"{root}: HDF5 caches are read from a local or mounted path; copy "
+                             "the cache to a local folder, or extract it with --format zarr")
         self.root = Path(root)
         self.path = self.root / "features.hdf5"
-        self._layout: dict[str, tuple[int, int]] = {}
+        self._index: dict[str, list[_ShardFile]] = {}
 
     def _shard_path(self, split: str, index: int) -> Path:
         return self.path / split / f"shard-{index:05d}.h5"
 
     def create(self, split: str, rows: int, shard_rows: int, fields: list[FieldSpec]) -> None:
         (self.path / split).mkdir(parents=True, exist_ok=True)
-        self._layout[split] = (rows, shard_rows)
 
     def write_shard(self, split: str, index: int, start: int,
                     arrays: dict[str, np.ndarray]) -> None:
+        """Write every field of the shard to a temp file, fsync it, rename it into place."""
+        final = self._shard_path(split, index)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+        try:
+            _write_h5(tmp, start, arrays)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (disk full...) leaves nothing behind
+        self._index.pop(split, None)
+
+    def _shards(self, split: str) -> list[_ShardFile]:
+        """Row ranges of the shard files of ``split``, sorted (each file opened once)."""
         import h5py
 
-        final = self._shard_path(split, index)
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        with h5py.File(tmp, "w") as f:
-            f.attrs["start"] = start
-            for name, values in arrays.items():
-                if values.dtype.kind in "UOT":  # str, object, numpy StringDType
-                    f.create_dataset(name, data=values.astype(object),
-                                     dtype=h5py.string_dtype("utf-8"))
-                else:
-                    f.create_dataset(name, data=values)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        if split not in self._index:
+            files = []
+            for path in sorted((self.path / split).glob("shard-*.h5")):
+                with h5py.File(path, "r") as f:
+                    start = int(f.attrs["start"])
+                    rows = int(f.attrs["rows"]) if "rows" in f.attrs else len(f[next(iter(f))])
+                    files.append(_ShardFile(start, start + rows, path))
+            self._index[split] = sorted(files, key=lambda s: s.start)
+        return self._index[split]
 
     def read(self, split: str, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         import h5py
 
-        parts = []
-        for path in sorted((self.path / split).glob("shard-*.h5")):
-            with h5py.File(path, "r") as f:
-                first = int(f.attrs["start"])
-                n = f[field].shape[0]
-                lo, hi = max(start, first), n + first if stop is None else min(stop, n + first)
-                if lo >= hi:
-                    continue
-                data = f[field][lo - first:hi - first]
-                if data.dtype.kind == "O":
-                    data = np.array([v.decode() if isinstance(v, bytes) else v for v in data])
-                parts.append(data)
-        if not parts:
-            raise FileNotFoundError(f"no rows of {split}/{field} in {self.path}")
+        shards = self._shards(split)
+        stop = (shards[-1].stop if shards else 0) if stop is None else stop
+        parts, pos = [], start
+        for shard in shards:
+            lo, hi = max(pos, shard.start), min(stop, shard.stop)
+            if lo >= hi:
+                continue
+            if lo != pos:
+                break
+            with h5py.File(shard.path, "r") as f:
+                data = f[field][lo - shard.start:hi - shard.start]
+            if data.dtype.kind == "O":
+                data = np.array([v.decode() if isinstance(v, bytes) else v for v in data])
+            parts.append(data)
+            pos = hi
+        if pos < stop or not parts:
+            raise FileNotFoundError(f"rows {pos}-{stop} of {split}/{field} are missing in "
+                                    f"{self.path}")
         return np.concatenate(parts)
 
 
-def open_backend(root: Path, fmt: str) -> Backend:
+def _write_h5(path: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["start"] = start
+        f.attrs["rows"] = len(next(iter(arrays.values())))
+        for name, values in arrays.items():
+            if values.dtype.kind in "UOT":  # str, object, numpy StringDType
+                f.create_dataset(name, data=values.astype(object),
+                                 dtype=h5py.string_dtype("utf-8"))
+            else:
+                f.create_dataset(name, data=values)
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def open_backend(root: Path | str, fmt: str) -> Backend:
     """The backend for ``fmt`` (``zarr`` or ``hdf5``) rooted at a cache directory."""
     if fmt == "zarr":
         return ZarrBackend(root)

@@ -1,9 +1,10 @@
 """The feature cache: content key, manifest, shard-by-shard writes with resume, reads, verify.
 
 Write protocol (DESIGN.md "The cache"): the shard, a fixed block of rows, is the unit of work.
-A shard is written whole through the backend (atomic per file), then its commit record
-(row count, per-field SHA-256) is written atomically to ``shards/<split>/<index>.json``. A
-shard without a record does not exist: resume rewrites it. Because batches never straddle
+A shard is written whole through the backend (each file atomically, by temp + rename, and
+fsynced), then its commit record (row count, per-field SHA-256, timings, writer) is written
+atomically to ``shards/<split>/<index>.json``: the record is the commit point. A shard without
+a record does not exist: resume rewrites it. Because batches never straddle
 shard boundaries, a killed and resumed run computes every shard exactly as an uninterrupted run
 would. A lock file stops two writers; the manifest's ``status`` turns ``complete`` only after
 every shard of every split is committed.
@@ -14,26 +15,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from .backends import FORMATS, FieldSpec, open_backend
+from .errors import CacheError
+from .location import as_location, is_url, join, read_text, require_local
+from .lock import CacheLock
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-LOCK = ".lock"
+SHARDS = "shards"
+TEMP_PATTERNS = ("**/*.partial", "**/*.tmp[0-9]*")  # zarr's and ours; left by killed writers
 FEATURE_FIELDS = ("visual", "text")  # float fields, checked finite and cast on read
-
-
-class CacheError(RuntimeError):
-    """A cache that cannot be used as asked (incomplete, mismatched, locked, corrupt)."""
 
 
 def content_key(inputs: dict[str, Any]) -> str:
@@ -46,12 +46,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temp file in the same folder, fsync it, and rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def field_checksum(values: np.ndarray) -> str:
@@ -85,67 +88,6 @@ def from_storage(values: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values))
 
 
-# --------------------------------------------------------------------------- locking
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class CacheLock:
-    """An exclusive lock file; a lock left by a dead process on this host is taken over."""
-
-    def __init__(self, root: Path):
-        self.path = Path(root) / LOCK
-        self.held = False
-
-    def acquire(self) -> "CacheLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self._holder()
-                if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise CacheError(
-                    f"another extraction is writing {self.path.parent} (pid {holder.get('pid')} "
-                    f"on {holder.get('host')}, started "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))})"
-                    f". Wait for it to finish; if that process is gone, delete {self.path}."
-                ) from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
-            return self
-        raise CacheError(f"could not take the lock {self.path}")
-
-    def _holder(self) -> dict:
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, json.JSONDecodeError):
-            return {}
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> "CacheLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -159,9 +101,11 @@ class SplitLayout:
 
     @property
     def num_shards(self) -> int:
+        """Shards of the split (the last one may be short)."""
         return (self.rows + self.shard_rows - 1) // self.shard_rows
 
     def shard_range(self, index: int) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of shard ``index``."""
         start = index * self.shard_rows
         return start, min(start + self.shard_rows, self.rows)
 
@@ -178,61 +122,132 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class CacheWriter:
-    """Writes one cache directory shard by shard; resumable; one writer per cache (lock)."""
+def _identity(rank: int) -> dict[str, Any]:
+    return {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}
 
-    def __init__(self, root: Path, manifest: dict[str, Any], layouts: dict[str, SplitLayout],
-                 lock: bool = True):
-        self.root = Path(root)
+
+def record_path(root: Path, split: str, index: int) -> Path:
+    """Where the commit record of shard ``index`` of ``split`` lives."""
+    return Path(root) / SHARDS / split / f"{index:05d}.json"
+
+
+def committed_shards(root: Path | str, split: str) -> set[int]:
+    """Indices of the shards of ``split`` that have a commit record (none for a URL)."""
+    folder = None if is_url(root) else Path(root) / SHARDS / split
+    if folder is None or not folder.is_dir():
+        return set()
+    return {int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()}
+
+
+def read_records(root: Path | str, split: str) -> list[dict]:
+    """The commit records of ``split``, by shard index."""
+    return [json.loads(record_path(root, split, i).read_text())
+            for i in sorted(committed_shards(root, split))]
+
+
+def stale_temp_files(root: Path) -> list[Path]:
+    """Temp files that killed writers left behind (never part of the cache's contents)."""
+    return sorted({p for pattern in TEMP_PATTERNS for p in Path(root).glob(pattern) if p.is_file()})
+
+
+def stage_timings(records: Iterable[dict]) -> dict[str, Any]:
+    """Seconds per stage summed over shard records, rows, and milliseconds per row."""
+    totals: dict[str, float] = {}
+    rows = 0
+    for record in records:
+        rows += record["rows"]
+        for stage, seconds in record.get("timing", {}).items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    return {**{k: round(v, 3) for k, v in totals.items()}, "rows": rows,
+            "ms_per_row": {k.removesuffix("_s"): round(1000 * v / max(rows, 1), 3)
+                           for k, v in totals.items()}}
+
+
+def _layout_meta(layout: SplitLayout) -> dict[str, Any]:
+    return {"rows": layout.rows, "shard_rows": layout.shard_rows,
+            "num_shards": layout.num_shards,
+            "fields": {f.name: {"shape": list(f.row_shape), "dtype": f.dtype}
+                       for f in layout.fields}}
+
+
+class CacheWriter:
+    """Writes one cache directory shard by shard; resumable; one writer per cache (lock).
+
+    ``rank`` identifies the writer in shard records (distributed extraction); only the writer
+    that holds the lock (rank 0) creates the arrays and finalises.
+    """
+
+    def __init__(self, root: Path | str, manifest: dict[str, Any],
+                 layouts: dict[str, SplitLayout], lock: bool = True, rank: int = 0):
+        self.root = require_local(root, "write a cache at")
         self.manifest = manifest
         self.layouts = layouts
+        self.rank = rank
         self.backend = open_backend(self.root, manifest["format"])
-        self.lock = CacheLock(self.root) if lock else None
+        self.lock = CacheLock(self.root, rank) if lock else None
 
     @classmethod
-    def open(cls, root: Path, manifest: dict[str, Any], layouts: dict[str, SplitLayout],
-             lock: bool = True, create: bool = True) -> "CacheWriter":
+    def open(cls, root: Path | str, manifest: dict[str, Any], layouts: dict[str, SplitLayout],
+             lock: bool = True, create: bool = True, rank: int = 0) -> "CacheWriter":
         """Open (creating or resuming) the cache at ``root``.
 
         ``manifest`` must hold ``key``, ``inputs`` and ``format``; if a manifest exists already
-        its inputs must be identical (a different key never shares a directory). With
-        ``create=False`` (non-zero distributed ranks) the arrays are expected to exist.
+        its inputs must be identical (a different key never shares a directory) and its shard
+        geometry equal to ``layouts``. With ``create=False`` (non-zero distributed ranks) the
+        manifest and arrays are left to rank 0.
         """
-        writer = cls(root, manifest, layouts, lock)
-        if writer.lock:
-            writer.lock.acquire()
+        writer = cls(root, manifest, layouts, lock, rank)
         try:
-            existing = read_manifest(root) if (Path(root) / MANIFEST).is_file() else None
-            if existing is not None and existing.get("inputs") != manifest["inputs"]:
-                raise CacheError(f"{root} holds a cache made from other inputs "
-                                 f"(key {existing.get('key')}); refusing to mix them")
+            if writer.lock:
+                writer.lock.acquire()
+            existing = read_manifest(writer.root) if (writer.root / MANIFEST).is_file() else None
+            if existing is not None:
+                writer._check_resumable(existing)
             if create:
-                if existing is None or existing.get("status") != "complete":
-                    manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
-                    manifest.update(status="incomplete", schema_version=SCHEMA_VERSION,
-                                    versions=_versions())
-                    manifest["splits"] = {s: {"rows": l.rows, "shard_rows": l.shard_rows,
-                                              "num_shards": l.num_shards,
-                                              "fields": {f.name: {"shape": list(f.row_shape),
-                                                                  "dtype": f.dtype}
-                                                         for f in l.fields}}
-                                          for s, l in layouts.items()}
-                    write_json_atomic(writer.root / MANIFEST, manifest)
-                for split, layout in layouts.items():
-                    writer.backend.create(split, layout.rows, layout.shard_rows,
-                                          list(layout.fields))
+                writer._create(existing)
+        except OSError as exc:
+            writer.close()
+            raise writer.failure("opening", exc) from exc
         except BaseException:
             writer.close()
             raise
         return writer
 
-    def _record_path(self, split: str, index: int) -> Path:
-        return self.root / "shards" / split / f"{index:05d}.json"
+    def _check_resumable(self, existing: dict[str, Any]) -> None:
+        if existing.get("inputs") != self.manifest["inputs"]:
+            raise CacheError(f"{self.root} holds a cache made from other inputs "
+                             f"(key {existing.get('key')}); refusing to mix them")
+        for split, layout in self.layouts.items():
+            before = existing.get("splits", {}).get(split, {}).get("shard_rows", layout.shard_rows)
+            if before != layout.shard_rows:
+                raise CacheError(f"{self.root} was started with {before} rows per shard, not "
+                                 f"{layout.shard_rows}; resume it with the same geometry")
+
+    def _create(self, existing: dict[str, Any] | None) -> None:
+        if existing is None or existing.get("status") != "complete":
+            self.manifest["created"] = ((existing or {}).get("created")
+                                        or time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self.manifest.update(status="incomplete", schema_version=SCHEMA_VERSION,
+                                 versions=_versions())
+            self.manifest["splits"] = {s: _layout_meta(l) for s, l in self.layouts.items()}
+            write_json_atomic(self.root / MANIFEST, self.manifest)
+        for split, layout in self.layouts.items():
+            self.backend.create(split, layout.rows, layout.shard_rows, list(layout.fields))
+
+    def failure(self, action: str, exc: OSError) -> CacheError:
+        """A storage error (disk full, permissions...) as a message that says how to go on."""
+        try:
+            done = sum(len(self.committed(s)) for s in self.layouts)
+        except OSError:
+            done = "?"
+        total = sum(layout.num_shards for layout in self.layouts.values())
+        return CacheError(f"{action} the cache {self.root} failed: {exc}. {done} of {total} "
+                          "shards are committed and intact; fix the cause (free disk space, "
+                          "check permissions) and run the same command again to resume")
 
     def committed(self, split: str) -> set[int]:
         """Indices of the shards of ``split`` that have a commit record."""
-        folder = self.root / "shards" / split
-        return {int(p.stem) for p in folder.glob("*.json")} if folder.is_dir() else set()
+        return committed_shards(self.root, split)
 
     def pending(self, split: str, owned: Iterable[int] | None = None) -> list[int]:
         """Shards of ``split`` still to write (restricted to ``owned`` for a distributed rank)."""
@@ -245,60 +260,69 @@ class CacheWriter:
                      ids: Sequence[str], skipped: list[dict] | None = None,
                      timing: dict[str, float] | None = None) -> None:
         """Write shard ``index`` of ``split`` whole, then record it. Refuses non-finite rows."""
-        layout = self.layouts[split]
-        start, stop = layout.shard_range(index)
-        expected = {f.name for f in layout.fields}
+        start, stop = self.layouts[split].shard_range(index)
+        self._check_shard(split, index, arrays, stop - start, ids)
+        t0 = time.perf_counter()
+        try:
+            self.backend.write_shard(split, index, start, arrays)
+            timing = {**(timing or {}), "write_s": time.perf_counter() - t0}
+            write_json_atomic(record_path(self.root, split, index), {
+                "split": split, "index": index, "start": start, "rows": stop - start,
+                "checksums": {name: field_checksum(v) for name, v in arrays.items()},
+                "skipped": skipped or [], "timing": timing, "writer": _identity(self.rank),
+            })
+        except OSError as exc:
+            raise self.failure(f"writing shard {split}/{index} of", exc) from exc
+
+    def _check_shard(self, split: str, index: int, arrays: dict[str, np.ndarray], rows: int,
+                     ids: Sequence[str]) -> None:
+        expected = {f.name for f in self.layouts[split].fields}
         if set(arrays) != expected:
             raise CacheError(f"shard {split}/{index}: fields {sorted(arrays)} != {sorted(expected)}")
         for name, values in arrays.items():
-            if len(values) != stop - start:
+            if len(values) != rows:
                 raise CacheError(f"shard {split}/{index}: {name} has {len(values)} rows, "
-                                 f"expected {stop - start}")
-            if name in FEATURE_FIELDS or name.endswith("_tokens"):
+                                 f"expected {rows}")
+            if is_feature(name):
                 _check_finite(name, values, self.manifest.get("dtype", "float16"), ids)
-        t0 = time.perf_counter()
-        self.backend.write_shard(split, index, start, arrays)
-        timing = {**(timing or {}), "write_s": time.perf_counter() - t0}
-        write_json_atomic(self._record_path(split, index), {
-            "split": split, "index": index, "start": start, "rows": stop - start,
-            "checksums": {name: field_checksum(v) for name, v in arrays.items()},
-            "skipped": skipped or [], "timing": timing,
-        })
 
     def shard_records(self, split: str) -> list[dict]:
-        return [json.loads(self._record_path(split, i).read_text())
-                for i in sorted(self.committed(split))]
+        """The commit records of ``split``, by shard index."""
+        return read_records(self.root, split)
 
     def finalise(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Mark the cache complete once every shard of every split is committed."""
-        missing = {s: self.pending(s) for s in self.layouts}
-        missing = {s: m for s, m in missing.items() if m}
+        """Mark the cache complete once every shard of every split is committed.
+
+        Gathers the shard records (counts, checksums, skipped rows, timings) into the manifest
+        and removes temp files that killed writers left behind.
+        """
+        missing = {s: m for s in self.layouts if (m := self.pending(s))}
         if missing:
             raise CacheError(f"cannot finalise {self.root}: uncommitted shards {missing}")
         manifest = dict(self.manifest)
-        skipped: list[dict] = []
-        timing: dict[str, float] = {}
-        for split in self.layouts:
-            records = self.shard_records(split)
-            manifest["splits"][split]["shards"] = [
-                {"index": r["index"], "rows": r["rows"], "checksums": r["checksums"]}
-                for r in records]
-            split_skipped = [s for r in records for s in r["skipped"]]
-            manifest["splits"][split]["valid_rows"] = self.layouts[split].rows - len(split_skipped)
-            skipped += split_skipped
-            for r in records:
-                for k, v in r["timing"].items():
-                    timing[k] = timing.get(k, 0.0) + v
+        records = {split: self.shard_records(split) for split in self.layouts}
+        for split, recs in records.items():
+            meta = manifest["splits"][split]
+            meta["shards"] = [{"index": r["index"], "rows": r["rows"], "checksums": r["checksums"]}
+                              for r in recs]
+            meta["valid_rows"] = self.layouts[split].rows - sum(len(r["skipped"]) for r in recs)
         manifest.update(extra or {})
-        manifest["skipped"] = skipped
-        manifest.setdefault("timings", {}).update({k: round(v, 3) for k, v in timing.items()})
-        manifest["status"] = "complete"
-        manifest["completed"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        write_json_atomic(self.root / MANIFEST, manifest)
+        manifest["skipped"] = [s for recs in records.values() for r in recs for s in r["skipped"]]
+        manifest["timings"] = {**manifest.get("timings", {}),
+                               **stage_timings(r for recs in records.values() for r in recs)}
+        manifest.update(status="complete", completed=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        finalised_by=_identity(self.rank))
+        try:
+            write_json_atomic(self.root / MANIFEST, manifest)
+            for tmp in stale_temp_files(self.root):
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise self.failure("finalising", exc) from exc
         self.manifest = manifest
         return manifest
 
     def close(self) -> None:
+        """Release the lock (if held)."""
         if self.lock:
             self.lock.release()
 
@@ -307,6 +331,11 @@ class CacheWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def is_feature(field: str) -> bool:
+    """Float feature fields: checked finite on write, cast to the requested dtype on read."""
+    return field in FEATURE_FIELDS or field.endswith("_tokens")
 
 
 def _check_finite(name: str, values: np.ndarray, dtype: str, ids: Sequence[str]) -> None:
@@ -323,18 +352,25 @@ def _check_finite(name: str, values: np.ndarray, dtype: str, ids: Sequence[str])
 # --------------------------------------------------------------------------- reading
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise CacheError(f"no cache at {root}: {MANIFEST} is missing (run `marnet extract`)")
-    return json.loads(path.read_text())
+def read_manifest(root: Path | str) -> dict[str, Any]:
+    """The manifest of the cache at ``root`` (a path or an fsspec URL)."""
+    try:
+        text = read_text(root, MANIFEST)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CacheError(f"no cache at {root}: {MANIFEST} is missing "
+                         "(run `marnet extract`)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"{join(root, MANIFEST)} is not valid JSON ({exc}); the cache is "
+                         "damaged: remove it with `marnet cache rm` and extract again") from None
 
 
 class FeatureCache:
-    """Read access to a cache directory: manifest, splits as tensors, verification."""
+    """Read access to a cache directory (or a zarr cache at an fsspec URL)."""
 
     def __init__(self, root: Path | str):
-        self.root = Path(root)
+        self.root = as_location(root)
         self.manifest = read_manifest(self.root)
         self.backend = open_backend(self.root, self.manifest["format"])
 
@@ -359,18 +395,36 @@ class FeatureCache:
         return list(self.manifest["splits"])
 
     def dim(self, field: str) -> int:
+        """Last dimension of ``field`` (e.g. the visual feature size)."""
         return int(self.manifest["splits"][self.splits[0]]["fields"][field]["shape"][-1])
 
     def has_field(self, field: str, split: str | None = None) -> bool:
         return field in self.manifest["splits"][split or self.splits[0]]["fields"]
 
+    def num_shards(self) -> int:
+        return sum(meta["num_shards"] for meta in self.manifest["splits"].values())
+
+    def num_committed(self) -> int:
+        """Committed shards: all of them when complete, else those with a commit record."""
+        if self.complete:
+            return self.num_shards()
+        return sum(len(committed_shards(self.root, s)) for s in self.splits)
+
     def require_complete(self) -> "FeatureCache":
+        """This cache, if complete and of this code's schema; else a :class:`CacheError`."""
         if not self.complete:
-            raise CacheError(f"the cache at {self.root} is incomplete (an extraction was "
-                             "interrupted); run the same `marnet extract` again to resume it")
+            raise CacheError(f"the cache at {self.root} is incomplete ({self.num_committed()} of "
+                             f"{self.num_shards()} shards committed: an extraction was "
+                             "interrupted or is still running); run the same `marnet extract` "
+                             "again to resume it")
+        version = self.manifest.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise CacheError(f"the cache at {self.root} has schema version {version}; this "
+                             f"marnet reads version {SCHEMA_VERSION}. Extract it again")
         return self
 
     def read_numpy(self, split: str, field: str) -> np.ndarray:
+        """A whole field of ``split`` as stored."""
         if split not in self.manifest["splits"]:
             raise CacheError(f"split {split!r} is not in the cache at {self.root} "
                              f"(it has {', '.join(self.splits)})")
@@ -395,7 +449,7 @@ class FeatureCache:
                 values = values[keep]
             if field == "id":
                 out[field] = [str(v) for v in values]
-            elif field in FEATURE_FIELDS or field.endswith("_tokens"):
+            elif is_feature(field):
                 out[field] = from_storage(values, self.dtype).to(device=device, dtype=dtype)
             elif field == "label":
                 out[field] = torch.from_numpy(values.astype(np.int64)).to(device)
@@ -403,50 +457,63 @@ class FeatureCache:
                 out[field] = torch.from_numpy(np.ascontiguousarray(values)).to(device)
         return out
 
-    def verify(self) -> list[str]:
-        """Re-check every shard's row count and checksum; return the problems (empty = ok)."""
+    def shard_list(self, split: str) -> list[dict]:
+        """Shards to check: the manifest's list when complete, else the commit records."""
+        if self.complete:
+            return self.manifest["splits"][split].get("shards", [])
+        return read_records(self.root, split)
+
+    def verify(self, on_shard: Callable[[], None] | None = None) -> list[str]:
+        """Re-read every committed shard and check its row count and checksums.
+
+        Returns the problems (empty = ok). An incomplete cache is a problem, but its committed
+        shards are still checked. ``on_shard`` is called after each shard (progress).
+        """
         problems = []
         if not self.complete:
-            problems.append("status is not 'complete' (interrupted extraction)")
+            problems.append(f"incomplete: {self.num_committed()} of {self.num_shards()} shards "
+                            "committed (an extraction was interrupted or is running); run the "
+                            "same `marnet extract` again to finish it")
         for split, meta in self.manifest["splits"].items():
-            shards = meta.get("shards", [])
-            if len(shards) != meta["num_shards"]:
-                problems.append(f"{split}: {len(shards)} of {meta['num_shards']} shards recorded")
-            if sum(s["rows"] for s in shards) != meta["rows"]:
-                problems.append(f"{split}: recorded rows {sum(s['rows'] for s in shards)} != "
-                                f"{meta['rows']}")
+            shards = self.shard_list(split)
+            if self.complete:
+                problems += _count_problems(split, meta, shards)
             for shard in shards:
-                start = shard["index"] * meta["shard_rows"]
-                for field, expected in shard["checksums"].items():
-                    try:
-                        values = self.backend.read(split, field, start, start + shard["rows"])
-                    except Exception as exc:  # noqa: BLE001 - report any read failure
-                        problems.append(f"{split}/{field} shard {shard['index']}: unreadable ({exc})")
-                        continue
-                    if len(values) != shard["rows"]:
-                        problems.append(f"{split}/{field} shard {shard['index']}: {len(values)} "
-                                        f"rows, expected {shard['rows']}")
-                    elif field_checksum(values) != expected:
-                        problems.append(f"{split}/{field} shard {shard['index']}: checksum mismatch")
+                problems += self._shard_problems(split, meta, shard)
+                if on_shard:
+                    on_shard()
+        return problems
+
+    def _shard_problems(self, split: str, meta: dict, shard: dict) -> list[str]:
+        where = f"{split} shard {shard['index']}"
+        missing = sorted(set(meta["fields"]) - set(shard["checksums"]))
+        problems = [f"{where}: no checksum for {', '.join(missing)}"] if missing else []
+        start = shard["index"] * meta["shard_rows"]
+        for field, expected in shard["checksums"].items():
+            try:
+                values = self.backend.read(split, field, start, start + shard["rows"])
+            except Exception as exc:  # noqa: BLE001 - report any read failure
+                problems.append(f"{where}/{field}: unreadable ({exc})")
+                continue
+            if len(values) != shard["rows"]:
+                problems.append(f"{where}/{field}: {len(values)} rows, expected {shard['rows']}")
+            elif field_checksum(values) != expected:
+                problems.append(f"{where}/{field}: checksum mismatch")
         return problems
 
 
-def list_caches(root: Path | str) -> list[Path]:
-    """Every cache directory (one holding a manifest) below ``root``."""
-    root = Path(root)
-    return sorted(p.parent for p in root.glob("**/" + MANIFEST)) if root.is_dir() else []
+def _count_problems(split: str, meta: dict, shards: list[dict]) -> list[str]:
+    problems = []
+    if sorted(s["index"] for s in shards) != list(range(meta["num_shards"])):
+        problems.append(f"{split}: {len(shards)} of {meta['num_shards']} shards recorded")
+    rows = sum(s["rows"] for s in shards)
+    if rows != meta["rows"]:
+        problems.append(f"{split}: recorded rows {rows} != {meta['rows']}")
+    return problems
 
 
-def remove_cache(path: Path | str) -> None:
-    """Delete a cache directory, refusing while an extraction holds its lock."""
-    path = Path(path)
-    read_manifest(path)
-    lock = CacheLock(path)
-    with lock:
-        pass
-    shutil.rmtree(path)
-
-
-__all__ = ["FORMATS", "CacheError", "CacheLock", "CacheWriter", "FeatureCache", "FieldSpec",
-           "SplitLayout", "content_key", "field_checksum", "from_storage", "list_caches",
-           "read_manifest", "remove_cache", "storage_dtype", "to_storage", "write_json_atomic"]
+__all__ = ["FORMATS", "MANIFEST", "SCHEMA_VERSION", "CacheError", "CacheLock", "CacheWriter",
+           "FeatureCache", "FieldSpec", "SplitLayout", "committed_shards", "content_key",
+           "field_checksum", "from_storage", "is_feature", "read_manifest", "read_records",
+           "record_path", "stage_timings", "stale_temp_files", "storage_dtype", "to_storage",
+           "write_json_atomic"]

@@ -1,0 +1,139 @@
+"""Cache housekeeping: list, describe, remove, and export to ``.npy`` for other tools."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .cache import (
+    MANIFEST,
+    CacheError,
+    FeatureCache,
+    committed_shards,
+    from_storage,
+    is_feature,
+    read_manifest,
+    write_json_atomic,
+)
+from .location import find, is_url, require_local
+from .lock import CacheLock
+
+
+def list_caches(root: Path | str) -> list[Path | str]:
+    """Every cache directory (one holding a manifest) below ``root`` (a path or a URL)."""
+    return find(root, MANIFEST)
+
+
+def remove_cache(path: Path | str) -> None:
+    """Delete a cache directory, refusing folders that are not caches and caches being written.
+
+    The lock is taken first (a stale one from a dead extraction is taken over) and removed with
+    the folder, so no extraction can start in between.
+    """
+    path = require_local(path, "remove")
+    read_manifest(path)
+    CacheLock(path).acquire()
+    shutil.rmtree(path)
+
+
+def _size_bytes(path: Path | str) -> int | None:
+    if is_url(path):
+        return None
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def cache_info(path: Path | str) -> dict[str, Any]:
+    """What ``marnet cache info`` shows: status, rows per split, fields, key inputs, skips."""
+    cache = FeatureCache(path)
+    m = cache.manifest
+    splits = {}
+    for split, meta in m["splits"].items():
+        committed = (meta["num_shards"] if cache.complete
+                     else len(committed_shards(cache.root, split)))
+        splits[split] = {"rows": meta["rows"], "valid_rows": meta.get("valid_rows"),
+                         "shards": meta["num_shards"], "committed_shards": committed,
+                         "shard_rows": meta["shard_rows"], "fields": meta["fields"]}
+    lock = None if is_url(cache.root) else CacheLock(cache.root)
+    holder = lock.holder() if lock else {}
+    return {
+        "path": str(cache.root), "key": m["key"], "status": m.get("status"),
+        "complete": cache.complete, "committed_shards": cache.num_committed(),
+        "total_shards": cache.num_shards(), "format": m["format"], "dtype": m["dtype"],
+        "dims": m.get("dims", {}), "splits": splits, "inputs": m["inputs"],
+        "skipped": m.get("skipped", []), "timings": m.get("timings", {}),
+        "settings": m.get("settings", {}), "versions": m.get("versions", {}),
+        "created": m.get("created"), "completed": m.get("completed"),
+        "size_bytes": _size_bytes(cache.root),
+        "locked_by": {**holder, "stale": lock.stale(holder)} if holder else None,
+    }
+
+
+def export_npy(path: Path | str, out: Path | str,
+               on_split: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write a complete cache as plain files other tools read without marnet.
+
+    ``<out>/<split>/<field>.npy`` per numeric field (bfloat16 features as float32: numpy has no
+    bfloat16), ``<out>/<split>/id.txt`` (one id per line), and ``<out>/index.json`` (key, key
+    inputs, class names, ingredients, and per split the rows and each file's dtype and shape).
+    Written shard by shard through memory maps, so memory use stays at one shard. The index is
+    written last: a folder without it is an unfinished export. ``on_split(split)`` is called
+    after each split.
+    """
+    cache = FeatureCache(path).require_complete()
+    out = Path(out)
+    index: dict[str, Any] = {
+        "key": cache.key, "source": str(cache.root), "inputs": cache.manifest["inputs"],
+        "class_names": cache.class_names, "ingredients": cache.manifest.get("ingredients", []),
+        "splits": {}}
+    for split, meta in cache.manifest["splits"].items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        files = {field: _export_field(cache, split, field, meta, out / split)
+                 for field in meta["fields"]}
+        index["splits"][split] = {"rows": meta["rows"], "files": files}
+        if on_split:
+            on_split(split)
+    write_json_atomic(out / "index.json", index)
+    return index
+
+
+def _shard_ranges(meta: dict[str, Any]) -> list[tuple[int, int]]:
+    step = meta["shard_rows"]
+    return [(i * step, min((i + 1) * step, meta["rows"])) for i in range(meta["num_shards"])]
+
+
+def _export_field(cache: FeatureCache, split: str, field: str, meta: dict[str, Any],
+                  folder: Path) -> dict[str, Any]:
+    spec = meta["fields"][field]
+    if spec["dtype"] == "str":
+        return _export_text(cache, split, field, meta, folder / f"{field}.txt")
+    feature_bf16 = is_feature(field) and cache.dtype == "bfloat16"
+    dtype = np.dtype("float32") if feature_bf16 else np.dtype(spec["dtype"])
+    shape = (meta["rows"], *spec["shape"])
+    target = np.lib.format.open_memmap(folder / f"{field}.npy", mode="w+", dtype=dtype,
+                                       shape=shape)
+    for start, stop in _shard_ranges(meta):
+        values = cache.backend.read(split, field, start, stop)
+        target[start:stop] = from_storage(values, "bfloat16").float().numpy() \
+            if feature_bf16 else values
+    target.flush()
+    del target
+    return {"file": f"{split}/{field}.npy", "dtype": dtype.name, "shape": list(shape)}
+
+
+def _export_text(cache: FeatureCache, split: str, field: str, meta: dict[str, Any],
+                 target: Path) -> dict[str, Any]:
+    with open(target, "w", encoding="utf-8") as fh:
+        for start, stop in _shard_ranges(meta):
+            for value in cache.backend.read(split, field, start, stop):
+                text = str(value)
+                if "\n" in text:
+                    raise CacheError(f"{split}/{field} holds a value with a newline ({text!r}); "
+                                     "it cannot be exported one per line")
+                fh.write(text + "\n")
+    return {"file": f"{split}/{target.name}", "dtype": "str", "shape": [meta["rows"]]}
+
+
+__all__ = ["cache_info", "export_npy", "list_caches", "remove_cache"]
