@@ -218,6 +218,8 @@ def write_figures(report: dict[str, Any], out: Path) -> list[Path]:
     for ax, m in zip(axes, MODALITIES):
         image = ax.imshow(np.asarray(cosine[m]), vmin=-1, vmax=1, cmap="coolwarm")
         ax.set_title(f"{m}: class-centre cosine")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
     fig.colorbar(image, ax=list(axes))
     fig.suptitle(f"linear CKA {_fmt(report['cross_modal']['centre_linear_cka'])}, "
                  f"cosine-matrix r {_fmt(report['cross_modal']['centre_cosine_correlation'])}")

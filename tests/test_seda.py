@@ -60,6 +60,12 @@ def test_no_pfin_mapped_feature_is_the_projection():
     z, s_t, t = torch.randn(4, 6), torch.randn(4, 5), torch.tensor([2, 4, 6, 8])
     mapped, _ = pfin(pfin.project(z), s_t, t)
     assert torch.equal(mapped, pfin.project(z))
+    # through the whole no-pfin head: the chain's final m is P z
+    head = build_head("seda", method_config("seda", {**SMALL, "variant": "no-pfin"}),
+                      Dims(visual=6, text=5, classes=3))
+    with torch.no_grad():
+        chain_mapped, _ = head.dst.translate(z, torch.Generator().manual_seed(0), 64)
+        assert torch.equal(chain_mapped, head.dst.pfin.project(z))
 
 
 def _manual_translate(head, z, seed):
@@ -122,13 +128,14 @@ def test_every_knob_is_a_setting():
         build_head("seda", method_config("seda", {"dst.classifier_input": "x"}), Dims(6, 5, 3))
 
 
-def test_dsl_never_reads_text_and_learns_exact_centres(tiny_cache):
+def test_only_stage_2_reads_text_and_dsl_learns_exact_centres(tiny_cache):
     """Stage 1 is intra-modal: with the text poisoned it trains, its centres are the exact
-    train means of standardised x_v, and z for stage 2 comes from x_v alone."""
+    train means of standardised x_v, and z for stage 2 comes from x_v alone. The C_f refit
+    (stage 3) trains on sampled chains: poisoned text does not reach it either."""
     cache = FeatureCache(tiny_cache)
     train, val = cache.load_split("train"), cache.load_split("val")
     dims = Dims(cache.dim("visual"), cache.dim("text"), 4)
-    model = HeadsModel("seda", method_config("seda", SMALL), dims)
+    model = HeadsModel("seda", method_config("seda", {**SMALL, "dst.refit_samples": 2}), dims)
     model.norm_visual.fit(train["visual"])
     model.norm_text.fit(train["text"])
     norm = lambda d: SplitData({"visual": model.norm_visual(d["visual"]),
@@ -137,7 +144,7 @@ def test_dsl_never_reads_text_and_learns_exact_centres(tiny_cache):
     tr, va = norm(train), norm(val)
     ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
     head = model.head
-    dsl_stage, dst_stage = head.stages(tr, va, ctx)
+    dsl_stage, dst_stage, refit_stage = head.stages(tr, va, ctx)
     records = []
     run_stage(dsl_stage, tr, TrainConfig(epochs=1, batch_size=8), ctx, "fp32", records.append)
     assert records and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
@@ -148,6 +155,10 @@ def test_dsl_never_reads_text_and_learns_exact_centres(tiny_cache):
     assert head._train_z.shape == tr["visual"].shape and torch.isfinite(head._train_z).all()
     tr.tensors["text"] = model.norm_text(train["text"])
     run_stage(dst_stage, tr, TrainConfig(epochs=1, batch_size=8), ctx, "fp32", records.append)
+    tr.tensors["text"] = torch.full_like(tr["text"], float("nan"))
+    run_stage(refit_stage, tr, TrainConfig(epochs=1, batch_size=8), ctx, "fp32", records.append)
+    assert [r["stage"] for r in records] == ["dsl", "dst+pfin", "classifier"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert torch.isfinite(model.predict(val["visual"], torch.Generator().manual_seed(0))).all()
 
 
@@ -155,6 +166,7 @@ def test_dsl_never_reads_text_and_learns_exact_centres(tiny_cache):
     ({"variant": "full"}, ["dsl", "dst+pfin"]),
     ({"variant": "full", "pfin.recurrent": True, "dst.classifier_input": "v+m+s",
       "dsl.lambda_h": 0.5}, ["dsl", "dst+pfin"]),
+    ({"variant": "full", "dst.refit_samples": 2}, ["dsl", "dst+pfin", "classifier"]),
     ({"variant": "one-step"}, ["one-step"]),
     ({"variant": "dst-only"}, ["dst+pfin"]),
     ({"variant": "dsl-only"}, ["dsl"]),

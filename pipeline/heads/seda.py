@@ -18,7 +18,8 @@ paper's, and every choice is a configuration knob.
   CE(C_f([m_t ; s_hat_0]), y)``. Recurrent option: ``m_{t-1} = m_t + g_t * U([m_t ; s_t ;
   emb(t)])`` from ``m_T = P z``, trained by unrolling K consecutive steps of the test-time grid.
 - Staged training (R-3): DSL, then DSL frozen and ``z`` generated once per train/val row, then
-  DST + PFIN + ``C_f``. Inference (R-4) is image-only: ``x_v -> z -> DST chain with PFIN at
+  DST + PFIN + ``C_f``; optionally (``dst.refit_samples`` > 0) a third stage refits ``C_f`` on
+  sampled chains, as MARNet's fusion stage does (METHODS §3 #14). Inference (R-4) is image-only: ``x_v -> z -> DST chain with PFIN at
   every reverse step -> C_f([m_1 ; s_hat_0])``, optionally averaged over S samples.
 
 Variants (METHODS §2.4): ``full``; ``one-step`` (an MLP maps ``x_v`` to the text space with
@@ -66,6 +67,7 @@ class DSTConfig(DiffusionConfig):
     layers: int = 2  # H is a 2-layer MLP (R-2)
     lambda_s: float = 1.0  # CE weight of C_f
     classifier_input: str = "m+s"  # m+s: [m ; s_hat_0] | v+m+s: [x_v' ; m ; s_hat_0] | s
+    refit_samples: int = 0  # K > 0: then refit C_f on K sampled chains per train row
     epochs: int | None = None
 
 
@@ -376,6 +378,8 @@ class SeDA(nn.Module):
             stages.append(self._dsl_stage(train, val, ctx))
         if self.dst is not None:
             stages.append(self._dst_stage(train, val, ctx))
+        if self.dst is not None and self.cfg.dst.refit_samples > 0:
+            stages.append(self._classifier_stage(val, ctx))
         return stages
 
     def _dsl_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
@@ -414,6 +418,41 @@ class SeDA(nn.Module):
         fields = ("text", "label") if dst.visual_encoder is None else ("visual", "text", "label")
         name = "dst" if dst.pfin.update is None else "dst+pfin"
         return Stage(name, [dst], loss, {name: ([dst], lambda: _val_top1(val_logits, val))},
+                     epochs=cfg.epochs, prepare=prepare, fields=fields)
+
+
+    def _classifier_stage(self, val: SplitData, ctx: TrainContext) -> Stage:
+        """Optional stage 3 (``dst.refit_samples`` = K > 0): DST + PFIN frozen, ``C_f`` refitted
+        with CE on K test-time chains per train row, i.e. on what it sees at test (as MARNet's
+        fusion stage, METHODS §3 #14). Stage 2 trains ``C_f`` on ``s_hat_0`` denoised from the
+        noised true text, which the test-time chain never has."""
+        dst, cfg = self.dst, self.cfg.dst
+        modules = [m for m in (dst.classifier, dst.visual_encoder) if m is not None]
+        chains: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def prepare() -> None:
+            with torch.no_grad():
+                draws = [dst.translate(self._train_z, ctx.generator, ctx.chunk_rows)
+                         for _ in range(cfg.refit_samples)]
+                chains["train"] = (torch.stack([m for m, _ in draws]),
+                                   torch.stack([s for _, s in draws]))
+                chains["val"] = dst.translate(self._val_z, ctx.eval_generator(), ctx.chunk_rows)
+
+        def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            index = batch["index"]
+            draw = torch.randint(0, cfg.refit_samples, (len(index),), device=index.device,
+                                 generator=ctx.generator)
+            mapped, s_hat = (part[draw, index] for part in chains["train"])
+            ce = F.cross_entropy(dst.classify(mapped, s_hat, batch.get("visual")),
+                                 batch["label"])
+            return ce, {"refit_ce": ce.detach()}
+
+        def val_logits() -> torch.Tensor:
+            return dst.classify(*chains["val"], val["visual"])
+
+        fields = ("label",) if dst.visual_encoder is None else ("visual", "label")
+        return Stage("classifier", modules, loss,
+                     {"classifier": (modules, lambda: _val_top1(val_logits, val))},
                      epochs=cfg.epochs, prepare=prepare, fields=fields)
 
 
