@@ -129,9 +129,16 @@ def _gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def standardise(features: np.ndarray, reference: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Per-dimension z-score with the statistics of ``reference`` (METHODS §3 #7)."""
-    return (features - reference.mean(axis=0)) / (reference.std(axis=0) + eps)
+def standardise(features: np.ndarray, reference: np.ndarray,
+                floor: float = 0.1) -> np.ndarray:
+    """Per-dimension z-score with the statistics of ``reference`` (METHODS §3 #7).
+
+    A dimension whose std is below ``floor`` x the median std (e.g. a ReLU unit dead on the
+    train split) is divided by that floor instead, so that another split's rare non-zero
+    values there do not explode to ~1e6 and swamp every distance.
+    """
+    std = reference.std(axis=0)
+    return (features - reference.mean(axis=0)) / np.maximum(std, floor * np.median(std))
 
 
 def cross_modal(visual: np.ndarray, text: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from marnet.cli import app
 from marnet.pipeline.diagnose import (cosine_matrix, cosine_matrix_correlation, diagnose,
                                       feature_summary, frechet_distance, linear_cka,
-                                      rotation_invariant_frechet, variance_ratio)
+                                      rotation_invariant_frechet, standardise, variance_ratio)
 from marnet.pipeline.store import FeatureCache
 
 
@@ -80,6 +80,15 @@ def test_cosine_matrix_correlation():
     assert cosine_matrix_correlation(cos, cos) == pytest.approx(1.0)
     assert cosine_matrix_correlation(cos, -cos) == pytest.approx(-1.0)
     assert cosine_matrix_correlation(cos[:2, :2], cos[:2, :2]) is None, "one pair: undefined"
+
+
+def test_standardise_uses_reference_stats_and_floors_constant_dims():
+    reference = np.array([[0.0, 1.0, 5.0], [2.0, 3.0, 5.0], [4.0, 5.0, 5.0]])
+    z = standardise(np.array([[2.0, 5.0, 7.0]]), reference)
+    std = reference.std(axis=0)
+    assert z[0, :2] == pytest.approx([0.0, 2.0 / std[1]])
+    # the constant dim is scaled by 0.1 x the median std, not by ~0
+    assert z[0, 2] == pytest.approx(2.0 / (0.1 * np.median(std)))
 
 
 def test_feature_summary_matches_numpy():
