@@ -279,7 +279,9 @@ class SemanticTranslator(_ScheduleOwner):
     def loss(self, z: torch.Tensor, batch: Batch, schedule: NoiseSchedule,
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``MSE(s_hat_0, x_s) + lambda_s * CE(C_f([m_t ; s_hat_0]), y)`` (R-2), averaged over
-        the unrolled steps when PFIN is recurrent."""
+        the unrolled steps when PFIN is recurrent. A recurrent window starts from ``m = P z``
+        wherever it starts on the grid (the test chain has that state only at T), and its
+        steps share one noise draw."""
         text, labels = batch["text"], batch["label"]
         noise = torch.randn(text.shape, device=text.device, generator=generator)
         chain = TranslatorChain(self.pfin, z, self.pfin_cfg.recurrent)
