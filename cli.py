@@ -295,6 +295,109 @@ def demo(
                   f"({result['minutes']:.1f} min)")
 
 
+def _range_table(report: dict) -> Table:
+    modalities = report["modalities"]
+    table = Table(title=f"feature ranges and class structure ({report['split']} split, raw features)")
+    table.add_column("statistic")
+    for name in modalities:
+        table.add_column(name, justify="right")
+    stats = [("dim", lambda m: m["dim"]), ("min", lambda m: m["min"]),
+             ("max", lambda m: m["max"]), ("1st percentile", lambda m: m["p01"]),
+             ("99th percentile", lambda m: m["p99"]),
+             ("per-dim mean (mean)", lambda m: m["per_dim_mean"]["mean"]),
+             ("per-dim std (mean)", lambda m: m["per_dim_std"]["mean"]),
+             ("per-dim std (min..max)", lambda m: (m["per_dim_std"]["min"], m["per_dim_std"]["max"])),
+             ("L2 norm (mean)", lambda m: m["l2_norm"]["mean"]),
+             ("intra/inter-class variance (raw)", lambda m: m["variance_ratio"]["raw"]),
+             ("intra/inter-class variance (standardised)",
+              lambda m: m["variance_ratio"]["standardised"])]
+    for label, get in stats:
+        table.add_row(label, *(_number(get(m)) for m in modalities.values()))
+    return table
+
+
+def _number(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, tuple):
+        return "..".join(_number(v) for v in value)
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def _cross_modal_table(report: dict) -> Table:
+    cross = report["cross_modal"]
+    table = Table(title="visual vs text (standardised with train statistics)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [("class-centre linear CKA", cross["centre_linear_cka"]),
+            ("class-centre cosine-matrix correlation", cross["centre_cosine_correlation"]),
+            ("Fréchet distance (coordinate-wise)", cross["frechet"]["coordinatewise"]),
+            ("Fréchet distance (rotation-invariant)", cross["frechet"]["rotation_invariant"])]
+    for name, value in rows:
+        table.add_row(name, "n/a (dims differ or undefined)" if value is None else f"{value:.4g}")
+    return table
+
+
+@app.command()
+def diagnose(
+    cache: Path = typer.Option(..., help="Cache directory (cache/<dataset>/<key>)."),
+    split: str = typer.Option("train", help="Split to analyse (standardisation always uses train statistics)."),
+    out: Optional[Path] = typer.Option(None, help="Where diagnose.json and the PNG histograms go [default: runs/diagnose/<cache key>]."),
+) -> None:
+    """Feature-range and distribution gaps between the modalities (METHODS §2.5, SeDA's premise)."""
+    from .pipeline.diagnose import diagnose as run
+    from .pipeline.store import FeatureCache
+
+    try:
+        out_dir = out or Path("runs") / "diagnose" / FeatureCache(cache).key
+        report = run(cache, split, out_dir)
+    except _user_errors() as exc:
+        _fail(exc)
+    inputs = report["inputs"]
+    console.print(f"{inputs['dataset']}: visual {inputs['visual']}, text {inputs['text']} "
+                  f"(pooling {(inputs.get('text_spec') or {}).get('pooling', '?')})")
+    console.print(_range_table(report))
+    console.print(_cross_modal_table(report))
+    console.print("written: " + ", ".join(report["files"]))
+
+
+@app.command()
+def plot(
+    run: Path = typer.Option(..., help="Run directory from `marnet train-heads`."),
+    out: Optional[Path] = typer.Option(None, help="Where the figures and their data go [default: <run>/plots]."),
+    samples: int = typer.Option(100, help="t-SNE: samples per class (the papers use 100)."),
+    classes: int = typer.Option(5, help="t-SNE: number of classes (the papers use 5), chosen at random with the seed."),
+    split: str = typer.Option("test", help="Split to plot."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the class/sample choice, t-SNE and diffusion noise [default: the run's]."),
+    cache: Optional[Path] = typer.Option(None, help="Cache to read (default: the one the run was trained on)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """t-SNE of visual vs generated features, confidence histograms per branch, training curves."""
+    from .pipeline.plots import plot_run
+
+    try:
+        report = plot_run(run, out, samples, classes, split, device, seed, cache,
+                          log=console.print)
+    except _user_errors() as exc:
+        _fail(exc)
+    table = Table(title=f"{report['method']} on {split}: branches")
+    for col in ("branch", "top-1 (%)", "top-5 (%)", "mean confidence"):
+        table.add_column(col, justify="left" if col == "branch" else "right")
+    for name, branch in report["confidence"]["branches"].items():
+        table.add_row(name, f"{branch['top1']:.2f}", f"{branch['top5']:.2f}",
+                      f"{branch['mean_confidence']:.3f}")
+    console.print(table)
+    tsne = Table(title=f"t-SNE panels ({report['tsne']['rows']} rows)")
+    tsne.add_column("features")
+    tsne.add_column("silhouette", justify="right")
+    for name, panel in report["tsne"]["panels"].items():
+        score = panel["silhouette"]
+        tsne.add_row(name, "n/a" if score is None else f"{score:.3f}")
+    console.print(tsne)
+    console.print(f"written to [bold]{report['out']}[/]: "
+                  + ", ".join(Path(f).name for f in report["files"]))
+
+
 @app.command()
 def bench(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

@@ -103,3 +103,16 @@ def test_fusion_stage_never_reads_text(tiny_cache):
     assert records and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert torch.isfinite(model.head._train_samples).all()
     assert model.head._train_samples.shape[:2] == (2, len(tr))
+
+
+def test_standardizer_floors_dims_that_are_constant_on_train():
+    from marnet.pipeline.heads import Standardizer
+
+    train = torch.randn(100, 4)
+    train[:, 3] = 0.0  # a ReLU unit dead on the train split
+    norm = Standardizer(4).fit(train)
+    assert torch.allclose(norm(train)[:, :3].std(0, unbiased=False), torch.ones(3), atol=1e-4)
+    test_row = torch.tensor([[0.0, 0.0, 0.0, 0.5]])  # the dead unit fires at test time
+    floor = 0.1 * train[:, :3].std(0, unbiased=False).median()
+    assert torch.isclose(norm(test_row)[0, 3], 0.5 / floor, rtol=1e-3)
+    assert norm(test_row).abs().max() < 100

@@ -17,6 +17,7 @@ from ..config import apply_overrides
 from .alignment import ALIGNMENT_LOSSES, AlignConfig, AlignedClassifier
 from .common import Dims, SplitData, Stage, Standardizer, TrainContext
 from .marnet import VARIANTS, DiffusionConfig, MARNet, MARNetConfig
+from .seda import SeDA, SeDAConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ METHODS: dict[str, MethodSpec] = {
                       "SDM (IRRA): KL between image-text similarity and label matching"),
     "marnet": MethodSpec(MARNetConfig, {}, MARNet,
                          "MARNet: EMA + CDR (conditional feature diffusion) + fusion"),
+    "seda": MethodSpec(SeDAConfig, {}, SeDA,
+                       "SeDA (reconstructed from the abstract, METHODS §2.3 [R]): DSL toward "
+                       "visual class centres, then DST + PFIN toward the text distribution"),
 }
 
 # `--ablation` names (Table 2 rows) -> MARNet variants

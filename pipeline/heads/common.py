@@ -13,22 +13,29 @@ Batch = dict[str, torch.Tensor]
 
 
 class Standardizer(nn.Module):
-    """Per-dimension z-score with train-split statistics (METHODS §3 #7, SeDA R-0)."""
+    """Per-dimension z-score with train-split statistics (METHODS §3 #7, SeDA R-0).
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    A dimension (nearly) constant on train, like a dead ReLU unit, would be divided by ~0 and
+    blow test rows that are not constant up to huge values; its std is floored at
+    ``floor_ratio`` x the median per-dimension std.
+    """
+
+    def __init__(self, dim: int, floor_ratio: float = 0.1, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
+        self.floor_ratio, self.eps = floor_ratio, eps
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor) -> "Standardizer":
-        self.mean.copy_(features.mean(dim=0))
-        self.std.copy_(features.std(dim=0, unbiased=False))
+        std = features.float().std(dim=0, unbiased=False)
+        floor = max(self.eps, self.floor_ratio * std.median().item())
+        self.mean.copy_(features.float().mean(dim=0))
+        self.std.copy_(std.clamp(min=floor))
         return self
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.mean) / (self.std + self.eps)
+        return (features - self.mean) / self.std
 
 
 class ProjectionEncoder(nn.Module):

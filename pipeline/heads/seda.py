@@ -1,0 +1,464 @@
+"""SeDA (arXiv 2505.05721, IJCAI 2025), **reconstructed from the abstract** (METHODS §2.3 [R]).
+
+Only SeDA's title block and abstract are public. The abstract names the parts (a Diffusion-
+Controlled Semantic Learner, a Diffusion-Controlled Semantic Translator, a Progressive Feature
+Interaction Network, bi-stage training); every equation below is our reconstruction, not the
+paper's, and every choice is a configuration knob.
+
+- DSL (R-1): conditional diffusion with target ``z_0 = c_y`` (the exact train-split centre of
+  the standardised visual features of class ``y``), conditioned on ``x_v``, with MARNet's
+  x0-predicting denoiser family. Loss ``MSE(D(z_t, t, x_v), c_y) + lambda_c *
+  CE(-||z_hat_0 - c_k||^2 / tau_c, y)`` (variant A), plus ``lambda_h * MSE(P_h h_t, c_y)`` on
+  the denoiser's interactive feature ``h_t`` (variant B, off by default). The semantic feature
+  ``z`` is the DSL reverse chain from ``N(0, I)`` given ``x_v`` (DDIM, eta = 0).
+- DST + PFIN (R-2): conditional diffusion on the text feature, conditioned on the frozen ``z``.
+  At every step PFIN maps ``z`` toward the text side: ``m_t = P z + g_t * U([P z ; s_t ;
+  emb(t)])``, ``g_t = sigmoid(G([...]))``, and the DST denoiser ``H`` predicts
+  ``s_hat_0 = H([m_t ; s_t ; emb(t)])``. Loss ``MSE(s_hat_0, x_s) + lambda_s *
+  CE(C_f([m_t ; s_hat_0]), y)``. Recurrent option: ``m_{t-1} = m_t + g_t * U([m_t ; s_t ;
+  emb(t)])`` from ``m_T = P z``, trained by unrolling K consecutive steps of the test-time grid.
+- Staged training (R-3): DSL, then DSL frozen and ``z`` generated once per train/val row, then
+  DST + PFIN + ``C_f``; optionally (``dst.refit_samples`` > 0) a third stage refits ``C_f`` on
+  sampled chains, as MARNet's fusion stage does (METHODS §3 #14). Inference (R-4) is image-only: ``x_v -> z -> DST chain with PFIN at
+  every reverse step -> C_f([m_1 ; s_hat_0])``, optionally averaged over S samples.
+
+Variants (METHODS §2.4): ``full``; ``one-step`` (an MLP maps ``x_v`` to the text space with
+MSE + CE: the status quo the abstract criticises, MARNet's +MLP control); ``dst-only``
+(``z := x_v``, no stage 1); ``dsl-only`` (classify ``z`` by its distances to the class
+centres); ``no-pfin`` (``m_t := P z``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import feature_mse
+from ..schedule import NoiseSchedule
+from .alignment import top1
+from .common import (MLP, Batch, ConditionalDenoiser, Dims, ProjectionEncoder, SplitData, Stage,
+                     TrainContext, sinusoidal_embedding)
+from .marnet import DiffusionConfig, MARNetConfig, MLPControl, generate_chunked
+
+VARIANTS = ("full", "one-step", "dst-only", "dsl-only", "no-pfin")
+CLASSIFIER_INPUTS = ("m+s", "v+m+s", "s")  # C_f input (METHODS §3 #24)
+
+
+@dataclass
+class DSLConfig(DiffusionConfig):
+    """Stage 1, the Diffusion-Controlled Semantic Learner (R-1; defaults R-5)."""
+
+    sampler: str = "ddim"  # z = DDIM chain, eta = 0 (deterministic given the start noise)
+    lambda_c: float = 0.1  # prototype CE weight (variant A)
+    tau_c: float = 1.0  # prototype temperature on standardised features
+    lambda_h: float = 0.0  # > 0 adds variant B: MSE(P_h h_t, c_y) on the interactive feature
+    epochs: int | None = None  # None: the trainer's epochs
+
+
+@dataclass
+class DSTConfig(DiffusionConfig):
+    """Stage 2, the Diffusion-Controlled Semantic Translator: ``H`` and ``C_f`` (R-2, R-4)."""
+
+    sampler: str = "ddim"
+    layers: int = 2  # H is a 2-layer MLP (R-2)
+    lambda_s: float = 1.0  # CE weight of C_f
+    classifier_input: str = "m+s"  # m+s: [m ; s_hat_0] | v+m+s: [x_v' ; m ; s_hat_0] | s
+    refit_samples: int = 0  # K > 0: then refit C_f on K sampled chains per train row
+    epochs: int | None = None
+
+
+@dataclass
+class PFINConfig:
+    """The Progressive Feature Interaction Network (R-2)."""
+
+    hidden: int | None = None  # width of U; None: the DST width
+    update_layers: int = 2  # U is a 2-layer MLP
+    recurrent: bool = False  # m_{t-1} = m_t + g_t * U([m_t ; s_t ; emb(t)])
+    unroll: int = 4  # consecutive steps unrolled per training draw when recurrent
+
+
+@dataclass
+class SeDAConfig:
+    """SeDA (reconstructed from the abstract, METHODS §2.3-2.4 [R]); ``d_z = d_v`` (§3 #23)."""
+
+    variant: str = "full"  # full | one-step | dst-only | dsl-only | no-pfin
+    dsl: DSLConfig = field(default_factory=DSLConfig)
+    dst: DSTConfig = field(default_factory=DSTConfig)
+    pfin: PFINConfig = field(default_factory=PFINConfig)
+
+
+def class_centres(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """``c_k = mean{x^i : y_i = k}`` (R-1, METHODS §3 #22); zero for a class with no rows."""
+    sums = features.new_zeros(classes, features.shape[1]).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=classes).clamp(min=1).to(features.dtype)
+    return sums / counts[:, None]
+
+
+def prototype_logits(z: torch.Tensor, centres: torch.Tensor, tau: float) -> torch.Tensor:
+    """``-||z - c_k||^2 / tau_c`` for every class k (the DSL prototype CE of R-1)."""
+    sq_dist = (z.pow(2).sum(1, keepdim=True) - 2 * z @ centres.T
+               + centres.pow(2).sum(1)[None, :])
+    return -sq_dist / tau
+
+
+def reverse_timesteps(schedule: NoiseSchedule, method: str, steps: int) -> list[int]:
+    """The timesteps a test-time chain visits, T first: every step (ddpm) or the DDIM grid."""
+    if method == "ddim":
+        return schedule.ddim_timesteps(steps)
+    return list(range(schedule.T, 0, -1))
+
+
+class _ScheduleOwner(nn.Module):
+    """A module with its own noise schedule, moved lazily to the device it is used on."""
+
+    schedule: NoiseSchedule
+
+    def schedule_on(self, device: torch.device) -> NoiseSchedule:
+        if self.schedule.betas.device != device:
+            self.schedule = self.schedule.to(device)
+        return self.schedule
+
+
+class SemanticLearner(_ScheduleOwner):
+    """DSL (R-1): ``D_phi(z_t, t, x_v) -> z_hat_0`` toward the class centre ``c_y``."""
+
+    def __init__(self, cfg: DSLConfig, dims: Dims):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = dims.visual
+        self.schedule = NoiseSchedule(cfg.schedule)
+        self.denoiser = ConditionalDenoiser(dims.visual, dims.visual, cfg.hidden, cfg.t_dim,
+                                            cfg.layers)
+        self.register_buffer("centres", torch.zeros(dims.classes, dims.visual))
+        self.hidden_map = nn.Linear(cfg.hidden, dims.visual) if cfg.lambda_h > 0 else None  # P_h
+
+    @torch.no_grad()
+    def fit_centres(self, visual: torch.Tensor, labels: torch.Tensor) -> None:
+        """Exact train-split centres of the (frozen, standardised) visual features (§3 #22)."""
+        self.centres.copy_(class_centres(visual, labels, len(self.centres)))
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Prototype logits of the semantic feature (the ``dsl-only`` prediction)."""
+        return prototype_logits(z, self.centres, self.cfg.tau_c)
+
+    def loss(self, batch: Batch, schedule: NoiseSchedule,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``MSE(z_hat_0, c_y) + lambda_c * CE(-||z_hat_0 - c_k||^2 / tau_c, y)``
+        ``[+ lambda_h * MSE(P_h h_t, c_y)]`` (R-1, variants A and B)."""
+        visual, labels = batch["visual"], batch["label"]
+        target = self.centres[labels]
+        t = schedule.sample_timesteps(len(visual), visual.device, generator)
+        noise = torch.randn(target.shape, device=visual.device, generator=generator)
+        z_t = schedule.add_noise(target, noise, t)
+        z_hat = self.denoiser(z_t, t, visual)
+        mse = feature_mse(z_hat, target)
+        proto = F.cross_entropy(self.classify(z_hat), labels)
+        total = mse + self.cfg.lambda_c * proto
+        parts = {"dsl_mse": mse.detach(), "dsl_proto_ce": proto.detach()}
+        if self.hidden_map is not None:
+            hidden = self.hidden_map(self.denoiser.interactive_features(z_t, t, visual))
+            hidden_mse = feature_mse(hidden, target)
+            total = total + self.cfg.lambda_h * hidden_mse
+            parts["dsl_hidden_mse"] = hidden_mse.detach()
+        return total, parts
+
+    def generate(self, visual: torch.Tensor, generator: torch.Generator | None, chunk_rows: int,
+                 method: str | None = None, steps: int | None = None) -> torch.Tensor:
+        """``z = DSL_sample(x_v)``: the reverse chain from ``N(0, I)`` given ``x_v`` (R-1)."""
+        cfg = self.cfg
+        return generate_chunked(self.schedule_on(visual.device), self.denoiser, visual,
+                                self.dim, method or cfg.sampler, steps or cfg.steps, cfg.eta,
+                                generator, chunk_rows)
+
+
+class PFIN(nn.Module):
+    """Progressive Feature Interaction Network with the DST denoiser ``H`` (R-2).
+
+    ``m_t = base + g_t * U([base ; s_t ; emb(t)])``, ``g_t = sigmoid(G([base ; s_t ; emb(t)]))``,
+    ``s_hat_0 = H([m_t ; s_t ; emb(t)])``, where ``base = P z`` (non-recurrent) or the previous
+    ``m`` (recurrent). Without interaction (``no-pfin``) ``m_t = P z``. ``H`` is a
+    :class:`ConditionalDenoiser` on ``[s_t ; m_t ; emb(t)]`` (the same inputs, reordered).
+    """
+
+    def __init__(self, semantic_dim: int, text_dim: int, dst: DSTConfig, cfg: PFINConfig,
+                 interact: bool):
+        super().__init__()
+        self.t_dim = dst.t_dim
+        context_dim = 2 * text_dim + dst.t_dim
+        self.project = nn.Linear(semantic_dim, text_dim)  # P
+        self.update = MLP(context_dim, cfg.hidden or dst.hidden, text_dim,
+                          cfg.update_layers) if interact else None  # U
+        self.gate_layer = nn.Linear(context_dim, text_dim) if interact else None  # G
+        self.denoiser = ConditionalDenoiser(text_dim, text_dim, dst.hidden, dst.t_dim,
+                                            dst.layers)  # H
+
+    def _context(self, base: torch.Tensor, s_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([base, s_t, sinusoidal_embedding(t, self.t_dim).to(s_t.dtype)], dim=-1)
+
+    def gate(self, base: torch.Tensor, s_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``g_t = sigmoid(G([base ; s_t ; emb(t)]))``, one gate per text dimension."""
+        return torch.sigmoid(self.gate_layer(self._context(base, s_t, t)))
+
+    def mapped(self, base: torch.Tensor, s_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The mapped feature ``m_t`` of step ``t`` (``base`` itself without interaction)."""
+        if self.update is None:
+            return base
+        context = self._context(base, s_t, t)
+        return base + torch.sigmoid(self.gate_layer(context)) * self.update(context)
+
+    def forward(self, base: torch.Tensor, s_t: torch.Tensor,
+                t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m_t, s_hat_0)`` for one reverse step."""
+        mapped = self.mapped(base, s_t, t)
+        return mapped, self.denoiser(s_t, t, mapped)
+
+
+class TranslatorChain:
+    """PFIN + DST as the denoise callable of :meth:`NoiseSchedule.sample`, one chain of rows.
+
+    Each call runs PFIN at that reverse step and keeps ``m_t`` in :attr:`mapped`, so after the
+    chain :attr:`mapped` is ``m_1`` and the chain's output is ``s_hat_0`` of the last step.
+    """
+
+    def __init__(self, pfin: PFIN, z: torch.Tensor, recurrent: bool):
+        self.pfin = pfin
+        self.recurrent = recurrent
+        self.start = pfin.project(z)  # P z (= m_T when recurrent)
+        self.mapped = self.start
+
+    def __call__(self, s_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        base = self.mapped if self.recurrent else self.start
+        self.mapped, s_hat = self.pfin(base, s_t, t)
+        return s_hat
+
+
+class SemanticTranslator(_ScheduleOwner):
+    """DST + PFIN + ``C_f`` (R-2): from the semantic feature ``z`` to the text distribution."""
+
+    def __init__(self, cfg: SeDAConfig, dims: Dims, interact: bool):
+        super().__init__()
+        dst = cfg.dst
+        if dst.classifier_input not in CLASSIFIER_INPUTS:
+            raise ValueError(f"unknown dst.classifier_input {dst.classifier_input!r}; choose "
+                             f"{', '.join(CLASSIFIER_INPUTS)}")
+        self.cfg = dst
+        self.pfin_cfg = cfg.pfin
+        self.text_dim = dims.text
+        self.schedule = NoiseSchedule(dst.schedule)
+        self.pfin = PFIN(dims.visual, dims.text, dst, cfg.pfin, interact)
+        self.visual_encoder = ProjectionEncoder(dims.visual, dims.text) \
+            if dst.classifier_input == "v+m+s" else None  # x_v' = g(E_v x_v), as MARNet's EMA
+        pieces = len(dst.classifier_input.split("+"))
+        self.classifier = nn.Linear(pieces * dims.text, dims.classes)  # C_f
+
+    def classify(self, mapped: torch.Tensor, s_hat: torch.Tensor,
+                 visual: torch.Tensor) -> torch.Tensor:
+        """``C_f`` on ``[m ; s_hat_0]``, ``[x_v' ; m ; s_hat_0]`` or ``s_hat_0`` (§3 #24)."""
+        pieces = {"m": mapped, "s": s_hat}
+        if self.visual_encoder is not None:
+            pieces["v"] = self.visual_encoder(visual)
+        return self.classifier(torch.cat([pieces[p] for p in self.cfg.classifier_input.split("+")],
+                                         dim=-1))
+
+    def _training_steps(self, rows: int, schedule: NoiseSchedule, device: torch.device,
+                        generator: torch.Generator) -> list[torch.Tensor]:
+        """One uniform ``t`` per row, or (recurrent) K consecutive test-grid steps per row."""
+        if not self.pfin_cfg.recurrent:
+            return [schedule.sample_timesteps(rows, device, generator)]
+        grid = torch.tensor(reverse_timesteps(schedule, self.cfg.sampler, self.cfg.steps),
+                            device=device)
+        unroll = max(1, min(self.pfin_cfg.unroll, len(grid)))
+        start = torch.randint(0, len(grid) - unroll + 1, (rows,), device=device,
+                              generator=generator)
+        return [grid[start + k] for k in range(unroll)]
+
+    def loss(self, z: torch.Tensor, batch: Batch, schedule: NoiseSchedule,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``MSE(s_hat_0, x_s) + lambda_s * CE(C_f([m_t ; s_hat_0]), y)`` (R-2), averaged over
+        the unrolled steps when PFIN is recurrent. A recurrent window starts from ``m = P z``
+        wherever it starts on the grid (the test chain has that state only at T), and its
+        steps share one noise draw."""
+        text, labels = batch["text"], batch["label"]
+        noise = torch.randn(text.shape, device=text.device, generator=generator)
+        chain = TranslatorChain(self.pfin, z, self.pfin_cfg.recurrent)
+        steps = self._training_steps(len(text), schedule, text.device, generator)
+        mse = ce = text.new_zeros(())
+        for t in steps:
+            s_hat = chain(schedule.add_noise(text, noise, t), t)
+            mse = mse + feature_mse(s_hat, text)
+            ce = ce + F.cross_entropy(self.classify(chain.mapped, s_hat, batch.get("visual")),
+                                      labels)
+        mse, ce = mse / len(steps), ce / len(steps)
+        return mse + self.cfg.lambda_s * ce, {"dst_mse": mse.detach(), "dst_ce": ce.detach()}
+
+    def translate(self, z: torch.Tensor, generator: torch.Generator | None, chunk_rows: int,
+                  method: str | None = None, steps: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m_1, s_hat_0)``: the DST reverse chain from ``N(0, I)`` with PFIN at every step
+        (R-4), ``chunk_rows`` rows at a time."""
+        cfg = self.cfg
+        schedule = self.schedule_on(z.device)
+        mapped, generated = [], []
+        for begin in range(0, len(z), chunk_rows):
+            chain = TranslatorChain(self.pfin, z[begin:begin + chunk_rows],
+                                    self.pfin_cfg.recurrent)
+            generated.append(schedule.sample(chain, tuple(chain.start.shape), z.device,
+                                             method or cfg.sampler, steps or cfg.steps, cfg.eta,
+                                             generator))
+            mapped.append(chain.mapped)
+        if not generated:
+            empty = z.new_zeros(0, self.text_dim)
+            return empty, empty
+        return torch.cat(mapped), torch.cat(generated)
+
+
+class SeDA(nn.Module):
+    """The SeDA head (reconstructed from the abstract); ``variant`` picks the §2.4 ablation."""
+
+    def __init__(self, cfg: SeDAConfig, dims: Dims):
+        super().__init__()
+        if cfg.variant not in VARIANTS:
+            raise ValueError(f"unknown SeDA variant {cfg.variant!r}; choose {', '.join(VARIANTS)}")
+        self.cfg = cfg
+        uses_dsl = cfg.variant in ("full", "dsl-only", "no-pfin")
+        uses_dst = cfg.variant in ("full", "dst-only", "no-pfin")
+        self.dsl = SemanticLearner(cfg.dsl, dims) if uses_dsl else None
+        self.dst = SemanticTranslator(cfg, dims, interact=cfg.variant != "no-pfin") \
+            if uses_dst else None
+        self.one_step = MLPControl(MARNetConfig(diffusion=cfg.dsl, alpha2=cfg.dst.lambda_s),
+                                   dims) if cfg.variant == "one-step" else None
+        self._train_z: torch.Tensor | None = None
+        self._val_z: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ inference (R-4)
+
+    def semantic(self, visual: torch.Tensor, generator: torch.Generator | None, chunk_rows: int,
+                 method: str | None = None, steps: int | None = None) -> torch.Tensor:
+        """The semantic feature ``z``: the DSL chain, or ``x_v`` itself (``dst-only``)."""
+        if self.dsl is None:
+            return visual
+        return self.dsl.generate(visual, generator, chunk_rows, method, steps)
+
+    @torch.no_grad()
+    def representations(self, visual: torch.Tensor, generator: torch.Generator | None = None,
+                        chunk_rows: int = 8192) -> dict[str, torch.Tensor]:
+        """One image-only pass: ``z`` (DSL), ``m`` and ``s_hat_0`` (DST + PFIN), ``logits``;
+        the ``one-step`` variant gives its ``mapped`` feature."""
+        if self.one_step is not None:
+            mapped = self.one_step.mlp(visual)
+            return {"mapped": mapped, "logits": self.one_step.classifier(mapped)}
+        z = self.semantic(visual, generator, chunk_rows)
+        out = {"z": z} if self.dsl is not None else {}
+        if self.dst is None:
+            return {**out, "logits": self.dsl.classify(z)}
+        mapped, s_hat = self.dst.translate(z, generator, chunk_rows)
+        return {**out, "m": mapped, "s_hat_0": s_hat,
+                "logits": self.dst.classify(mapped, s_hat, visual)}
+
+    def predict(self, visual: torch.Tensor, generator: torch.Generator | None = None,
+                chunk_rows: int = 8192) -> torch.Tensor:
+        """Class logits from visual features alone, averaged over S chains (R-4)."""
+        samples = max(1, (self.cfg.dst if self.dst is not None else self.cfg.dsl).test_samples)
+        logits = 0.0
+        for _ in range(samples):
+            logits = logits + self.representations(visual, generator, chunk_rows)["logits"]
+        return logits / samples
+
+    # ------------------------------------------------------------------ training (R-3)
+
+    def stages(self, train: SplitData, val: SplitData, ctx: TrainContext) -> list[Stage]:
+        if self.one_step is not None:
+            return [Stage("one-step", [self.one_step], self.one_step.loss, {"one-step": (
+                [self.one_step], lambda: _val_top1(lambda: self.one_step.predict(val["visual"]),
+                                                   val))})]
+        stages = []
+        if self.dsl is not None:
+            stages.append(self._dsl_stage(train, val, ctx))
+        if self.dst is not None:
+            stages.append(self._dst_stage(train, val, ctx))
+        if self.dst is not None and self.cfg.dst.refit_samples > 0:
+            stages.append(self._classifier_stage(val, ctx))
+        return stages
+
+    def _dsl_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
+        """Stage 1: DSL; selected on val nearest-centre accuracy of ``z`` (a cheap chain)."""
+        dsl, cfg = self.dsl, self.cfg.dsl
+        schedule = dsl.schedule_on(ctx.device)
+
+        def val_logits() -> torch.Tensor:
+            return dsl.classify(dsl.generate(val["visual"], ctx.eval_generator(), ctx.chunk_rows,
+                                             cfg.val_sampler, cfg.val_steps))
+
+        return Stage("dsl", [dsl], lambda batch: dsl.loss(batch, schedule, ctx.generator),
+                     {"dsl": ([dsl], lambda: _val_top1(val_logits, val))}, epochs=cfg.epochs,
+                     prepare=lambda: dsl.fit_centres(train["visual"], train["label"]),
+                     fields=("visual", "label"))
+
+    def _dst_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
+        """Stage 2: DSL frozen, ``z`` generated once per row, then DST + PFIN + ``C_f``;
+        selected on val top-1 of the image-only prediction (a cheap chain)."""
+        dst, cfg = self.dst, self.cfg.dst
+        schedule = dst.schedule_on(ctx.device)
+
+        def prepare() -> None:
+            with torch.no_grad():
+                self._train_z = self.semantic(train["visual"], ctx.generator, ctx.chunk_rows)
+                self._val_z = self.semantic(val["visual"], ctx.eval_generator(), ctx.chunk_rows)
+
+        def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return dst.loss(self._train_z[batch["index"]], batch, schedule, ctx.generator)
+
+        def val_logits() -> torch.Tensor:
+            mapped, s_hat = dst.translate(self._val_z, ctx.eval_generator(), ctx.chunk_rows,
+                                          cfg.val_sampler, cfg.val_steps)
+            return dst.classify(mapped, s_hat, val["visual"])
+
+        fields = ("text", "label") if dst.visual_encoder is None else ("visual", "text", "label")
+        name = "dst" if dst.pfin.update is None else "dst+pfin"
+        return Stage(name, [dst], loss, {name: ([dst], lambda: _val_top1(val_logits, val))},
+                     epochs=cfg.epochs, prepare=prepare, fields=fields)
+
+
+    def _classifier_stage(self, val: SplitData, ctx: TrainContext) -> Stage:
+        """Optional stage 3 (``dst.refit_samples`` = K > 0): DST + PFIN frozen, ``C_f`` refitted
+        with CE on K test-time chains per train row, i.e. on what it sees at test (as MARNet's
+        fusion stage, METHODS §3 #14). Stage 2 trains ``C_f`` on ``s_hat_0`` denoised from the
+        noised true text, which the test-time chain never has."""
+        dst, cfg = self.dst, self.cfg.dst
+        modules = [m for m in (dst.classifier, dst.visual_encoder) if m is not None]
+        chains: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def prepare() -> None:
+            with torch.no_grad():
+                draws = [dst.translate(self._train_z, ctx.generator, ctx.chunk_rows)
+                         for _ in range(cfg.refit_samples)]
+                chains["train"] = (torch.stack([m for m, _ in draws]),
+                                   torch.stack([s for _, s in draws]))
+                chains["val"] = dst.translate(self._val_z, ctx.eval_generator(), ctx.chunk_rows)
+
+        def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            index = batch["index"]
+            draw = torch.randint(0, cfg.refit_samples, (len(index),), device=index.device,
+                                 generator=ctx.generator)
+            mapped, s_hat = (part[draw, index] for part in chains["train"])
+            ce = F.cross_entropy(dst.classify(mapped, s_hat, batch.get("visual")),
+                                 batch["label"])
+            return ce, {"refit_ce": ce.detach()}
+
+        def val_logits() -> torch.Tensor:
+            return dst.classify(*chains["val"], val["visual"])
+
+        fields = ("label",) if dst.visual_encoder is None else ("visual", "label")
+        return Stage("classifier", modules, loss,
+                     {"classifier": (modules, lambda: _val_top1(val_logits, val))},
+                     epochs=cfg.epochs, prepare=prepare, fields=fields)
+
+
+def _val_top1(logits_fn: Callable[[], torch.Tensor], val: SplitData) -> float:
+    """Top-1 on the validation split of ``logits_fn()``, computed without gradients."""
+    with torch.no_grad():
+        return top1(logits_fn(), val["label"])

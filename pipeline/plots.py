@@ -1,0 +1,285 @@
+"""Figures of a trained run (matplotlib, Agg): each a PNG plus the data behind it.
+
+- ``tsne.png`` (MARNet Figure 3, METHODS §1.10 and §2.5): t-SNE of the standardised visual
+  features ``x_v`` next to the features the run generates from them, image only: ``x_CDR``
+  for MARNet runs with a CDR branch, ``z`` / ``m`` / ``s_hat_0`` for SeDA (reconstructed from
+  the abstract), the one-step map's output; the split's text features ``x_s`` are shown as a
+  reference panel (read for the figure only, never by a prediction). N samples of each of K
+  classes; the silhouette score of each panel's features (in their own space) quantifies
+  "clusters better". Data: ``tsne.npz`` (2-D points, labels, rows), ``tsne.json``.
+- ``confidence.png`` (MARNet Figure 4, §1.10): histograms of the max softmax probability of
+  each branch the run has on the whole split (MARNet full: EMA (visual) vs CDR (diffusion) vs
+  fusion). Data: ``confidence.npz`` (per-row confidence and correctness), ``confidence.json``.
+- ``curves.png``: training loss and validation top-1 per stage from ``metrics.jsonl``. Data:
+  ``curves.json``.
+
+:func:`plot_run` is what ``marnet plot`` and the ablation runner call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .store import write_json_atomic
+
+TensorMap = dict[str, torch.Tensor]
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------- what a run produces
+
+def _marnet_outputs(head, visual: torch.Tensor, generator: torch.Generator,
+                    chunk_rows: int) -> tuple[TensorMap, TensorMap]:
+    """MARNet (§1): ``x_CDR`` and the EMA / CDR / fusion logits the variant has."""
+    features, logits = {}, {}
+    if head.ema is not None:
+        logits["EMA (visual)"] = head.ema.predict(visual)
+    if head.mlp is not None:
+        features["MLP map"] = head.mlp.mlp(visual)
+        logits["MLP (visual)"] = head.mlp.classifier(features["MLP map"])
+    if head.cdr is not None:
+        x_cdr = head.cdr.generate(visual, head._schedule(visual.device), generator, chunk_rows)
+        features["x_CDR"] = x_cdr
+        logits["CDR (diffusion)"] = head.cdr.classifier(x_cdr)
+        if head.fusion is not None:
+            logits["fusion (MARNet)"] = head.fusion(head.ema.embed(visual), x_cdr)
+    return features, logits
+
+
+def _seda_outputs(head, visual: torch.Tensor, generator: torch.Generator,
+                  chunk_rows: int) -> tuple[TensorMap, TensorMap]:
+    """SeDA (reconstructed, §2.3): ``z``, ``m``, ``s_hat_0`` and the variant's logits."""
+    rep = head.representations(visual, generator, chunk_rows)
+    names = {"one-step": "one-step map (visual)", "dsl-only": "DSL prototypes (diffusion)"}
+    logits = {names.get(head.cfg.variant, "DST + PFIN (diffusion)"): rep.pop("logits")}
+    return rep, logits
+
+
+def _generic_outputs(model, visual_raw: torch.Tensor, generator: torch.Generator,
+                     chunk_rows: int) -> tuple[TensorMap, TensorMap]:
+    return {}, {"prediction (visual)": model.predict(visual_raw, generator, chunk_rows)}
+
+
+def run_outputs(model, method: str, visual_raw: torch.Tensor, generator: torch.Generator,
+                chunk_rows: int) -> tuple[TensorMap, TensorMap]:
+    """``(features, logits)`` of a run on raw visual features: ``features`` starts with the
+    standardised ``x_v`` and adds what the method generates; ``logits`` has one entry per
+    branch. Image only: no text is passed."""
+    visual = model.norm_visual(visual_raw)
+    outputs = {"marnet": _marnet_outputs, "seda": _seda_outputs}.get(method)
+    with torch.no_grad():
+        model.eval()
+        if outputs is None:
+            features, logits = _generic_outputs(model, visual_raw, generator, chunk_rows)
+        else:
+            features, logits = outputs(model.head, visual, generator, chunk_rows)
+    return {"x_v": visual, **features}, logits
+
+
+# ---------------------------------------------------------------------- t-SNE
+
+def pick_rows(labels: np.ndarray, classes: int, samples: int, seed: int) -> np.ndarray:
+    """Up to ``samples`` rows of each of ``classes`` classes (seeded random choices among the
+    classes with at least 2 rows), sorted."""
+    rng = np.random.default_rng(seed)
+    values, counts = np.unique(labels, return_counts=True)
+    eligible = values[counts >= 2]
+    chosen = rng.choice(eligible, size=min(classes, len(eligible)), replace=False)
+    rows = [rng.choice(np.flatnonzero(labels == k), size=min(samples, int((labels == k).sum())),
+                       replace=False) for k in chosen]
+    return np.sort(np.concatenate(rows)) if rows else np.zeros(0, dtype=int)
+
+
+def tsne_embed(features: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """2-D t-SNE (scikit-learn) and the perplexity used (at most 30, below N / 3).
+
+    Up to 200 points use the exact gradient: Barnes-Hut's OpenMP threads are slower there,
+    badly so on a busy machine.
+    """
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(2.0, (len(features) - 1) / 3)))
+    method = "exact" if len(features) <= 200 else "barnes_hut"
+    points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                  method=method).fit_transform(features)
+    return points, perplexity
+
+
+def silhouette(features: np.ndarray, labels: np.ndarray) -> float | None:
+    """Silhouette score of the labels in the features' own space (None if undefined)."""
+    from sklearn.metrics import silhouette_score
+
+    if not 2 <= len(np.unique(labels)) <= len(labels) - 1:
+        return None
+    return float(silhouette_score(features, labels))
+
+
+def plot_tsne(panels: dict[str, np.ndarray], labels: np.ndarray, rows: np.ndarray,
+              class_names: list[str], out: Path, seed: int) -> dict[str, Any]:
+    """One t-SNE panel per feature set of the selected rows; writes PNG, NPZ and JSON."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    points, summary = {}, {}
+    for ax, (name, features) in zip(axes[0], panels.items()):
+        points[name], perplexity = tsne_embed(features, seed)
+        summary[name] = {"silhouette": silhouette(features, labels), "dim": features.shape[1]}
+        for k in np.unique(labels):
+            mask = labels == k
+            ax.scatter(*points[name][mask].T, s=10, label=class_names[k])
+        score = summary[name]["silhouette"]
+        ax.set_title(name if score is None else f"{name} (silhouette {score:.2f})")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(out / "tsne.png", dpi=120)
+    plt.close(fig)
+    np.savez(out / "tsne.npz", labels=labels, rows=rows,
+             **{_key(name): p for name, p in points.items()})
+    data = {"panels": summary, "keys": {name: _key(name) for name in panels},
+            "classes": [class_names[k] for k in np.unique(labels)], "rows": len(rows),
+            "perplexity": perplexity, "seed": seed}
+    write_json_atomic(out / "tsne.json", data)
+    return data
+
+
+def _key(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+# ---------------------------------------------------------------------- confidence
+
+def plot_confidence(logits: TensorMap, labels: torch.Tensor, out: Path,
+                    bins: int = 20) -> dict[str, Any]:
+    """Histograms of the max softmax probability per branch; writes PNG, NPZ and JSON."""
+    plt = pyplot()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    arrays, summary = {}, {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, branch in logits.items():
+        probs = torch.softmax(branch.float(), dim=1)
+        confidence, predicted = probs.max(dim=1)
+        confidence = confidence.cpu().numpy()
+        correct = (predicted == labels).cpu().numpy()
+        counts, _ = np.histogram(confidence, bins=edges)
+        arrays[f"{_key(name)}_confidence"], arrays[f"{_key(name)}_correct"] = confidence, correct
+        summary[name] = {"counts": counts.tolist(), "mean_confidence": float(confidence.mean()),
+                         "top1": float(100 * correct.mean()),
+                         "top5": _top5(branch, labels)}
+        ax.stairs(counts, edges, label=f"{name} (top-1 {summary[name]['top1']:.1f}%)",
+                  linewidth=1.5)
+    ax.set_xlabel("max softmax probability")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "confidence.png", dpi=120)
+    plt.close(fig)
+    np.savez(out / "confidence.npz", edges=edges, labels=labels.cpu().numpy(), **arrays)
+    data = {"edges": edges.tolist(), "branches": summary}
+    write_json_atomic(out / "confidence.json", data)
+    return data
+
+
+def _top5(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return float(100 * (top == labels[:, None]).any(dim=1).float().mean())
+
+
+# ---------------------------------------------------------------------- training curves
+
+def read_curves(metrics_path: Path) -> dict[str, dict[str, list[float]]]:
+    """``{stage: {series: values}}`` from ``metrics.jsonl`` (loss, loss parts, val top-1)."""
+    curves: dict[str, dict[str, list[float]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        stage = curves.setdefault(record["stage"], {})
+        for key, value in record.items():
+            if key not in ("stage", "seconds", "lr") and isinstance(value, (int, float)):
+                stage.setdefault(key, []).append(value)
+    return curves
+
+
+def plot_curves(metrics_path: Path, out: Path) -> dict[str, Any]:
+    """Loss and validation top-1 per stage, stages laid end to end; writes PNG and JSON."""
+    plt = pyplot()
+    curves = read_curves(metrics_path)
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for stage, series in curves.items():
+        epochs = np.asarray(series["epoch"]) + offset
+        loss_ax.plot(epochs, series["loss"], marker=".", label=stage)
+        for key, values in series.items():
+            if key.startswith("val_top1"):
+                val_ax.plot(epochs, 100 * np.asarray(values), marker=".",
+                            label=f"{stage}: {key.removeprefix('val_top1_')}")
+        offset = int(epochs[-1]) if len(epochs) else offset
+    loss_ax.set(title="training loss", xlabel="epoch (stages in sequence)")
+    val_ax.set(title="validation top-1 (%)", xlabel="epoch (stages in sequence)")
+    loss_ax.legend(fontsize=8)
+    val_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+    write_json_atomic(out / "curves.json", curves)
+    return curves
+
+
+# ---------------------------------------------------------------------- a run
+
+def plot_run(run_dir: Path | str, out_dir: Path | str | None = None, samples: int = 100,
+             classes: int = 5, split: str = "test", device: str = "cpu",
+             seed: int | None = None, cache: Path | str | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write the t-SNE, confidence and training-curve figures of a run (PNG + data) into
+    ``out_dir`` (default ``<run>/plots``); return what was written and the key numbers.
+
+    ``samples`` rows of each of ``classes`` classes of ``split`` go into the t-SNE (the papers
+    use 100 x 5); the confidence histograms use the whole split. ``seed`` defaults to the run's.
+    """
+    from .backbones import resolve_device
+    from .evaluate import run_cache
+    from .train import load_run
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    model, config = load_run(run_dir, dev)
+    fc = run_cache(config, cache)
+    seed = config["train"]["seed"] if seed is None else seed
+    data = fc.load_split(split, ("visual", "text", "label"), dev)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    log(f"plotting {run_dir} ({config['method']}) on {split}: {len(data['label']):,} rows")
+    features, logits = run_outputs(model, config["method"], data["visual"], generator,
+                                   config["train"]["chunk_rows"])
+    features["x_s (text, reference)"] = model.norm_text(data["text"])
+    labels = data["label"].cpu().numpy()
+    rows = pick_rows(labels, classes, samples, seed)
+    panels = {name: f[torch.as_tensor(rows, device=f.device)].float().cpu().numpy()
+              for name, f in features.items()}
+    report = {
+        "run": str(run_dir), "method": config["method"], "summary": config.get("summary"),
+        "split": split, "out": str(out),
+        "tsne": plot_tsne(panels, labels[rows], rows, config["class_names"], out, seed),
+        "confidence": plot_confidence(logits, data["label"], out),
+    }
+    if (run_dir / "metrics.jsonl").is_file():
+        plot_curves(run_dir / "metrics.jsonl", out)
+    report["files"] = sorted({str(p) for p in out.iterdir() if p.is_file()}
+                             | {str(out / "plots.json")})
+    write_json_atomic(out / "plots.json", report)
+    return report

@@ -1,0 +1,191 @@
+"""SeDA (reconstructed from the abstract, METHODS §2.3): DSL centres, PFIN, the DST chain,
+every §2.4 variant trained on the tiny cache and classifying from visual features only."""
+
+import json
+
+import pytest
+import torch
+
+from marnet.pipeline.heads import Dims, SplitData, TrainContext, build_head, method_config
+from marnet.pipeline.heads.seda import (PFIN, DSTConfig, PFINConfig, class_centres,
+                                        prototype_logits)
+from marnet.pipeline.store import FeatureCache
+from marnet.pipeline.train import HeadsModel, TrainConfig, load_run, run_stage, train_heads
+
+SMALL = {"dsl.hidden": 32, "dst.hidden": 32, "dsl.schedule.steps": 20,
+         "dst.schedule.steps": 20, "dsl.steps": 5, "dst.steps": 5, "dsl.val_steps": 3,
+         "dst.val_steps": 3}
+
+
+def test_class_centres_are_exact_means():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 3, generator=g)
+    y = torch.tensor([0, 2, 2, 0, 1, 2, 0, 0, 1, 2, 2])
+    centres = class_centres(x, y, classes=4)
+    for k in range(3):
+        assert torch.allclose(centres[k], x[y == k].mean(dim=0), atol=1e-6)
+    assert torch.equal(centres[3], torch.zeros(3)), "a class with no rows has a zero centre"
+
+
+def test_prototype_logits_are_negative_scaled_squared_distances():
+    g = torch.Generator().manual_seed(1)
+    z, c = torch.randn(5, 4, generator=g), torch.randn(3, 4, generator=g)
+    expected = torch.tensor([[-((zi - ck) ** 2).sum().item() / 0.5 for ck in c] for zi in z])
+    assert torch.allclose(prototype_logits(z, c, 0.5), expected, atol=1e-4)
+
+
+def _pfin(interact: bool, recurrent: bool = False) -> PFIN:
+    torch.manual_seed(0)
+    return PFIN(semantic_dim=6, text_dim=5, dst=DSTConfig(hidden=16, t_dim=8),
+                cfg=PFINConfig(recurrent=recurrent), interact=interact)
+
+
+def test_pfin_gate_shapes_and_gated_update():
+    pfin = _pfin(interact=True)
+    z, s_t, t = torch.randn(4, 6), torch.randn(4, 5), torch.tensor([1, 3, 7, 20])
+    base = pfin.project(z)
+    gate = pfin.gate(base, s_t, t)
+    assert gate.shape == (4, 5) and bool(((gate > 0) & (gate < 1)).all())
+    context = pfin._context(base, s_t, t)
+    assert context.shape == (4, 5 + 5 + 8)
+    mapped, s_hat = pfin(base, s_t, t)
+    assert torch.allclose(mapped, base + gate * pfin.update(context), atol=1e-6)
+    assert torch.allclose(s_hat, pfin.denoiser(s_t, t, mapped), atol=1e-6)
+    assert s_hat.shape == (4, 5)
+
+
+def test_no_pfin_mapped_feature_is_the_projection():
+    pfin = _pfin(interact=False)
+    assert pfin.update is None and pfin.gate_layer is None
+    z, s_t, t = torch.randn(4, 6), torch.randn(4, 5), torch.tensor([2, 4, 6, 8])
+    mapped, _ = pfin(pfin.project(z), s_t, t)
+    assert torch.equal(mapped, pfin.project(z))
+    # through the whole no-pfin head: the chain's final m is P z
+    head = build_head("seda", method_config("seda", {**SMALL, "variant": "no-pfin"}),
+                      Dims(visual=6, text=5, classes=3))
+    with torch.no_grad():
+        chain_mapped, _ = head.dst.translate(z, torch.Generator().manual_seed(0), 64)
+        assert torch.equal(chain_mapped, head.dst.pfin.project(z))
+
+
+def _manual_translate(head, z, seed):
+    """The DST reverse chain written out with NoiseSchedule's DDIM step (independent loop)."""
+    dst = head.dst
+    schedule = dst.schedule
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(len(z), dst.text_dim, generator=g)
+    start = mapped = dst.pfin.project(z)
+    grid = schedule.ddim_timesteps(dst.cfg.steps)
+    for i, t in enumerate(grid):
+        tt = torch.full((len(z),), t)
+        mapped, s_hat = dst.pfin(mapped if dst.pfin_cfg.recurrent else start, s, tt)
+        if i == len(grid) - 1:
+            return mapped, s_hat
+        s = schedule.ddim_step(s_hat, s, t, grid[i + 1])
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_translate_runs_pfin_at_every_reverse_step(recurrent):
+    dims = Dims(visual=6, text=5, classes=3)
+    head = build_head("seda", method_config("seda", {**SMALL, "pfin.recurrent": recurrent}), dims)
+    z = torch.randn(7, 6)
+    with torch.no_grad():
+        mapped, s_hat = head.dst.translate(z, torch.Generator().manual_seed(3), chunk_rows=64)
+        exp_mapped, exp_s_hat = _manual_translate(head, z, seed=3)
+        chunked = head.dst.translate(z, torch.Generator().manual_seed(3), chunk_rows=3)
+    assert torch.allclose(mapped, exp_mapped, atol=1e-5)
+    assert torch.allclose(s_hat, exp_s_hat, atol=1e-5)
+    assert chunked[0].shape == chunked[1].shape == (7, 5)
+
+
+def test_recurrent_pfin_differs_from_non_recurrent():
+    dims = Dims(visual=6, text=5, classes=3)
+    z = torch.randn(3, 6)
+    outs = []
+    for recurrent in (False, True):
+        torch.manual_seed(0)
+        head = build_head("seda", method_config("seda", {**SMALL, "pfin.recurrent": recurrent}),
+                          dims)
+        with torch.no_grad():
+            outs.append(head.dst.translate(z, torch.Generator().manual_seed(0), 64)[0])
+    assert not torch.allclose(outs[0], outs[1]), "the recurrent m carries state across steps"
+
+
+def test_every_knob_is_a_setting():
+    cfg = method_config("seda", {"dsl.hidden": 7, "dsl.lambda_h": 0.5, "dst.schedule.steps": 30,
+                                 "dst.classifier_input": "s", "pfin.recurrent": "true",
+                                 "pfin.hidden": 9, "dst.test_samples": 2})
+    head = build_head("seda", cfg, Dims(visual=6, text=5, classes=3))
+    assert head.dsl.denoiser.mlp.net[0].out_features == 7
+    assert head.dsl.hidden_map.in_features == 7, "variant B maps the interactive feature"
+    assert head.dst.schedule.T == 30 and head.dst.pfin_cfg.recurrent
+    assert head.dst.classifier.in_features == 5, "C_f on s_hat_0 alone"
+    assert head.dst.pfin.update.net[0].out_features == 9
+    assert cfg.dsl.sampler == "ddim" and cfg.dsl.eta == 0.0 and cfg.dsl.schedule.steps == 100
+    with pytest.raises(ValueError, match="variant"):
+        build_head("seda", method_config("seda", {"variant": "bogus"}), Dims(6, 5, 3))
+    with pytest.raises(ValueError, match="classifier_input"):
+        build_head("seda", method_config("seda", {"dst.classifier_input": "x"}), Dims(6, 5, 3))
+
+
+def test_only_stage_2_reads_text_and_dsl_learns_exact_centres(tiny_cache):
+    """Stage 1 is intra-modal: with the text poisoned it trains, its centres are the exact
+    train means of standardised x_v, and z for stage 2 comes from x_v alone. The C_f refit
+    (stage 3) trains on sampled chains: poisoned text does not reach it either."""
+    cache = FeatureCache(tiny_cache)
+    train, val = cache.load_split("train"), cache.load_split("val")
+    dims = Dims(cache.dim("visual"), cache.dim("text"), 4)
+    model = HeadsModel("seda", method_config("seda", {**SMALL, "dst.refit_samples": 2}), dims)
+    model.norm_visual.fit(train["visual"])
+    model.norm_text.fit(train["text"])
+    norm = lambda d: SplitData({"visual": model.norm_visual(d["visual"]),
+                                "text": torch.full_like(d["text"], float("nan")),
+                                "label": d["label"]})
+    tr, va = norm(train), norm(val)
+    ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
+    head = model.head
+    dsl_stage, dst_stage, refit_stage = head.stages(tr, va, ctx)
+    records = []
+    run_stage(dsl_stage, tr, TrainConfig(epochs=1, batch_size=8), ctx, "fp32", records.append)
+    assert records and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    for k in range(4):
+        expected = tr["visual"][tr["label"] == k].mean(dim=0)
+        assert torch.allclose(head.dsl.centres[k], expected, atol=1e-5)
+    dst_stage.prepare()
+    assert head._train_z.shape == tr["visual"].shape and torch.isfinite(head._train_z).all()
+    tr.tensors["text"] = model.norm_text(train["text"])
+    run_stage(dst_stage, tr, TrainConfig(epochs=1, batch_size=8), ctx, "fp32", records.append)
+    tr.tensors["text"] = torch.full_like(tr["text"], float("nan"))
+    run_stage(refit_stage, tr, TrainConfig(epochs=1, batch_size=8), ctx, "fp32", records.append)
+    assert [r["stage"] for r in records] == ["dsl", "dst+pfin", "classifier"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert torch.isfinite(model.predict(val["visual"], torch.Generator().manual_seed(0))).all()
+
+
+@pytest.mark.parametrize("overrides,stages", [
+    ({"variant": "full"}, ["dsl", "dst+pfin"]),
+    ({"variant": "full", "pfin.recurrent": True, "dst.classifier_input": "v+m+s",
+      "dsl.lambda_h": 0.5}, ["dsl", "dst+pfin"]),
+    ({"variant": "full", "dst.refit_samples": 2}, ["dsl", "dst+pfin", "classifier"]),
+    ({"variant": "one-step"}, ["one-step"]),
+    ({"variant": "dst-only"}, ["dst+pfin"]),
+    ({"variant": "dsl-only"}, ["dsl"]),
+    ({"variant": "no-pfin"}, ["dsl", "dst"]),
+])
+def test_each_variant_trains_and_predicts_from_visual_only(tiny_cache, tmp_path, overrides,
+                                                           stages):
+    out = tmp_path / "run"
+    results = train_heads(tiny_cache, "seda", out, {**SMALL, **overrides},
+                          TrainConfig(epochs=1, batch_size=8, device="cpu"), log=lambda _: None)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["stage"] for l in lines] == stages
+    assert all(any(k.startswith("val_top1") for k in l) for l in lines)
+    config = json.loads((out / "config.json").read_text())
+    assert "reconstructed from the abstract" in config["summary"]
+    assert config["method_config"]["variant"] == overrides["variant"]
+    assert 0 <= results["test"]["top1"] <= results["test"]["top5"] <= 100
+    model, _ = load_run(out)
+    visual = torch.randn(3, config["dims"]["visual"])
+    a = model.predict(visual, torch.Generator().manual_seed(1))
+    b = model.predict(visual, torch.Generator().manual_seed(1))
+    assert a.shape == (3, 4) and torch.equal(a, b), "image-only and repeatable given the noise"
