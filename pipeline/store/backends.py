@@ -87,9 +87,100 @@ class ZarrBackend:
             _fsync_tree(Path(self.path) / split / name / "c" / str(index))
 
     def read(self, split: str, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        direct = self._direct_read(split, field, start, stop)
+        if direct is not None:
+            return direct
         if self._reader is None:
             self._reader = self._group("r")
         return np.asarray(self._reader[split][field][start:stop])
+
+    def _direct_read(self, split: str, field: str, start: int,
+                     stop: int | None) -> np.ndarray | None:
+        """Read rows of an uncompressed sharded numeric array straight from its shard files.
+
+        The layout this backend writes (sharding codec, raw little-endian inner chunks, index
+        at the end) is read with one ``readinto`` per inner chunk into the output array,
+        skipping zarr's decode pipeline (about 3x slower for whole-split reads). Anything else
+        (a URL, strings, another codec chain) returns None and is read through zarr.
+        """
+        if is_url(self.root):
+            return None
+        array_dir = Path(self.path) / split / field
+        layout = _raw_shard_layout(array_dir)
+        if layout is None:
+            return None
+        rows, shard_rows, chunk_rows, row_shape, dtype = layout
+        stop = rows if stop is None else min(stop, rows)
+        out = np.empty((max(stop - start, 0), *row_shape), dtype=dtype)
+        row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+        chunks_per_shard = shard_rows // chunk_rows
+        for shard in range(start // shard_rows, (stop + shard_rows - 1) // shard_rows):
+            key = "/".join(["c", str(shard)] + ["0"] * len(row_shape))
+            path = array_dir / key
+            if not path.is_file():
+                return None  # not written: let zarr apply its fill value
+            with open(path, "rb") as fh:
+                fh.seek(-(16 * chunks_per_shard + 4), os.SEEK_END)  # index + its crc32c
+                index = np.frombuffer(fh.read(16 * chunks_per_shard), "<u8").reshape(-1, 2)
+                runs: list[list[int]] = []  # [first row, last row, file offset] to read
+                for k, (offset, nbytes) in enumerate(index.tolist()):
+                    first = shard * shard_rows + k * chunk_rows
+                    lo, hi = max(first, start), min(first + chunk_rows, stop)
+                    if lo >= hi:
+                        continue
+                    if offset == _EMPTY_CHUNK or nbytes != chunk_rows * row_bytes:
+                        return None
+                    at = offset + (lo - first) * row_bytes
+                    if runs and runs[-1][1] == lo and runs[-1][2] + (lo - runs[-1][0]) * row_bytes == at:
+                        runs[-1][1] = hi  # the chunk follows the previous one on disk: merge
+                    else:
+                        runs.append([lo, hi, at])
+                for lo, hi, at in runs:
+                    fh.seek(at)
+                    view = memoryview(out[lo - start:hi - start].reshape(-1)).cast("B")
+                    if fh.readinto(view) != len(view):
+                        return None
+        return out
+
+
+_EMPTY_CHUNK = 2 ** 64 - 1
+_RAW_SHARD_CODECS = [{
+    "name": "sharding_indexed",
+    "configuration": {
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                         {"name": "crc32c"}],
+        "index_location": "end",
+    },
+}]
+
+
+def _raw_shard_layout(array_dir: Path) -> tuple[int, int, int, tuple[int, ...], np.dtype] | None:
+    """``(rows, shard_rows, chunk_rows, row_shape, dtype)`` of an array in the raw sharded
+    layout this backend writes (numeric, one shard across each row), else None."""
+    import json
+
+    meta_path = array_dir / "zarr.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    codecs = meta.get("codecs", [])
+    if len(codecs) != 1:
+        return None
+    config = dict(codecs[0].get("configuration", {}))
+    chunk_shape = config.pop("chunk_shape", None)
+    if [{**codecs[0], "configuration": config}] != _RAW_SHARD_CODECS or chunk_shape is None:
+        return None
+    try:
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    except TypeError:
+        return None  # strings and other non-numeric types
+    shape = meta["shape"]
+    shard_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    if shard_shape[1:] != shape[1:] or chunk_shape[1:] != shape[1:] \
+            or shard_shape[0] % chunk_shape[0]:
+        return None
+    return shape[0], shard_shape[0], chunk_shape[0], tuple(shape[1:]), dtype
 
 
 def _fsync_tree(path: Path) -> None:
@@ -175,7 +266,9 @@ class HDF5Backend:
 
         shards = self._shards(split)
         stop = (shards[-1].stop if shards else 0) if stop is None else stop
-        parts, pos = [], start
+        out: np.ndarray | None = None
+        strings: list[str] = []
+        pos = start
         for shard in shards:
             lo, hi = max(pos, shard.start), min(stop, shard.stop)
             if lo >= hi:
@@ -183,15 +276,20 @@ class HDF5Backend:
             if lo != pos:
                 break
             with h5py.File(shard.path, "r") as f:
-                data = f[field][lo - shard.start:hi - shard.start]
-            if data.dtype.kind == "O":
-                data = np.array([v.decode() if isinstance(v, bytes) else v for v in data])
-            parts.append(data)
+                ds = f[field]
+                if ds.dtype.kind == "O":
+                    strings += [v.decode() if isinstance(v, bytes) else v
+                                for v in ds[lo - shard.start:hi - shard.start]]
+                else:  # numeric: straight into the output array, no per-shard copies
+                    if out is None:
+                        out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
+                    ds.read_direct(out, np.s_[lo - shard.start:hi - shard.start],
+                                   np.s_[lo - start:hi - start])
             pos = hi
-        if pos < stop or not parts:
+        if pos < stop or pos == start:
             raise FileNotFoundError(f"rows {pos}-{stop} of {split}/{field} are missing in "
                                     f"{self.path}")
-        return np.concatenate(parts)
+        return np.array(strings) if out is None else out
 
 
 def _write_h5(path: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
