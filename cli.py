@@ -408,13 +408,14 @@ def bench(
     batch_size: int = typer.Option(64, help="Extraction batch size."),
     head_rows: int = typer.Option(20_000, help="Synthetic feature rows for the head benches."),
     num_workers: int = typer.Option(2, help="DataLoader workers (extraction and the naive baseline)."),
+    scaling: bool = typer.Option(False, "--scaling", help="Also measure head training at 1k/10k/100k rows and extraction at 128/256/512 images (linear cost = constant throughput)."),
 ) -> None:
     """Measure throughput ratios side by side (extraction, head training, cache reads, sampling)."""
     from .pipeline.bench import BenchConfig, run_bench, write_json
 
     report = run_bench(BenchConfig(device=device, visual=visual, image_size=image_size,
                                    images=images, batch_size=batch_size, head_rows=head_rows,
-                                   num_workers=num_workers), log=console.print)
+                                   num_workers=num_workers), log=console.print, scaling=scaling)
     table = Table(title=f"marnet bench on {report['device']} ({report['precision']})")
     for col in ("ratio", "measured", "target", "status", "details"):
         table.add_column(col, justify="right" if col in ("measured", "target") else "left")
@@ -431,6 +432,9 @@ def bench(
     console.print(table)
     console.print("peak memory (MiB): " + ", ".join(
         f"{k}={v}" for k, v in report["results"]["memory"].items()))
+    for kind, rows in report["results"].get("scaling", {}).items():
+        console.print(f"scaling, {kind}: " + "; ".join(
+            ", ".join(f"{k}={v}" for k, v in row.items()) for row in rows))
     if json_out:
         write_json(report, json_out)
 

@@ -423,8 +423,47 @@ def _cfg_literal(ext) -> str:
     return "{" + ", ".join(f"{k!r}: {v}" for k, v in d.items()) + "}"
 
 
-def run_bench(cfg: BenchConfig = BenchConfig(), log: Callable[[str], None] = print
-              ) -> dict[str, Any]:
+def bench_scaling(cfg: BenchConfig, device: torch.device, precision: str, workdir: Path,
+                  size: int, head_rows: tuple[int, ...] = (1_000, 10_000, 100_000),
+                  images: tuple[int, ...] = (128, 256, 512)) -> dict[str, Any]:
+    """Throughput at several dataset sizes: constant samples/s means cost linear in size.
+
+    Heads: one epoch of MARNet's first stage (EMA + CDR) over synthetic features of each size,
+    in-memory index batches. Extraction: end-to-end images/s of fresh caches of each size.
+    """
+    from .extract import extract
+
+    heads = []
+    for rows in head_rows:
+        train = _split(clustered_features(rows, cfg), device)
+        _, stage, optimizer, _ = _marnet_stage_a(cfg, device, train)
+        g = torch.Generator(device=device).manual_seed(0)
+
+        def epoch() -> None:
+            perm = torch.randperm(len(train), device=device, generator=g)
+            for index in perm.split(cfg.head_batch):
+                batch = {**{k: train[k][index] for k in ("visual", "text", "label")},
+                         "index": index}
+                _train_step(stage, optimizer, batch, precision, device)
+
+        seconds = timed(epoch, 1, 2, device)
+        heads.append({"rows": rows, "epoch_s": round(seconds, 3),
+                      "samples_per_s": round(rows / seconds, 1)})
+    extraction = []
+    for n in images:
+        root = workdir / f"scale-{n}"
+        _synthfood_subset(cfg, root, n)
+        result = extract(_extract_cfg(cfg, root, workdir / f"scale-cache-{n}", size),
+                         log=lambda _: None)
+        run = result.manifest["last_run"]
+        seconds = run["images_s"] + run["text_s"]
+        extraction.append({"images": run["images"], "seconds": round(seconds, 3),
+                           "images_per_s": round(run["images"] / seconds, 1)})
+    return {"heads": heads, "extraction": extraction}
+
+
+def run_bench(cfg: BenchConfig = BenchConfig(), log: Callable[[str], None] = print,
+              scaling: bool = False) -> dict[str, Any]:
     """Run every bench; return ``{"device", "config", "results": {name: {...}}}``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(cfg.device)
@@ -453,6 +492,9 @@ def run_bench(cfg: BenchConfig = BenchConfig(), log: Callable[[str], None] = pri
         results["ddim_vs_ddpm"] = bench_ddim_vs_ddpm(cfg, device, precision)
         log("peak memory")
         results["memory"] = bench_memory(cfg, workdir, size, images, cache)
+        if scaling:
+            log("scaling with dataset size")
+            results["scaling"] = bench_scaling(cfg, device, precision, workdir, size)
     finally:
         if tmp:
             tmp.cleanup()

@@ -50,3 +50,13 @@ def test_ddim_vs_ddpm_compares_step_counts_and_accuracy():
     res = bench_ddim_vs_ddpm(TINY, CPU, "fp32")
     assert res["ddpm"]["steps"] == 20 and res["ddim"]["steps"] == TINY.ddim_steps
     assert res["top1_drop"] == pytest.approx(res["ddpm"]["top1"] - res["ddim"]["top1"], abs=0.01)
+
+
+def test_scaling_reports_throughput_per_size(tmp_path):
+    from marnet.pipeline.bench import bench_scaling
+
+    res = bench_scaling(TINY, CPU, "fp32", tmp_path, size=32, head_rows=(64, 128), images=())
+    assert [r["rows"] for r in res["heads"]] == [64, 128]
+    assert all(r["samples_per_s"] == pytest.approx(r["rows"] / r["epoch_s"], rel=0.01)
+               for r in res["heads"])
+    assert res["extraction"] == []
