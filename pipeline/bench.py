@@ -275,7 +275,7 @@ def bench_ddim_vs_ddpm(cfg: BenchConfig, device: torch.device, precision: str) -
             batch = {**{k: train[k][index] for k in ("visual", "text", "label")}, "index": index}
             _train_step(stage, optimizer, batch, precision, device)
     head.eval()
-    schedule = head._schedule(device)
+    schedule = head.schedule_on(device)
 
     def run(method: str, steps: int) -> torch.Tensor:
         gen = torch.Generator(device=device).manual_seed(0)

@@ -63,13 +63,20 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "auto"
     num_workers: int = 2
-    template: str = DEFAULT_TEMPLATE
+    template: str | None = None  # None: the text cache's template (aligned), else the default
     dataset_options: dict[str, Any] = field(default_factory=dict)
     weights_dir: Path = Path("cache/weights")
 
+    def __post_init__(self) -> None:
+        if self.method not in FINETUNE_METHODS:
+            raise FinetuneError(f"unknown method {self.method!r}; choose "
+                                f"{', '.join(FINETUNE_METHODS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise FinetuneError("epochs and batch_size must be >= 1")
+
 
 class FinetuneError(RuntimeError):
-    pass
+    """Fine-tuning cannot run as asked (bad option, missing text cache...)."""
 
 
 def trainable_prefix(model: nn.Module, train_blocks: str) -> list[nn.Module]:
@@ -84,30 +91,38 @@ def trainable_prefix(model: nn.Module, train_blocks: str) -> list[nn.Module]:
     if blocks is None or not 0 < k <= len(blocks):
         raise FinetuneError(f"--train-blocks {train_blocks}: the model has "
                             f"{len(blocks) if blocks is not None else 'no'} .blocks; use all")
-    first_trainable = next(blocks[len(blocks) - k].parameters())
-    frozen_modules, trainable = [], False
+    first_trainable = f"blocks.{len(blocks) - k}."
+    for name, param in model.named_parameters():  # the module's own parameters come first
+        if name.startswith(first_trainable):      # (ViT's cls_token, pos_embed), then its
+            break                                 # children in order: stem, blocks, head
+        param.requires_grad_(False)
+    frozen_modules = []
     for name, child in model.named_children():
         if name == "blocks":
-            for i, block in enumerate(blocks):
-                if i < len(blocks) - k:
-                    frozen_modules.append(block)
-            trainable = True
-            continue
-        if not trainable and any(True for _ in child.parameters()):
-            frozen_modules.append(child)
-    for module in frozen_modules:
-        for p in module.parameters():
-            p.requires_grad_(False)
-    assert first_trainable.requires_grad
+            frozen_modules += list(blocks)[:len(blocks) - k]
+            break
+        frozen_modules.append(child)
     return frozen_modules
+
+
+def _template(cfg: FinetuneConfig) -> str:
+    """The sentence template: as given, else the one the text cache was extracted with (its
+    text features are what the alignment reads), else the default."""
+    if cfg.template is not None:
+        return cfg.template
+    if cfg.method != "ce" and cfg.text_cache is not None:
+        return FeatureCache(cfg.text_cache).manifest["dataset"]["template"]
+    return DEFAULT_TEMPLATE
 
 
 def train_text_features(cache_path: Path, info: DatasetInfo, split: str = "train") -> torch.Tensor:
     """Text features of ``info.splits[split]`` from a cache of the same dataset, in record order."""
     fc = FeatureCache(cache_path).require_complete()
     if fc.manifest["inputs"]["dataset"]["digest"] != info.digest():
-        raise CacheError(f"the text cache {cache_path} was made from other dataset files than "
-                         f"{info.root} (dataset digests differ); extract this dataset first")
+        raise CacheError(f"the text cache {cache_path} was made from another dataset than "
+                         f"{info.root} with template {info.template!r} (dataset digests "
+                         "differ: other annotation files, images or template); extract this "
+                         "dataset first, or pass the template the cache was made with")
     data = fc.load_split(split, ("text", "id"), valid_only=False)
     row = {id_: i for i, id_ in enumerate(data["id"])}
     return data["text"][[row[r.id] for r in info.splits[split]]]
@@ -177,15 +192,13 @@ def provenance(cfg: FinetuneConfig, info: DatasetInfo, base: dict[str, Any],
 
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fine-tune; resume from ``<out>.state/`` if it holds the same run; return provenance."""
-    if cfg.method not in FINETUNE_METHODS:
-        raise FinetuneError(f"unknown method {cfg.method!r}; choose {', '.join(FINETUNE_METHODS)}")
     if cfg.method != "ce" and cfg.text_cache is None:
         raise FinetuneError(f"--method {cfg.method} aligns with text features: pass "
                             "--text-cache CACHE_DIR (run `marnet extract` on this dataset first)")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    info = load_dataset(cfg.dataset, cfg.root, cfg.template, **cfg.dataset_options)
+    info = load_dataset(cfg.dataset, cfg.root, _template(cfg), **cfg.dataset_options)
     vision = build_vision(cfg.vision, cfg.weights_dir)
     aligned = cfg.method != "ce"
     text = train_text_features(Path(cfg.text_cache), info) if aligned else None

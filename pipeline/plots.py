@@ -52,7 +52,7 @@ def _marnet_outputs(head, visual: torch.Tensor, generator: torch.Generator,
         features["MLP map"] = head.mlp.mlp(visual)
         logits["MLP (visual)"] = head.mlp.classifier(features["MLP map"])
     if head.cdr is not None:
-        x_cdr = head.cdr.generate(visual, head._schedule(visual.device), generator, chunk_rows)
+        x_cdr = head.cdr.generate(visual, head.schedule_on(visual.device), generator, chunk_rows)
         features["x_CDR"] = x_cdr
         logits["CDR (diffusion)"] = head.cdr.classifier(x_cdr)
         if head.fusion is not None:

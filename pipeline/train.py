@@ -42,6 +42,13 @@ class TrainConfig:
     balanced_classes: int = 32  # classes per batch for the class-balanced sampler
     chunk_rows: int = 8192  # rows per chunk when sampling diffusion chains
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "balanced_classes", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
 
 class HeadsModel(nn.Module):
     """What a run saves: feature standardisers plus the method's head."""

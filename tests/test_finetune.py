@@ -82,13 +82,20 @@ def test_alignment_needs_a_text_cache(synth_root, tmp_path):
         finetune(_cfg(synth_root, tmp_path, "ita"), log=lambda _: None)
 
 
-def test_last_k_freezes_the_rest(tmp_path):
-    model = build_vision(VisionSpec("test_efficientnet", "random")).model
-    frozen = trainable_prefix(model, "last-1")
-    assert frozen and all(not p.requires_grad for m in frozen for p in m.parameters())
-    assert all(p.requires_grad for p in model.blocks[-1].parameters())
+@pytest.mark.parametrize("model", ["test_efficientnet", "test_vit"])
+def test_last_k_freezes_the_rest(model):
+    net = build_vision(VisionSpec(model, "random")).model
+    frozen = trainable_prefix(net, "last-1")
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(f"blocks.{len(net.blocks) - 1}.") or
+                             not n.startswith(("blocks.", "patch_embed", "conv_stem", "bn1"))
+                             for n in trainable)
+    assert all(not p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in net.blocks[-1].parameters())
+    # module-level parameters before the blocks (ViT's cls_token and pos_embed) are frozen too
+    assert not any(n in trainable for n in ("cls_token", "pos_embed"))
     with pytest.raises(FinetuneError, match="last-K"):
-        trainable_prefix(model, "some")
+        trainable_prefix(net, "some")
 
 
 def test_extract_with_a_finetuned_checkpoint_records_its_provenance(synth_root, tiny_cache,

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..schedule import NoiseSchedule
+
 Batch = dict[str, torch.Tensor]
 
 
@@ -102,6 +104,18 @@ class ConditionalDenoiser(nn.Module):
     def interactive_features(self, x_t: torch.Tensor, t: torch.Tensor,
                              cond: torch.Tensor) -> torch.Tensor:
         return self.mlp.hidden_features(self.inputs(x_t, t, cond))
+
+
+class ScheduleOwner(nn.Module):
+    """A module with its own noise schedule (a pure object, not a buffer), moved lazily to the
+    device it is used on."""
+
+    schedule: NoiseSchedule
+
+    def schedule_on(self, device: torch.device) -> NoiseSchedule:
+        if self.schedule.betas.device != device:
+            self.schedule = self.schedule.to(device)
+        return self.schedule
 
 
 def val_top1(logits: Callable[[], torch.Tensor], labels: torch.Tensor) -> Callable[[], float]:

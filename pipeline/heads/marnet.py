@@ -31,6 +31,7 @@ from .common import (
     Batch,
     ConditionalDenoiser,
     Dims,
+    ScheduleOwner,
     SplitData,
     Stage,
     TrainContext,
@@ -40,33 +41,80 @@ from .common import (
 VARIANTS = ("ema", "mlp", "cdr", "full")
 
 
+SAMPLERS = ("ddpm", "ddim")
+
+
+def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def require_positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 @dataclass
 class DiffusionConfig:
-    """The conditional diffusion shared by CDR and SeDA's stages (METHODS §3 #5, #8-10)."""
+    """The conditional diffusion shared by CDR and SeDA's stages (METHODS §3 #5, #8-10).
+
+    ``hidden``/``layers``/``t_dim``: the x0-denoiser MLP (width, linear layers, sinusoidal
+    time-embedding size). ``schedule``: T and the beta schedule. ``sampler``: the test-time
+    reverse chain, ``ddpm`` (full ancestral chain, the paper's) or ``ddim`` with ``steps``
+    jumps and stochasticity ``eta``. ``test_samples``: average the logits of S chains.
+    ``val_sampler``/``val_steps``: the cheaper chain used for per-epoch model selection.
+    """
 
     hidden: int = 1024
     layers: int = 4
     t_dim: int = 128
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    sampler: str = "ddpm"  # test-time chain: ddpm (full ancestral, the paper's) | ddim
-    steps: int = 20  # DDIM steps when sampler = ddim
+    sampler: str = "ddpm"
+    steps: int = 20
     eta: float = 0.0
-    test_samples: int = 1  # average logits over S samples at test (§3 #10)
-    val_sampler: str = "ddim"  # cheaper chain for per-epoch model selection
+    test_samples: int = 1
+    val_sampler: str = "ddim"
     val_steps: int = 10
+
+    def __post_init__(self) -> None:
+        require_choice("diffusion.sampler", self.sampler, SAMPLERS)
+        require_choice("diffusion.val_sampler", self.val_sampler, SAMPLERS)
+        for name in ("hidden", "layers", "t_dim", "steps", "test_samples", "val_steps"):
+            require_positive(f"diffusion.{name}", getattr(self, name))
 
 
 @dataclass
 class MARNetConfig:
-    variant: str = "full"  # ema | mlp | cdr | full
-    fusion: str = "concat"  # concat | add | mul | sum | hm
+    """MARNet's settings (METHODS §1, decisions §3).
+
+    ``variant``: the Table 2 row trained (``ema``, ``mlp``, ``cdr`` or ``full``). ``fusion``:
+    how ``x_EMA`` and ``x_CDR`` are combined (``concat``, ``add``, ``mul``, ``sum``, ``hm``;
+    full only). ``ema``: the EMA branch (alpha1 = ``ema.ce_weight``, beta = ``ema.weight``,
+    tau, shared dim d). ``alpha2``/``gamma``: the weights of CE and MSE in L_CDR (Eq. 20).
+    ``diffusion``: the CDR denoiser and chains. ``fusion_samples``: K sampled ``x_CDR`` per
+    train image the fusion classifier trains on (stage b); ``fusion_epochs``: that stage's
+    epochs (None: the trainer's). ``joint``: train the fusion classifier in stage (a) on the
+    one-step reconstruction instead of staged training.
+    """
+
+    variant: str = "full"
+    fusion: str = "concat"
     ema: AlignConfig = field(default_factory=lambda: AlignConfig(loss="ita"))
     alpha2: float = 1.0
     gamma: float = 1.0
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    fusion_samples: int = 4  # K sampled x_CDR per train image for stage (b)
-    fusion_epochs: int | None = None  # None: the trainer's epochs
+    fusion_samples: int = 4
+    fusion_epochs: int | None = None
     joint: bool = False
+
+    def __post_init__(self) -> None:
+        require_choice("variant", self.variant, VARIANTS)
+        require_choice("fusion", self.fusion, FUSIONS)
+        if self.variant != "full" and self.fusion != "concat":
+            raise ValueError(f"fusion {self.fusion!r} applies to the full model only "
+                             f"(variant {self.variant!r} has nothing to fuse)")
+        require_positive("fusion_samples", self.fusion_samples)
+        require_positive("fusion_epochs", self.fusion_epochs)
 
 
 def generate_chunked(schedule: NoiseSchedule, denoise, cond: torch.Tensor, out_dim: int,
@@ -161,7 +209,7 @@ class FusionHead(nn.Module):
         return fuse_logits(self.ema_classifier(x_ema), self.cdr_classifier(x_cdr), self.mode)
 
 
-class MARNet(nn.Module):
+class MARNet(ScheduleOwner):
     """The MARNet head; ``variant`` picks the Table 2 row it trains and predicts with."""
 
     def __init__(self, cfg: MARNetConfig, dims: Dims):
@@ -179,11 +227,6 @@ class MARNet(nn.Module):
         self._train_samples: torch.Tensor | None = None
         self._val_samples: torch.Tensor | None = None
 
-    def _schedule(self, device: torch.device) -> NoiseSchedule:
-        if self.schedule.betas.device != device:
-            self.schedule = self.schedule.to(device)
-        return self.schedule
-
     # ------------------------------------------------------------------ prediction
 
     def predict(self, visual: torch.Tensor, generator: torch.Generator | None = None,
@@ -193,7 +236,7 @@ class MARNet(nn.Module):
             return self.ema.predict(visual)
         if self.cfg.variant == "mlp":
             return self.mlp.predict(visual)
-        schedule = self._schedule(visual.device)
+        schedule = self.schedule_on(visual.device)
         logits = 0.0
         samples = max(1, self.cfg.diffusion.test_samples)
         for _ in range(samples):
@@ -216,13 +259,12 @@ class MARNet(nn.Module):
         if cfg.variant == "mlp":
             return [Stage("mlp", [self.mlp], self.mlp.loss, {"mlp": (
                 [self.mlp], val_top1(lambda: self.mlp.predict(val["visual"]), labels))})]
-        schedule = self._schedule(ctx.device)
+        schedule = self.schedule_on(ctx.device)
         d = cfg.diffusion
 
-        def val_cdr_logits() -> torch.Tensor:
-            x_cdr = self.cdr.generate(val["visual"], schedule, ctx.eval_generator(),
-                                      ctx.chunk_rows, d.val_sampler, d.val_steps)
-            return self.cdr.classifier(x_cdr)
+        def val_x_cdr() -> torch.Tensor:
+            return self.cdr.generate(val["visual"], schedule, ctx.eval_generator(),
+                                     ctx.chunk_rows, d.val_sampler, d.val_steps)
 
         def loss_a(batch: Batch):
             total, parts, x0_hat = self.cdr.loss(batch, schedule, ctx.generator)
@@ -236,13 +278,13 @@ class MARNet(nn.Module):
             return total, parts
 
         modules: list[nn.Module] = [m for m in (self.ema, self.cdr) if m is not None]
-        select = {"cdr": ([self.cdr], val_top1(val_cdr_logits, labels))}
+        select = {"cdr": ([self.cdr], val_top1(lambda: self.cdr.classifier(val_x_cdr()), labels))}
         if self.ema is not None:
             select["ema"] = ([self.ema], val_top1(lambda: self.ema.predict(val["visual"]), labels))
         if cfg.joint and self.fusion is not None:
             modules.append(self.fusion)
-            select = {"all": (modules, val_top1(lambda: self.predict(
-                val["visual"], ctx.eval_generator(), ctx.chunk_rows), labels))}
+            select = {"all": (modules, val_top1(
+                lambda: self.fusion(self.ema.embed(val["visual"]), val_x_cdr()), labels))}
         stages = [Stage("ema+cdr" if self.ema is not None else "cdr", modules, loss_a, select)]
         if self.fusion is not None and not cfg.joint:
             stages.append(self._fusion_stage(train, val, ctx, schedule))

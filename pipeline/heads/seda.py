@@ -31,7 +31,6 @@ centres); ``no-pfin`` (``m_t := P z``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +38,19 @@ from torch import nn
 
 from ..losses import feature_mse
 from ..schedule import NoiseSchedule
-from .alignment import top1
-from .common import (MLP, Batch, ConditionalDenoiser, Dims, ProjectionEncoder, SplitData, Stage,
-                     TrainContext, sinusoidal_embedding)
+from .common import (
+    MLP,
+    Batch,
+    ConditionalDenoiser,
+    Dims,
+    ProjectionEncoder,
+    ScheduleOwner,
+    SplitData,
+    Stage,
+    TrainContext,
+    sinusoidal_embedding,
+    val_top1,
+)
 from .marnet import DiffusionConfig, MARNetConfig, MLPControl, generate_chunked
 
 VARIANTS = ("full", "one-step", "dst-only", "dsl-only", "no-pfin")
@@ -112,18 +121,7 @@ def reverse_timesteps(schedule: NoiseSchedule, method: str, steps: int) -> list[
     return list(range(schedule.T, 0, -1))
 
 
-class _ScheduleOwner(nn.Module):
-    """A module with its own noise schedule, moved lazily to the device it is used on."""
-
-    schedule: NoiseSchedule
-
-    def schedule_on(self, device: torch.device) -> NoiseSchedule:
-        if self.schedule.betas.device != device:
-            self.schedule = self.schedule.to(device)
-        return self.schedule
-
-
-class SemanticLearner(_ScheduleOwner):
+class SemanticLearner(ScheduleOwner):
     """DSL (R-1): ``D_phi(z_t, t, x_v) -> z_hat_0`` toward the class centre ``c_y``."""
 
     def __init__(self, cfg: DSLConfig, dims: Dims):
@@ -236,7 +234,7 @@ class TranslatorChain:
         return s_hat
 
 
-class SemanticTranslator(_ScheduleOwner):
+class SemanticTranslator(ScheduleOwner):
     """DST + PFIN + ``C_f`` (R-2): from the semantic feature ``z`` to the text distribution."""
 
     def __init__(self, cfg: SeDAConfig, dims: Dims, interact: bool):
@@ -373,8 +371,8 @@ class SeDA(nn.Module):
     def stages(self, train: SplitData, val: SplitData, ctx: TrainContext) -> list[Stage]:
         if self.one_step is not None:
             return [Stage("one-step", [self.one_step], self.one_step.loss, {"one-step": (
-                [self.one_step], lambda: _val_top1(lambda: self.one_step.predict(val["visual"]),
-                                                   val))})]
+                [self.one_step], val_top1(lambda: self.one_step.predict(val["visual"]),
+                                          val["label"]))})]
         stages = []
         if self.dsl is not None:
             stages.append(self._dsl_stage(train, val, ctx))
@@ -394,7 +392,7 @@ class SeDA(nn.Module):
                                              cfg.val_sampler, cfg.val_steps))
 
         return Stage("dsl", [dsl], lambda batch: dsl.loss(batch, schedule, ctx.generator),
-                     {"dsl": ([dsl], lambda: _val_top1(val_logits, val))}, epochs=cfg.epochs,
+                     {"dsl": ([dsl], val_top1(val_logits, val["label"]))}, epochs=cfg.epochs,
                      prepare=lambda: dsl.fit_centres(train["visual"], train["label"]),
                      fields=("visual", "label"))
 
@@ -412,14 +410,18 @@ class SeDA(nn.Module):
         def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return dst.loss(self._train_z[batch["index"]], batch, schedule, ctx.generator)
 
+        # a recurrent PFIN is trained on the test chain's grid: select it on that grid too
+        val_chain = ((cfg.sampler, cfg.steps) if self.cfg.pfin.recurrent
+                     else (cfg.val_sampler, cfg.val_steps))
+
         def val_logits() -> torch.Tensor:
             mapped, s_hat = dst.translate(self._val_z, ctx.eval_generator(), ctx.chunk_rows,
-                                          cfg.val_sampler, cfg.val_steps)
+                                          *val_chain)
             return dst.classify(mapped, s_hat, val["visual"])
 
         fields = ("text", "label") if dst.visual_encoder is None else ("visual", "text", "label")
         name = "dst" if dst.pfin.update is None else "dst+pfin"
-        return Stage(name, [dst], loss, {name: ([dst], lambda: _val_top1(val_logits, val))},
+        return Stage(name, [dst], loss, {name: ([dst], val_top1(val_logits, val["label"]))},
                      epochs=cfg.epochs, prepare=prepare, fields=fields)
 
 
@@ -454,11 +456,5 @@ class SeDA(nn.Module):
 
         fields = ("label",) if dst.visual_encoder is None else ("visual", "label")
         return Stage("classifier", modules, loss,
-                     {"classifier": (modules, lambda: _val_top1(val_logits, val))},
+                     {"classifier": (modules, val_top1(val_logits, val["label"]))},
                      epochs=cfg.epochs, prepare=prepare, fields=fields)
-
-
-def _val_top1(logits_fn: Callable[[], torch.Tensor], val: SplitData) -> float:
-    """Top-1 on the validation split of ``logits_fn()``, computed without gradients."""
-    with torch.no_grad():
-        return top1(logits_fn(), val["label"])
