@@ -259,6 +259,9 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None, samples: in
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     model, config = load_run(run_dir, dev)
+    if config.get("features", "visual") != "visual":
+        raise ValueError(f"{run_dir} classifies {config['features']} features (the text-only "
+                         "ceiling); the figures compare what a method makes of visual features")
     fc = run_cache(config, cache)
     seed = config["train"]["seed"] if seed is None else seed
     data = fc.load_split(split, ("visual", "text", "label"), dev)

@@ -70,3 +70,14 @@ def test_plot_cli(tiny_cache, tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "prediction (visual)" in result.output and "silhouette" in result.output
     assert (tmp_path / "fig" / "tsne.png").is_file()
+
+
+def test_a_text_ceiling_run_is_refused_with_a_message(tiny_cache, tmp_path):
+    from marnet.pipeline.plots import plot_run
+    from marnet.pipeline.train import TrainConfig, train_heads
+
+    run = tmp_path / "ceiling"
+    train_heads(tiny_cache, "visual", run, {}, TrainConfig(epochs=1, batch_size=8, device="cpu"),
+                log=lambda _: None, features="text")
+    with pytest.raises(ValueError, match="text-only ceiling"):
+        plot_run(run, log=lambda _: None)

@@ -1,0 +1,77 @@
+"""The trainer: best-validation selection, class-balanced batches, learning on separable data."""
+
+import numpy as np
+import torch
+
+from marnet.pipeline.heads import Stage, TrainContext
+from marnet.pipeline.heads.common import SplitData
+from marnet.pipeline.store import CacheWriter, FieldSpec, SplitLayout, to_storage
+from marnet.pipeline.train import BatchSampler, TrainConfig, run_stage, train_heads
+
+
+def test_each_group_keeps_its_best_validation_epoch_not_the_last():
+    module = torch.nn.Linear(2, 1)
+    scores = iter([0.2, 0.9, 0.1])
+    snapshots = []
+
+    def metric() -> float:
+        snapshots.append({k: v.clone() for k, v in module.state_dict().items()})
+        return next(scores)
+
+    def loss(batch):
+        out = module(batch["visual"]).pow(2).mean()
+        return out, {}
+
+    train = SplitData({"visual": torch.randn(16, 2), "label": torch.zeros(16, dtype=torch.long)})
+    stage = Stage("stub", [module], loss, {"g": ([module], metric)}, fields=("visual",))
+    ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
+    best = run_stage(stage, train, TrainConfig(epochs=3, batch_size=4, lr=0.1), ctx, "fp32",
+                     lambda _: None)
+    assert best == {"g": 0.9}
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, snapshots[1][key]), "weights must be those of epoch 2"
+        assert not torch.equal(value, snapshots[2][key])
+
+
+def test_balanced_batches_draw_classes_times_samples():
+    labels = torch.arange(10).repeat_interleave(7)  # 10 classes x 7 rows
+    sampler = BatchSampler(labels, batch_size=24, generator=torch.Generator().manual_seed(0),
+                           balanced=True, classes_per_batch=4)
+    for batch in sampler.epoch():
+        counts = torch.bincount(labels[batch], minlength=10)
+        assert (counts > 0).sum() == 4 and set(counts[counts > 0].tolist()) == {6}
+
+
+def _separable_cache(root, rows=(300, 60, 120), classes=4, dims=(16, 8)):
+    g = torch.Generator().manual_seed(0)
+    v_means, s_means = 3 * torch.randn(classes, dims[0], generator=g), torch.randn(classes, dims[1], generator=g)
+    fields = (FieldSpec("visual", (dims[0],), "float16"), FieldSpec("text", (dims[1],), "float16"),
+              FieldSpec("label", (), "int32"), FieldSpec("id", (), "str"),
+              FieldSpec("valid", (), "uint8"))
+    layouts = {s: SplitLayout(n, 512, fields) for s, n in zip(("train", "val", "test"), rows)}
+    manifest = {"key": "separable", "inputs": {"dataset": {"name": "toy"}, "visual": {"model": "toy"},
+                                               "text": {"model": "toy"}},
+                "format": "zarr", "dtype": "float16", "class_names": [f"c{i}" for i in range(classes)],
+                "dataset": {"name": "toy"}}
+    with CacheWriter.open(root, manifest, layouts) as writer:
+        for split, layout in layouts.items():
+            labels = torch.arange(layout.rows) % classes
+            visual = v_means[labels] + torch.randn(layout.rows, dims[0], generator=g)
+            text = s_means[labels] + 0.1 * torch.randn(layout.rows, dims[1], generator=g)
+            ids = [f"{split}{i}" for i in range(layout.rows)]
+            writer.commit_shard(split, 0, {"visual": to_storage(visual, "float16"),
+                                           "text": to_storage(text, "float16"),
+                                           "label": labels.numpy().astype(np.int32),
+                                           "id": np.array(ids),
+                                           "valid": np.ones(layout.rows, np.uint8)}, ids)
+        writer.finalise()
+    return root
+
+
+def test_methods_learn_separable_classes(tmp_path):
+    cache = _separable_cache(tmp_path / "cache")
+    cfg = TrainConfig(epochs=10, batch_size=32, lr=1e-2, device="cpu")
+    small = {"diffusion.hidden": 64, "diffusion.schedule.steps": 20, "fusion_samples": 2}
+    for method, overrides in (("visual", {}), ("ita", {}), ("marnet", small)):
+        results = train_heads(cache, method, tmp_path / method, overrides, cfg, log=lambda _: None)
+        assert results["test"]["top1"] > 90, (method, results["test"])
