@@ -33,8 +33,8 @@ from .extract import encode_images
 from .heads.common import ProjectionEncoder, Standardizer
 from .losses import ita_loss, sdm_loss
 from .progress import progress_bar
+from .splits import held_out_split
 from .store import CacheError, FeatureCache
-from .train import held_out_split
 
 FINETUNE_METHODS = ("ce", "ita", "ita-mp", "sdm")
 

@@ -23,6 +23,7 @@ from .backbones import resolve_device, resolve_precision
 from .config import ConfigError, from_dict
 from .heads import METHODS, Dims, SplitData, Stage, Standardizer, TrainContext, build_head, method_config
 from .progress import progress_bar
+from .splits import held_out_split
 from .store import FeatureCache, canonical, require_expected, write_json_atomic
 
 
@@ -72,19 +73,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
-
-
-def held_out_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stratified ``(train_rows, val_rows)``: ``fraction`` of each class held out (>= 1 each)."""
-    g = torch.Generator().manual_seed(seed)
-    train_rows, val_rows = [], []
-    for c in labels.unique().tolist():
-        rows = (labels == c).nonzero().flatten()
-        rows = rows[torch.randperm(len(rows), generator=g)]
-        n_val = max(1, int(round(fraction * len(rows)))) if len(rows) > 1 else 0
-        val_rows.append(rows[:n_val])
-        train_rows.append(rows[n_val:])
-    return torch.cat(train_rows).sort().values, torch.cat(val_rows).sort().values
 
 
 def load_features(cache: FeatureCache, split: str, device: torch.device,

@@ -8,7 +8,8 @@ import torch
 from marnet.pipeline.heads import Dims, MARNetConfig, build_head, method_config
 from marnet.pipeline.heads.common import ConditionalDenoiser, ProjectionEncoder
 from marnet.pipeline.heads.marnet import FusionHead
-from marnet.pipeline.train import TrainConfig, held_out_split, load_run, train_heads
+from marnet.pipeline.splits import held_out_split
+from marnet.pipeline.train import TrainConfig, load_run, train_heads
 
 SMALL = {"diffusion.hidden": 32, "diffusion.schedule.steps": 20, "fusion_samples": 2}
 
