@@ -49,3 +49,13 @@ def synth_root(tmp_path_factory) -> Path:
 def tiny_cache(synth_root, tmp_path_factory) -> Path:
     cache_dir = tmp_path_factory.mktemp("cache")
     return extract(tiny_extract_config(synth_root, cache_dir), log=lambda _: None).path
+
+
+@pytest.fixture(scope="session")
+def tiny_token_cache(synth_root, tmp_path_factory) -> Path:
+    """The tiny cache with token features; 64 px input gives a 2 x 2 map, so L = 4 tokens."""
+    cache_dir = tmp_path_factory.mktemp("token-cache")
+    cfg = tiny_extract_config(synth_root, cache_dir, tokens=True,
+                              vision=VisionSpec("test_efficientnet", "random", image_size=64,
+                                                crop_pct=1.0))
+    return extract(cfg, log=lambda _: None).path
