@@ -83,7 +83,8 @@ def parse_rows(methods: str, fusion: str | None = None) -> list[RowSpec]:
         modes = FUSIONS if fusion == "all" else tuple(m.strip() for m in fusion.split(","))
         unknown = [m for m in modes if m not in FUSIONS]
         if unknown:
-            raise ConfigError(f"unknown fusion {', '.join(unknown)}; use all or {', '.join(FUSIONS)}")
+            raise ConfigError(f"unknown fusion {', '.join(unknown)}; use all or "
+                              f"{', '.join(FUSIONS)}")
         rows += [fusion_row(m) for m in modes]
     if not rows:
         raise ConfigError("--methods names no rows")
@@ -128,7 +129,8 @@ def check_rows(cache: FeatureCache, rows: Sequence[RowSpec],
     if unused:
         raise ConfigError(f"--set names {', '.join(sorted(unused))}, which no row uses")
     for spec in rows:
-        cfg = method_config(spec.method, {**shared_overrides.get(spec.method, {}), **spec.overrides})
+        overrides = {**shared_overrides.get(spec.method, {}), **spec.overrides}
+        cfg = method_config(spec.method, overrides)
         require_fields(cache, spec.method, method_fields(spec.method, cfg))
 
 

@@ -372,7 +372,7 @@ def _encode_text_table(path: Path, texts: list[str], text, device: torch.device,
 def _text_token_tables(texts: list[str], text, device: torch.device, dtype: str
                        ) -> dict[str, np.ndarray]:
     """``text_tokens`` (in the cache dtype) and ``text_mask`` per unique text, row-aligned with
-    the text table; every row of the cache gets its text's tokens (stored per row, like ``text``)."""
+    the text table; each cache row gets its text's tokens (stored per row, like ``text``)."""
     with progress_bar("text tokens", len(texts)) as advance:
         states, mask = text.encode_tokens(texts, device, batch_size=128, on_batch=advance)
     return {"text_tokens": to_storage(states, dtype), "text_mask": mask.numpy()}

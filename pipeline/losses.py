@@ -66,15 +66,15 @@ def sdm_loss(visual: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
 
 def random_directions(dim: int, num: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> torch.Tensor:
-    """``num`` directions drawn from ``N(0, I_dim)`` and scaled to unit length, as columns ``[dim, num]``."""
+    """``num`` directions from ``N(0, I_dim)`` scaled to unit length, as columns ``[dim, num]``."""
     device = device if device is not None else (generator.device if generator is not None else None)
     theta = torch.randn(dim, num, generator=generator, device=device)
     return theta / theta.norm(dim=0, keepdim=True)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """SWD (Lee et al., CVPR 2019; METHODS §4.3): project both batches on ``directions`` ``[K, M]``,
-    sort each projection over the batch, and take the mean squared difference.
+    """SWD (Lee et al., CVPR 2019; METHODS §4.3): project both batches on ``directions``
+    ``[K, M]``, sort each projection over the batch, and take the mean squared difference.
 
     ``mean((sort_batch(a theta) - sort_batch(b theta))^2)``: sorting makes it a distance between
     the two empirical distributions, not between pairs (apple/ml-cvpr2019-swd, pytorch-adapt).
@@ -84,7 +84,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tenso
     return (proj_a - proj_b).pow(2).mean()
 
 
-def class_centroids(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+def class_centroids(features: torch.Tensor, labels: torch.Tensor,
+                    classes: torch.Tensor) -> torch.Tensor:
     """Mean feature of each class in ``classes`` (each must occur in ``labels``), ``[M, D]``."""
     member = (labels[None, :] == classes[:, None]).to(features.dtype)
     return member @ features / member.sum(dim=1, keepdim=True)
@@ -92,7 +93,7 @@ def class_centroids(features: torch.Tensor, labels: torch.Tensor, classes: torch
 
 def ssan_soft_labels(source_logits: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
                      temperature: float = 5.0) -> torch.Tensor:
-    """SSAN's class soft labels ``q_k = mean_{i: y_i = k} softmax(z_i / T)`` for ``k`` in ``classes``.
+    """SSAN's class soft labels ``q_k = mean_{i: y_i = k} softmax(z_i / T)``, ``k`` in ``classes``.
 
     BIT-DA/SSAN ``loss.py::knowledge_distillation_loss_func`` (T = 5; no detach, as there).
     """
@@ -117,7 +118,7 @@ def ssan_isa_loss(target_logits: torch.Tensor, source_logits: torch.Tensor, labe
 
 
 def ssan_esa_loss(source: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """SSAN explicit semantic alignment, the "three"-prototype triplet-centroid loss (METHODS §4.4).
+    """SSAN explicit semantic alignment: the "three"-prototype triplet-centroid loss (§4.4).
 
     ``sum_k ||mu_k^s - mu_k^t||^2 + ||mu_k^s - mu_k^st||^2 + ||mu_k^t - mu_k^st||^2`` over the
     classes in the batch, ``mu^st`` the centroid of both domains pooled (BIT-DA/SSAN ``loss.py::

@@ -77,7 +77,8 @@ def test_a_run_with_other_settings_is_trained_again(tiny_cache, tmp_path):
     assert sum("finished earlier" in line for line in logs) == 1
     run_matrix(tiny_cache, rows, [0], tmp_path, TINY, {"visual": {"d": 8}}, log=logs.append)
     assert any("another method_config" in line for line in logs)
-    config = json.loads((tmp_path / "runs" / "baseline-visual" / "seed0" / "config.json").read_text())
+    run = tmp_path / "runs" / "baseline-visual" / "seed0"
+    config = json.loads((run / "config.json").read_text())
     assert config["method_config"]["d"] == 8
 
 

@@ -5,6 +5,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from marnet.cli import app
 
 from marnet.pipeline.backbones import VisionSpec, build_vision, feature_tokens, pool_tokens
 from marnet.pipeline.datasets import load_dataset
@@ -92,6 +95,9 @@ def test_team_is_refused_on_a_cache_without_tokens(tiny_cache, tmp_path):
         train_heads(tiny_cache, "team", tmp_path / "run", cfg=TrainConfig(epochs=1, device="cpu"),
                     log=lambda _: None)
     assert not (tmp_path / "run").exists()
+    result = CliRunner().invoke(app, ["train-heads", "--cache", str(tiny_cache), "--out",
+                                      str(tmp_path / "run"), "--method", "team"])
+    assert result.exit_code == 2 and "re-extract it with" in result.output
 
 
 @pytest.mark.parametrize("method,sampler", [
@@ -176,3 +182,27 @@ def test_team_token_alignment_trains_the_shared_visual_encoder():
 def test_a_baseline_loss_needs_its_own_settings():
     with pytest.raises(ValueError, match="--method swd"):
         AlignedClassifier(AlignConfig(loss="swd"), DIMS)
+
+
+def test_multi_positive_reaches_ita_and_team_contrastive_terms():
+    g = torch.Generator().manual_seed(9)
+    dims = Dims(visual=6, text=5, classes=9)  # room for one class per sample below
+    batch = _batch(g, tokens=True)
+    y = batch["label"]
+    ita = build_head("ita", method_config("ita", {"multi_positive": True, "ce_weight": 0.0}), dims)
+    f_v, f_s, _ = _encoded(ita, batch)
+    assert torch.isclose(ita.loss(batch)[0], ita_loss(f_v, f_s, 0.07, y))
+    heads = {gw: build_head("team", method_config("team", {"multi_positive": True,
+                                                          "ce_weight": 0.0,
+                                                          "global_weight": gw}), dims)
+             for gw in (0.0, 1.0)}
+    heads[1.0].load_state_dict(heads[0.0].state_dict())
+    f_v, f_s, _ = _encoded(heads[0.0], batch)
+    global_term = heads[1.0].loss(batch)[0] - heads[0.0].loss(batch)[0]
+    assert torch.isclose(global_term, ita_loss(f_v, f_s, 0.07, y), rtol=1e-4)
+    # with one sample per class, multi-positive is the one-positive InfoNCE
+    distinct = {**batch, "label": torch.arange(len(y))}
+    single = build_head("team", method_config("team", {"ce_weight": 0.0}), dims)
+    single.load_state_dict(heads[1.0].state_dict())
+    assert torch.isclose(heads[1.0].loss(distinct)[0], single.loss(distinct)[0])
+    assert not torch.isclose(heads[1.0].loss(batch)[0], single.loss(batch)[0])

@@ -40,7 +40,8 @@ def test_predict_matches_the_cached_features_of_the_same_images(tiny_cache, synt
     for item, record, p in zip(out, records, probs):
         assert item["image"] == str(record.image) and len(item["predictions"]) == 2
         best = item["predictions"][0]
-        assert best["index"] == int(p.argmax()) and best["class"] == config["class_names"][best["index"]]
+        assert best["index"] == int(p.argmax())
+        assert best["class"] == config["class_names"][best["index"]]
         assert best["probability"] == pytest.approx(float(p.max()), abs=1e-3)
 
 

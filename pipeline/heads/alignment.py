@@ -12,7 +12,7 @@ extra cache fields (TEAM's tokens), auxiliary terms and the class-balanced sampl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -48,7 +48,7 @@ class AlignConfig:
 
 @dataclass
 class SWDConfig(AlignConfig):
-    """SWD (§4.3): ``lambda * SWD(softmax C(f_v), softmax C_s(f_s)) + text_ce_weight * CE(C_s(f_s))``."""
+    """SWD (§4.3): ``lambda SWD(softmax C(f_v), softmax C_s(f_s))`` plus the CE of ``C_s``."""
 
     loss: str = "swd"
     projections: int = 128  # M random unit directions, drawn afresh every step
@@ -104,9 +104,10 @@ class AlignInputs:
         return self.batch["label"]
 
 
-# (model, inputs) -> (L_align, auxiliary terms): the total is
+# (L_align, auxiliary terms): the total is
 # ce_weight * CE + weight * L_align + sum(auxiliary terms, each already weighted)
-AlignLoss = Callable[["AlignedClassifier", AlignInputs], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossTerms = tuple[torch.Tensor, dict[str, torch.Tensor]]
+AlignLoss = Callable[["AlignedClassifier", AlignInputs], LossTerms]
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,11 @@ class AlignmentLoss:
     fields: tuple[str, ...] = ()  # extra cache fields it reads
 
 
-def _ita(model: "AlignedClassifier", x: AlignInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _ita(model: "AlignedClassifier", x: AlignInputs) -> LossTerms:
     return ita_loss(x.f_v, x.f_s, model.tau(), model.positives(x.labels)), {}
 
 
-def _sdm(model: "AlignedClassifier", x: AlignInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _sdm(model: "AlignedClassifier", x: AlignInputs) -> LossTerms:
     return sdm_loss(x.f_v, x.f_s, x.labels, tau=model.cfg.tau), {}
 
 
@@ -132,7 +133,7 @@ def _swd_parts(cfg: SWDConfig, dims: Dims, d: int) -> dict[str, nn.Module]:
     return {"text_classifier": nn.Linear(d, dims.classes)}
 
 
-def _swd(model: "AlignedClassifier", x: AlignInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _swd(model: "AlignedClassifier", x: AlignInputs) -> LossTerms:
     cfg: SWDConfig = model.cfg
     text_logits = model.parts["text_classifier"](x.f_s)
     directions = random_directions(x.logits.shape[1], cfg.projections, x.generator,
@@ -142,7 +143,7 @@ def _swd(model: "AlignedClassifier", x: AlignInputs) -> tuple[torch.Tensor, dict
     return swd, {"text_ce": cfg.text_ce_weight * F.cross_entropy(text_logits, x.labels)}
 
 
-def _ssan(model: "AlignedClassifier", x: AlignInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _ssan(model: "AlignedClassifier", x: AlignInputs) -> LossTerms:
     cfg: SSANConfig = model.cfg
     text_logits = model.classifier(x.f_s)  # the shared classifier
     isa = ssan_isa_loss(x.logits, text_logits, x.labels, cfg.isa_alpha, cfg.temperature)
@@ -150,7 +151,7 @@ def _ssan(model: "AlignedClassifier", x: AlignInputs) -> tuple[torch.Tensor, dic
     return ssan_esa_loss(x.f_s, x.f_v, x.labels), {"isa": isa, "text_ce": text_ce}
 
 
-def _cdd(model: "AlignedClassifier", x: AlignInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _cdd(model: "AlignedClassifier", x: AlignInputs) -> LossTerms:
     cfg: CDDConfig = model.cfg
     return cdd_loss(x.f_v, x.f_s, x.labels, cfg.kernels, cfg.kernel_mul), {}
 
@@ -158,7 +159,7 @@ def _cdd(model: "AlignedClassifier", x: AlignInputs) -> tuple[torch.Tensor, dict
 TOKEN_FIELDS = ("visual_tokens", "text_tokens", "text_mask")
 
 
-def _team(model: "AlignedClassifier", x: AlignInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _team(model: "AlignedClassifier", x: AlignInputs) -> LossTerms:
     """Tokens go through the same ``E_v`` / ``E_s`` as the pooled features, so the token-level
     alignment shapes the encoder the classifier uses (the backbone is shared in TEAM)."""
     cfg: TEAMConfig = model.cfg
