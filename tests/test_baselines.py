@@ -8,8 +8,13 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from marnet.cli import app
-
-from marnet.pipeline.backbones import VisionSpec, build_vision, feature_tokens, pool_tokens
+from marnet.pipeline.backbones import (
+    VisionSpec,
+    build_vision,
+    feature_tokens,
+    pool_tokens,
+    resolve_text_model,
+)
 from marnet.pipeline.datasets import load_dataset
 from marnet.pipeline.heads import Dims, SplitData, TrainContext, build_head, method_config
 from marnet.pipeline.heads.alignment import AlignConfig, AlignedClassifier
@@ -52,9 +57,13 @@ def test_token_cache_holds_tokens_consistent_with_pooled_features(tiny_token_cac
     # the text tokens mean-pool (over the mask) to the cached text feature
     pooled = pool_tokens(data["text_tokens"], data["text_mask"], "mean")
     assert torch.allclose(pooled, data["text"], atol=2e-3)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model("minilm"))
     records = load_dataset("synthfood", synth_root).splits["train"]
-    words = [len(r.text.split()) for r in records]
-    assert all(int(m.sum()) > w for m, w in zip(data["text_mask"], words))  # words + specials
+    lengths = [len(tokenizer(r.text, truncation=True, max_length=32)["input_ids"]) for r in records]
+    assert data["text_mask"].sum(1).tolist() == lengths
+    assert all(m[:n].all() and not m[n:].any() for m, n in zip(data["text_mask"], lengths))
 
 
 def test_features_and_tokens_pool_exactly_like_features():
