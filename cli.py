@@ -272,10 +272,11 @@ def predict(
         return
     for item in results:
         table = Table(title=item["image"])
-        for col in ("rank", "class", "probability"):
+        for col in ("rank", "class", "index", "probability"):
             table.add_column(col, justify="left" if col == "class" else "right")
         for pred in item["predictions"]:
-            table.add_row(str(pred["rank"]), pred["class"], f"{pred['probability']:.4f}")
+            table.add_row(str(pred["rank"]), pred["class"], str(pred["index"]),
+                          f"{pred['probability']:.4f}")
         console.print(table)
 
 
