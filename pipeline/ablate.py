@@ -1,18 +1,28 @@
-"""Run a matrix of methods/switches x seeds on one cache and tabulate it (Table 2 layout).
+"""Run a matrix of methods/switches x seeds on one cache and tabulate it (Tables 1-2 layout).
 
 Each (row, seed) trains into ``<out>/runs/<row>/seed<k>/``; a run whose ``results.json``
-exists is skipped, so an interrupted ablation resumes where it stopped.
+exists and whose ``config.json`` holds the same settings is skipped, so an interrupted
+ablation resumes where it stopped (a run made with other settings is trained again).
+
+Rows are written as a comma list (``marnet ablate --methods``): method names (``visual``,
+``ita``, ``sdm``, ``swd``, ``ssan``, ``cdd``, ``team``, ``marnet``, ...), MARNet's Table 2 rows
+(``marnet:ema|mlp|cdr|fusion``) or fusion modes (``marnet:concat|add|mul|sum|hm``), and
+``table2`` for the five Table 2 rows.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .config import ConfigError, parse_overrides
+from .heads import ABLATIONS, METHODS, method_config, method_fields
+from .losses import FUSIONS
 from .report import write_tables
-from .train import TrainConfig, train_heads
+from .store import FeatureCache
+from .train import TrainConfig, require_fields, train_heads
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,9 @@ TABLE2_ROWS = (
 )
 
 TEXT_CEILING = RowSpec("Text-only ceiling (reads text at test)", "visual", features="text")
+# row names as the papers print them (Table 1); other methods show their name upper-cased
+DISPLAY_NAMES = {"visual": "Baseline (visual)", "marnet": "MARNet", "seda": "SeDA"}
+DEFAULT_METHODS = "visual,ita,sdm,swd,ssan,cdd,marnet,seda"
 
 
 def slug(name: str) -> str:
@@ -42,30 +55,144 @@ def slug(name: str) -> str:
     return "-".join(p for p in keep.split("-") if p)
 
 
+def fusion_row(mode: str) -> RowSpec:
+    return RowSpec(f"MARNet ({mode})", "marnet", {"variant": "full", "fusion": mode})
+
+
+def parse_row(token: str) -> list[RowSpec]:
+    """The rows one ``--methods`` entry stands for."""
+    if token == "table2":
+        return list(TABLE2_ROWS)
+    method, _, switch = token.partition(":")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r} in --methods; known: {', '.join(METHODS)}, "
+                          "marnet:<ema|mlp|cdr|fusion>, marnet:<fusion mode>, table2")
+    if not switch:
+        return [RowSpec(DISPLAY_NAMES.get(method, method.upper()), method)]
+    if method == "marnet" and switch in ABLATIONS:
+        return [next(r for r in TABLE2_ROWS if r.overrides.get("variant") == ABLATIONS[switch])]
+    if method == "marnet" and switch in FUSIONS:
+        return [fusion_row(switch)]
+    raise ConfigError(f"unknown row {token!r}; after 'marnet:' use one of "
+                      f"{', '.join([*ABLATIONS, *FUSIONS])}")
+
+
+def parse_rows(methods: str, fusion: str | None = None) -> list[RowSpec]:
+    """Rows for ``--methods`` and ``--fusion`` (``all`` or a comma list of modes: one MARNet row
+    each, appended). Rows that resolve to the same settings as an earlier row are dropped."""
+    rows = [r for token in methods.split(",") if token.strip() for r in parse_row(token.strip())]
+    if fusion:
+        modes = FUSIONS if fusion == "all" else tuple(m.strip() for m in fusion.split(","))
+        unknown = [m for m in modes if m not in FUSIONS]
+        if unknown:
+            raise ConfigError(f"unknown fusion {', '.join(unknown)}; use all or "
+                              f"{', '.join(FUSIONS)}")
+        rows += [fusion_row(m) for m in modes]
+    if not rows:
+        raise ConfigError("--methods names no rows")
+    unique, seen = [], set()
+    for spec in rows:
+        settings = json.dumps([spec.method, asdict(method_config(spec.method, spec.overrides))],
+                              sort_keys=True, default=str)
+        if settings not in seen:
+            seen.add(settings)
+            unique.append(spec)
+    return unique
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds names no seed")
+    return seeds
+
+
+def parse_method_overrides(items: list[str] | None) -> dict[str, dict[str, str]]:
+    """``["marnet.diffusion.hidden=512"]`` -> ``{"marnet": {"diffusion.hidden": "512"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in parse_overrides(items).items():
+        method, _, setting = key.partition(".")
+        if method not in METHODS or not setting:
+            raise ConfigError(f"--set expects METHOD.KEY=VALUE with METHOD one of "
+                              f"{', '.join(METHODS)}; got {key!r}")
+        out.setdefault(method, {})[setting] = value
+    return out
+
+
+def check_rows(cache: FeatureCache, rows: Sequence[RowSpec],
+               shared_overrides: dict[str, dict[str, Any]]) -> None:
+    """Fail before training anything: every row's settings resolve, the cache has its fields,
+    and every ``--set`` method has a row."""
+    unused = set(shared_overrides) - {r.method for r in rows}
+    if unused:
+        raise ConfigError(f"--set names {', '.join(sorted(unused))}, which no row uses")
+    for spec in rows:
+        overrides = {**shared_overrides.get(spec.method, {}), **spec.overrides}
+        cfg = method_config(spec.method, overrides)
+        require_fields(cache, spec.method, method_fields(spec.method, cfg))
+
+
+def _stale_setting(run_dir: Path, method: str, overrides: dict[str, Any], cfg: TrainConfig,
+                   cache_key: str, features: str = "visual") -> str | None:
+    """What differs between a finished run and the settings asked for now (None: reusable)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return "config.json is missing"
+    done = json.loads(path.read_text())
+    wanted = {"method": method,
+              "method_config": asdict(method_config(method, overrides)),
+              "train": {k: v for k, v in asdict(cfg).items() if k != "device"},
+              "cache": cache_key, "features": features}
+    have = {"method": done.get("method"), "method_config": done.get("method_config"),
+            "train": {k: v for k, v in done.get("train", {}).items() if k != "device"},
+            "cache": done.get("cache", {}).get("key"),
+            "features": done.get("features", "visual")}
+    wanted = json.loads(json.dumps(wanted, default=str))
+    for key, value in wanted.items():
+        if have[key] != value:
+            return key
+    return None
+
+
 def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                out_dir: Path | str, train_cfg: TrainConfig = TrainConfig(),
                shared_overrides: dict[str, dict[str, Any]] | None = None,
-               title: str | None = None, log: Callable[[str], None] = print
-               ) -> list[dict[str, Any]]:
+               title: str | None = None, log: Callable[[str], None] = print,
+               on_run: Callable[[Path], None] | None = None) -> list[dict[str, Any]]:
     """Train every row for every seed (skipping finished runs) and write the result tables.
 
     ``shared_overrides`` maps a method name to overrides applied to all its rows (e.g. the
-    demo's smaller denoiser) before the row's own.
+    demo's smaller denoiser) before the row's own. ``on_run(run_dir)`` is called after each run
+    (trained or reused), e.g. to draw its figures.
     """
     out = Path(out_dir)
+    cache_key = FeatureCache(cache).key
     results = []
     for spec in rows:
         overrides = {**(shared_overrides or {}).get(spec.method, {}), **spec.overrides}
         for seed in seeds:
             run_dir = out / "runs" / slug(spec.row) / f"seed{seed}"
+            cfg = replace(train_cfg, seed=seed)
             done = run_dir / "results.json"
-            if done.is_file():
+            stale = _stale_setting(run_dir, spec.method, overrides, cfg, cache_key,
+                                   spec.features) \
+                if done.is_file() else "not finished"
+            if stale is None:
                 log(f"{spec.row} seed {seed}: finished earlier, reusing {run_dir}")
                 res = json.loads(done.read_text())
             else:
-                log(f"{spec.row} seed {seed}")
-                res = train_heads(cache, spec.method, run_dir, overrides,
-                                  replace(train_cfg, seed=seed), log, spec.features)
+                if done.is_file():
+                    log(f"{spec.row} seed {seed}: {run_dir} was trained with another {stale}; "
+                        "training it again")
+                else:
+                    log(f"{spec.row} seed {seed}")
+                res = train_heads(cache, spec.method, run_dir, overrides, cfg, log, spec.features)
+            if on_run is not None:
+                on_run(run_dir)
             test = res.get("test") or res["val"]
             results.append({"row": spec.row, "method": spec.method, "seed": seed,
                             "top1": test["top1"], "top5": test["top5"],
@@ -73,3 +200,47 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                             "train_seconds": res.get("train_seconds")})
     write_tables(out, results, ("row",), title, {"cache": str(cache), "seeds": list(seeds)})
     return results
+
+
+def load_plotter() -> Callable[[Path], None]:
+    """``run_dir -> None`` drawing a run's figures into ``<run_dir>/plots`` (the plots module)."""
+    try:
+        from .plots import plot_run
+    except ImportError as exc:
+        raise ConfigError("--plots needs the plots module (marnet.pipeline.plots, as used by "
+                          f"`marnet plot`), which this installation lacks ({exc}); run the "
+                          "ablation without --plots") from exc
+
+    def plot(run_dir: Path) -> None:
+        if not (run_dir / "plots").is_dir():
+            plot_run(run_dir, run_dir / "plots")
+
+    return plot
+
+
+def cache_title(cache: FeatureCache) -> str:
+    """``<dataset>, <vision> [fine-tuned] + <text>: test accuracy``."""
+    inputs = cache.manifest["inputs"]
+    tuned = " fine-tuned" if inputs["visual"].get("finetuned") else ""
+    return (f"{cache.manifest['dataset']['name']}, {inputs['visual']['model']}{tuned} + "
+            f"{inputs['text']['model']}: test accuracy")
+
+
+def default_out(cache: FeatureCache) -> Path:
+    return Path("runs") / "ablate" / cache.key
+
+
+def ablate(cache_path: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
+           out_dir: Path | str | None = None, train_cfg: TrainConfig = TrainConfig(),
+           shared_overrides: dict[str, dict[str, Any]] | None = None, plots: bool = False,
+           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``marnet ablate``: check every row, run the matrix, return rows, summary and paths."""
+    cache = FeatureCache(cache_path).require_complete()
+    shared = shared_overrides or {}
+    check_rows(cache, rows, shared)
+    on_run = load_plotter() if plots else None
+    out = Path(out_dir) if out_dir else default_out(cache)
+    title = cache_title(cache)
+    rows_out = run_matrix(cache_path, rows, seeds, out, train_cfg, shared, title, log, on_run)
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    return {"rows": rows_out, "summary": summary, "out": out, "title": title}

@@ -159,6 +159,41 @@ class VisionBackbone:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             return self._forward(x).float()
 
+    def features_and_tokens(self, images: torch.Tensor, precision: str = "fp32"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features ``[B, D]`` and token features ``[B, L, D']`` (float32) of one forward.
+
+        timm's ``forward_features`` gives the tokens (a ViT's cls + patch tokens; a CNN's final
+        map, flattened to ``L = H * W``) and ``forward_head(pre_logits=True)`` pools them exactly
+        as the model's own forward does.
+        """
+        x = self.normalise(images)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            fmap = self.model.forward_features(x)
+            pooled = self.model.forward_head(fmap, pre_logits=True)
+        return pooled.float(), self._tokens(fmap).float()
+
+    def _tokens(self, fmap: torch.Tensor) -> torch.Tensor:
+        return feature_tokens(fmap, getattr(self.model, "output_fmt", "NCHW"))
+
+    @torch.inference_mode()
+    def token_shape(self) -> tuple[int, int]:
+        """``(L, D')`` of :meth:`features_and_tokens` at this backbone's input size."""
+        param = next(self.model.parameters())
+        probe = torch.zeros(1, *self.data_config["input_size"], device=param.device,
+                            dtype=param.dtype)
+        return tuple(self._tokens(self.model.forward_features(probe)).shape[1:])
+
+
+def feature_tokens(fmap: torch.Tensor, output_fmt: str = "NCHW") -> torch.Tensor:
+    """``[B, L, D]`` tokens from ``forward_features``: sequences as they are, maps flattened."""
+    if fmap.ndim == 3:
+        return fmap
+    if fmap.ndim == 4:
+        nhwc = fmap if str(output_fmt).upper() == "NHWC" else fmap.permute(0, 2, 3, 1)
+        return nhwc.reshape(fmap.shape[0], -1, nhwc.shape[-1])
+    raise ValueError(f"cannot read tokens from a feature output of shape {tuple(fmap.shape)}")
+
 
 def read_checkpoint_meta(path: Path | str) -> dict[str, Any]:
     """The provenance stored in a fine-tuned checkpoint (``marnet finetune``)."""
@@ -295,6 +330,27 @@ class TextBackbone:
             if on_batch:
                 on_batch(len(chunk))
         return torch.cat(out) if out else torch.empty(0, self.dim)
+
+    @torch.inference_mode()
+    def encode_tokens(self, texts: list[str], device: torch.device, batch_size: int = 64,
+                      on_batch: Callable[[int], None] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states ``[n, max_length, dim]`` (float32, CPU; ``last_hidden_state`` padded to
+        ``max_length``) and the attention mask ``[n, max_length]`` (uint8)."""
+        self.model.to(device)
+        states, masks = [], []
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i:i + batch_size]
+            enc = self.tokenizer(chunk, padding="max_length", truncation=True,
+                                 max_length=self.spec.max_length, return_tensors="pt").to(device)
+            states.append(self.model(**enc).last_hidden_state.float().cpu())
+            masks.append(enc["attention_mask"].to(torch.uint8).cpu())
+            if on_batch:
+                on_batch(len(chunk))
+        if not states:
+            return (torch.empty(0, self.spec.max_length, self.dim),
+                    torch.empty(0, self.spec.max_length, dtype=torch.uint8))
+        return torch.cat(states), torch.cat(masks)
 
 
 def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -13,6 +13,12 @@ derives the cache key from every input that changes features, and writes
   process group (gloo on CPU, NCCL on GPU) and rank 0 finalises the manifest; with RANK and
   WORLD_SIZE but no MASTER_ADDR (Slurm tasks, separate jobs) they coordinate through the
   cache folder: rank 0 waits for every shard to be committed, then finalises.
+
+With ``tokens=True`` (``--tokens``; part of the cache key) the cache also holds token features
+for token-level methods (TEAM): ``visual_tokens [N, L, Dv]`` (timm ``forward_features``: a
+ViT's cls + patch tokens, a CNN's last map flattened), ``text_tokens [N, W, Dt]`` (the text
+model's ``last_hidden_state`` padded to ``max_length`` = W, stored per row like ``text``) and
+``text_mask [N, W]``, in the cache dtype (float16 by default).
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ class ExtractConfig:
     weights_dir: Path = Path("cache/weights")
     dataset_options: dict[str, Any] = field(default_factory=dict)
     rank_timeout_s: float = 24 * 3600.0  # how long ranks wait for each other (distributed)
+    tokens: bool = False  # opt-in token features: visual_tokens, text_tokens, text_mask (TEAM)
 
 
 @dataclass
@@ -195,17 +202,25 @@ def key_inputs(cfg: ExtractConfig, info: DatasetInfo, vision: dict[str, Any],
         "dtype": cfg.dtype,
         "precision": precision,
         "format": cfg.format,
+        **({"tokens": True} if cfg.tokens else {}),  # keys of token-less caches stay as they were
     }
 
 
 def split_layouts(info: DatasetInfo, shard_rows: int, dims: dict[str, int],
-                  dtype: str) -> dict[str, SplitLayout]:
+                  dtype: str, token_shapes: dict[str, tuple[int, ...]] | None = None
+                  ) -> dict[str, SplitLayout]:
+    """Fields per split; ``token_shapes`` (``visual_tokens``: (L, Dv), ``text_tokens``: (W, Dt))
+    adds the opt-in token fields and ``text_mask [W]``."""
     fields = [FieldSpec("visual", (dims["visual"],), storage_dtype(dtype)),
               FieldSpec("text", (dims["text"],), storage_dtype(dtype)),
               FieldSpec("label", (), "int32"), FieldSpec("id", (), "str"),
               FieldSpec("valid", (), "uint8")]
     if info.has_ingredients:
         fields.append(FieldSpec("ingredients", (len(info.ingredients),), "uint8"))
+    if token_shapes:
+        fields += [FieldSpec("visual_tokens", token_shapes["visual_tokens"], storage_dtype(dtype)),
+                   FieldSpec("text_tokens", token_shapes["text_tokens"], storage_dtype(dtype)),
+                   FieldSpec("text_mask", token_shapes["text_tokens"][:1], "uint8")]
     return {split: SplitLayout(len(recs), shard_rows, tuple(fields))
             for split, recs in info.splits.items()}
 
@@ -372,7 +387,10 @@ def _extract(cfg: ExtractConfig, ranks: RankInfo, device: torch.device,
         return ExtractResult(path, read_manifest(path), reused=True)
 
     batch, shard_rows = _geometry(cfg, path, log)
-    layouts = split_layouts(info, shard_rows, {"visual": vision.dim, "text": text.dim}, cfg.dtype)
+    token_shapes = ({"visual_tokens": vision.token_shape(),
+                     "text_tokens": (text.spec.max_length, text.dim)} if cfg.tokens else None)
+    layouts = split_layouts(info, shard_rows, {"visual": vision.dim, "text": text.dim}, cfg.dtype,
+                            token_shapes)
     manifest = _new_manifest(cfg, info, key, inputs, vision.dim, text.dim, batch, device,
                              precision, ranks)
     writer = CacheWriter.open(path, manifest, layouts, lock=ranks.is_main,
@@ -383,6 +401,7 @@ def _extract(cfg: ExtractConfig, ranks: RankInfo, device: torch.device,
         log(f"writing cache {path} (key {key}); {len(texts):,} unique texts")
         text_table = _encode_text_table(path, texts, text, device, ranks, cfg.rank_timeout_s)
         text_row = {t: i for i, t in enumerate(texts)}
+        token_tables = _text_token_tables(texts, text, device, cfg.dtype) if cfg.tokens else {}
         del text
         vision.to_runtime(device, cfg.channels_last, cfg.compile)
         images, images_s = 0, 0.0
@@ -390,7 +409,8 @@ def _extract(cfg: ExtractConfig, ranks: RankInfo, device: torch.device,
             if split in info.splits:
                 rows, seconds = _extract_split(replace(cfg, batch_size=batch), info, split,
                                                layouts[split], writer, vision, precision,
-                                               text_table, text_row, ranks, log)
+                                               text_table, text_row, ranks, log,
+                                               token_tables)
                 images, images_s = images + rows, images_s + seconds
         # wall time of this run's image loops (decode + model + write, overlapped): what
         # `marnet bench` divides by; the per-stage sums in "timings" overlap each other
@@ -464,10 +484,20 @@ def _encode_text_table(path: Path, texts: list[str], text, device: torch.device,
     return table if ranks.is_main else _text_table(path, texts, encode)
 
 
+def _text_token_tables(texts: list[str], text, device: torch.device, dtype: str
+                       ) -> dict[str, np.ndarray]:
+    """``text_tokens`` (in the cache dtype) and ``text_mask`` per unique text, row-aligned with
+    the text table; each cache row gets its text's tokens (stored per row, like ``text``)."""
+    with progress_bar("text tokens", len(texts)) as advance:
+        states, mask = text.encode_tokens(texts, device, batch_size=128, on_batch=advance)
+    return {"text_tokens": to_storage(states, dtype), "text_mask": mask.numpy()}
+
+
 def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: SplitLayout,
                    writer: CacheWriter, vision, precision: str, text_table: np.ndarray,
                    text_row: dict[str, int], ranks: RankInfo,
-                   log: Callable[[str], None]) -> tuple[int, float]:
+                   log: Callable[[str], None],
+                   token_tables: dict[str, np.ndarray] | None = None) -> tuple[int, float]:
     """Write this rank's pending shards of ``split``; return (rows, wall seconds)."""
     records = info.splits[split]
     pending = writer.pending(split, ranks.owned(layout.num_shards))
@@ -489,7 +519,10 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: Sp
             for images, indices, errors in loader:
                 t_model = time.perf_counter()
                 with torch.inference_mode():
-                    feats = vision.features(images, precision)
+                    if cfg.tokens:
+                        feats, tokens = vision.features_and_tokens(images, precision)
+                    else:
+                        feats, tokens = vision.features(images, precision), None
                 feats = to_storage(feats, cfg.dtype)
                 sync()
                 read_s, model_s = t_model - t_read, time.perf_counter() - t_model
@@ -498,7 +531,8 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: Sp
                 rows = indices.tolist()
                 shard = rows[0] // layout.shard_rows
                 if current and current["index"] != shard:
-                    _submit_shard(thread, current, split, records, info, text_table, text_row)
+                    _submit_shard(thread, current, split, records, info, text_table, text_row,
+                                  token_tables)
                     current = {}
                 if not current:
                     current = {"index": shard, "rows": [], "feats": [], "errors": [],
@@ -507,6 +541,8 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: Sp
                 current["timing"]["model_s"] += model_s
                 current["rows"] += rows
                 current["feats"].append(feats)
+                if tokens is not None:
+                    current.setdefault("tokens", []).append(to_storage(tokens, cfg.dtype))
                 for row, err in zip(rows, errors):
                     if err:
                         if cfg.on_bad_image == "fail":
@@ -518,7 +554,8 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: Sp
                 advance(len(rows), info=_timing_line(timing, thread.write_seconds, done))
                 t_read = time.perf_counter()
             if current:
-                _submit_shard(thread, current, split, records, info, text_table, text_row)
+                _submit_shard(thread, current, split, records, info, text_table, text_row,
+                              token_tables)
     finally:
         thread.close()
     log(f"{split}: {rows_total:,} rows; {_timing_line(timing, thread.write_seconds, rows_total)}")
@@ -535,7 +572,8 @@ def _timing_line(timing: dict[str, float], write_s: float, rows: int) -> str:
 
 
 def _submit_shard(thread: ShardWriterThread, current: dict[str, Any], split: str, records,
-                  info: DatasetInfo, text_table: np.ndarray, text_row: dict[str, int]) -> None:
+                  info: DatasetInfo, text_table: np.ndarray, text_row: dict[str, int],
+                  token_tables: dict[str, np.ndarray] | None = None) -> None:
     rows = current["rows"]
     recs = [records[r] for r in rows]
     visual = np.concatenate(current["feats"])
@@ -547,7 +585,8 @@ def _submit_shard(thread: ShardWriterThread, current: dict[str, Any], split: str
         visual[row - first] = 0
         skipped.append({"split": split, "id": records[row].id, "path": str(records[row].image),
                         "reason": err})
-    text_rows = text_table[[text_row[r.text] for r in recs]]
+    text_index = [text_row[r.text] for r in recs]
+    text_rows = text_table[text_index]
     dtype = thread.writer.manifest["dtype"]
     arrays = {
         "visual": visual,
@@ -558,6 +597,11 @@ def _submit_shard(thread: ShardWriterThread, current: dict[str, Any], split: str
     }
     if info.has_ingredients:
         arrays["ingredients"] = ingredient_matrix(recs, len(info.ingredients))
+    if "tokens" in current:
+        arrays["visual_tokens"] = np.concatenate(current["tokens"])
+        arrays["visual_tokens"][[row - first for row, _ in current["errors"]]] = 0
+    for name, table in (token_tables or {}).items():
+        arrays[name] = table[text_index]
     thread.submit(split=split, index=current["index"], arrays=arrays,
                   ids=[r.id for r in recs], skipped=skipped, timing=current["timing"])
 

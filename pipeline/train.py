@@ -21,10 +21,20 @@ from torch import nn
 
 from .backbones import resolve_device, resolve_precision
 from .config import ConfigError, from_dict
-from .heads import METHODS, Dims, SplitData, Stage, Standardizer, TrainContext, build_head, method_config
+from .heads import (
+    METHODS,
+    Dims,
+    SplitData,
+    Stage,
+    Standardizer,
+    TrainContext,
+    build_head,
+    method_config,
+    method_fields,
+)
 from .progress import progress_bar
 from .splits import held_out_split
-from .store import FeatureCache, canonical, require_expected, write_json_atomic
+from .store import CacheError, FeatureCache, canonical, require_expected, write_json_atomic
 
 
 @dataclass
@@ -88,16 +98,38 @@ def load_features(cache: FeatureCache, split: str, device: torch.device,
 
 
 def load_training_data(cache: FeatureCache, cfg: TrainConfig, device: torch.device,
-                       features: str = "visual"
+                       features: str = "visual", extra_fields: tuple[str, ...] = ()
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
-    """Train and validation tensors on ``device``: the cache's val split, or a held-out slice."""
+    """Train and validation tensors on ``device``: the cache's val split, or a held-out slice.
+
+    ``features="text"`` feeds text features as the classifier input (the text-only ceiling).
+    ``extra_fields`` (token features) are loaded for train only, in the cache's own dtype: they
+    feed training losses, never validation, and float32 copies would double their memory.
+    """
+    fields = ("visual", "text", "label")
     train = load_features(cache, "train", device, features)
+    if extra_fields:
+        train.update(cache.load_split("train", extra_fields, device, storage_torch_dtype(cache)))
     if "val" in cache.splits:
         return train, load_features(cache, "val", device, features), "val split"
     tr, va = held_out_split(train["label"].cpu(), cfg.val_fraction, cfg.seed)
     tr, va = tr.to(device), va.to(device)
-    return ({k: v[tr] for k, v in train.items()}, {k: v[va] for k, v in train.items()},
+    return ({k: v[tr] for k, v in train.items()}, {k: train[k][va] for k in fields},
             f"{cfg.val_fraction:.0%} of train held out (stratified, seed {cfg.seed})")
+
+
+def storage_torch_dtype(cache: FeatureCache) -> torch.dtype:
+    """The torch dtype a cache stores its features in (float16, bfloat16 or float32)."""
+    return getattr(torch, cache.dtype)
+
+
+def require_fields(cache: FeatureCache, method: str, fields: tuple[str, ...]) -> None:
+    """Refuse a method whose extra fields the cache lacks, saying how to get them."""
+    missing = [f for f in fields if not cache.has_field(f)]
+    if missing:
+        raise CacheError(f"--method {method} needs the token features {', '.join(missing)}, "
+                         f"which the cache at {cache.root} does not hold; re-extract it with "
+                         "`marnet extract ... --tokens` (token features are opt-in)")
 
 
 class BatchSampler:
@@ -237,10 +269,13 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     method_cfg = method_config(method, overrides)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    extra_fields = method_fields(method, method_cfg)
+    require_fields(cache, method, extra_fields)
     seed_everything(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_raw, val_raw, val_source = load_training_data(cache, cfg, device, features)
+    train_raw, val_raw, val_source = load_training_data(cache, cfg, device, features,
+                                                        extra_fields)
     dims = Dims(cache.dim(features), cache.dim("text"), len(cache.class_names))
     model = HeadsModel(method, method_cfg, dims).to(device)
     model.norm_visual.fit(train_raw["visual"])
@@ -285,8 +320,28 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
 
 
 def _standardise(model: HeadsModel, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"visual": model.norm_visual(data["visual"]), "text": model.norm_text(data["text"]),
-            "label": data["label"]}
+    """z-scored features; token fields (``visual_tokens``, ``text_tokens``) with the statistics
+    of their pooled feature, so that tokens and pooled features share one input space."""
+    out = {**data, "visual": model.norm_visual(data["visual"]),
+           "text": model.norm_text(data["text"])}
+    for name, norm in (("visual", model.norm_visual), ("text", model.norm_text)):
+        if f"{name}_tokens" in data:
+            out[f"{name}_tokens"] = standardise_tokens(norm, data[f"{name}_tokens"], name)
+    return out
+
+
+def standardise_tokens(norm: Standardizer, tokens: torch.Tensor, name: str,
+                       chunk_rows: int = 4096) -> torch.Tensor:
+    """``norm`` applied to every token, chunk by chunk, kept in the tokens' dtype."""
+    if tokens.shape[-1] != norm.mean.shape[0]:
+        raise CacheError(f"{name}_tokens have width {tokens.shape[-1]} but the pooled {name} "
+                         f"features {norm.mean.shape[0]}; token methods share the encoder "
+                         "between them, so they need a backbone whose token width equals its "
+                         "feature width")
+    out = torch.empty_like(tokens)
+    for start in range(0, len(tokens), chunk_rows):
+        out[start:start + chunk_rows] = norm(tokens[start:start + chunk_rows].float())
+    return out
 
 
 def evaluate_features(model: HeadsModel, visual: torch.Tensor, labels: torch.Tensor,

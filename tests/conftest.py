@@ -274,3 +274,13 @@ def subprocess_env() -> dict[str, str]:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MARNET_PROGRESS="0",
                OMP_NUM_THREADS=str(torch.get_num_threads()), OMP_WAIT_POLICY="PASSIVE")
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_token_cache(synth_root, tmp_path_factory) -> Path:
+    """The tiny cache with token features; 64 px input gives a 2 x 2 map, so L = 4 tokens."""
+    cache_dir = tmp_path_factory.mktemp("token-cache")
+    cfg = tiny_extract_config(synth_root, cache_dir, tokens=True,
+                              vision=VisionSpec("test_efficientnet", "random", image_size=64,
+                                                crop_pct=1.0))
+    return extract(cfg, log=lambda _: None).path

@@ -14,10 +14,23 @@ from typing import Any, Callable
 from torch import nn
 
 from ..config import apply_overrides
-from .alignment import ALIGNMENT_LOSSES, AlignConfig, AlignedClassifier
+from .alignment import (
+    ALIGNMENT_LOSSES,
+    AlignConfig,
+    AlignedClassifier,
+    CDDConfig,
+    SSANConfig,
+    SWDConfig,
+    TEAMConfig,
+    alignment_fields,
+)
 from .common import Dims, SplitData, Stage, Standardizer, TrainContext
 from .marnet import VARIANTS, DiffusionConfig, MARNet, MARNetConfig
 from .seda import SeDA, SeDAConfig
+
+
+def no_fields(cfg: Any) -> tuple[str, ...]:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,7 @@ class MethodSpec:
     defaults: dict[str, Any]
     build: Callable[[Any, Dims], nn.Module]
     summary: str
+    fields: Callable[[Any], tuple[str, ...]] = no_fields  # extra cache fields (tokens)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -35,6 +49,18 @@ METHODS: dict[str, MethodSpec] = {
                       "ITA (MGCA): symmetric InfoNCE + CE; identical to MARNet's EMA"),
     "sdm": MethodSpec(AlignConfig, {"loss": "sdm", "tau": 0.02}, AlignedClassifier,
                       "SDM (IRRA): KL between image-text similarity and label matching"),
+    "swd": MethodSpec(SWDConfig, {}, AlignedClassifier,
+                      "SWD: sliced Wasserstein distance between image and text class posteriors",
+                      alignment_fields),
+    "ssan": MethodSpec(SSANConfig, {}, AlignedClassifier,
+                       "SSAN: shared classifier, text soft labels (ISA), triplet centroids (ESA)",
+                       alignment_fields),
+    "cdd": MethodSpec(CDDConfig, {}, AlignedClassifier,
+                      "CDD (CAN): class-aware multi-kernel MMD, intra minus inter class",
+                      alignment_fields),
+    "team": MethodSpec(TEAMConfig, {}, AlignedClassifier,
+                       "TEAM: token-level attention alignment scores + InfoNCE (needs --tokens)",
+                       alignment_fields),
     "marnet": MethodSpec(MARNetConfig, {}, MARNet,
                          "MARNet: EMA + CDR (conditional feature diffusion) + fusion"),
     "seda": MethodSpec(SeDAConfig, {}, SeDA,
@@ -58,6 +84,11 @@ def build_head(name: str, cfg: Any, dims: Dims) -> nn.Module:
     return METHODS[name].build(cfg, dims)
 
 
+def method_fields(name: str, cfg: Any) -> tuple[str, ...]:
+    """Cache fields method ``name`` reads beyond visual/text/label (TEAM: token features)."""
+    return METHODS[name].fields(cfg)
+
+
 __all__ = ["ABLATIONS", "ALIGNMENT_LOSSES", "METHODS", "VARIANTS", "AlignConfig", "Dims",
            "DiffusionConfig", "MARNetConfig", "SplitData", "Stage", "Standardizer",
-           "TrainContext", "build_head", "method_config"]
+           "TrainContext", "build_head", "method_config", "method_fields"]

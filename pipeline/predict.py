@@ -1,0 +1,64 @@
+"""Image-only inference with a trained run: top-k classes with probabilities per image.
+
+The vision backbone the run's cache was made with is rebuilt from the cache manifest (its
+weights digest is checked), the images are decoded and encoded exactly as extraction did (same
+preprocessing, precision and on-disk dtype cast), and the run's heads classify the features.
+Text is never read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .backbones import resolve_device
+from .datasets.images import BadImageError, load_rgb
+from .evaluate import rebuild_vision, run_cache
+from .extract import encode_images
+from .train import load_run
+
+
+def check_images(paths: Sequence[Path]) -> None:
+    """Decode every image once; the first unreadable one raises, naming the file and why."""
+    for path in paths:
+        load_rgb(path)
+
+
+def top_classes(logits: torch.Tensor, class_names: Sequence[str], topk: int
+                ) -> list[list[dict[str, Any]]]:
+    """Per row, the ``topk`` classes by softmax probability: rank, class, index, probability."""
+    probs = torch.softmax(logits.float(), dim=1)
+    values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
+    return [[{"rank": rank + 1, "class": class_names[i], "index": i, "probability": p}
+             for rank, (i, p) in enumerate(zip(idx.tolist(), val.tolist()))]
+            for idx, val in zip(indices, values)]
+
+
+def predict_images(run_dir: Path | str, images: Sequence[Path | str], topk: int = 5,
+                   device: str = "auto", num_workers: int = 0,
+                   weights_dir: Path | str = "cache/weights", cache: Path | str | None = None
+                   ) -> list[dict[str, Any]]:
+    """``[{"image": path, "predictions": [{rank, class, index, probability}, ...]}, ...]``."""
+    paths = [Path(p) for p in images]
+    if not paths:
+        raise BadImageError("no images given")
+    check_images(paths)
+    dev = resolve_device(device)
+    model, config = load_run(run_dir, dev)
+    fc = run_cache(config, cache)
+    vision = rebuild_vision(fc.manifest, dev, weights_dir)
+    settings = fc.manifest["settings"]
+    visual, errors = encode_images(vision, paths, settings["batch_size"], settings["precision"],
+                                   fc.manifest["dtype"], num_workers, "images")
+    bad = [e for e in errors if e]
+    if bad:
+        raise BadImageError(f"cannot read {bad[0]}")
+    generator = torch.Generator(device=dev).manual_seed(config["train"]["seed"])
+    logits = model.predict(visual.to(dev), generator, config["train"]["chunk_rows"])
+    return [{"image": str(path), "predictions": top}
+            for path, top in zip(paths, top_classes(logits, config["class_names"], topk))]
+
+
+__all__ = ["predict_images", "top_classes"]
