@@ -193,11 +193,13 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                 res = train_heads(cache, spec.method, run_dir, overrides, cfg, log, spec.features)
             if on_run is not None:
                 on_run(run_dir)
-            test = res.get("test") or res["val"]
+            split = "test" if "test" in res else "val"  # a cache without a test split
             results.append({"row": spec.row, "method": spec.method, "seed": seed,
-                            "top1": test["top1"], "top5": test["top5"],
-                            "val_top1": res["val"]["top1"], "run": str(run_dir),
-                            "train_seconds": res.get("train_seconds")})
+                            "split": split, "top1": res[split]["top1"],
+                            "top5": res[split]["top5"], "val_top1": res["val"]["top1"],
+                            "run": str(run_dir), "train_seconds": res.get("train_seconds")})
+    if any(r["split"] == "val" for r in results):  # never pass selection-split numbers as test
+        title = f"{title or 'results'} (VALIDATION split: the cache has no test split)"
     write_tables(out, results, ("row",), title, {"cache": str(cache), "seeds": list(seeds)})
     return results
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,6 +25,7 @@ from .extract import ExtractConfig, ExtractResult, extract
 from .finetune import FinetuneConfig, finetune
 from .progress import progress_bar
 from .report import write_tables
+from .store import content_key
 from .train import TrainConfig
 
 # Head settings sized for a CPU demo (the paper-scale defaults are in the method configs):
@@ -81,15 +82,21 @@ def backbone_cache(cfg: DemoConfig, method: str | None, frozen: ExtractResult,
     """
     if method is None:
         return frozen
-    ckpt = cfg.out.parent / "finetune" / f"{method}-beta{cfg.finetune_beta:g}" / "backbone.safetensors"
+    settings = FinetuneConfig(
+        dataset="synthfood", root=cfg.data_root, out=Path("backbone.safetensors"),
+        vision=VisionSpec(cfg.visual, cfg.weights, image_size=cfg.image_size, crop_pct=1.0),
+        method=method, beta=cfg.finetune_beta, text_cache=frozen.path,
+        epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, train_blocks=cfg.finetune_blocks,
+        device=cfg.device, num_workers=cfg.num_workers, weights_dir=cfg.cache_dir / "weights")
+    # the checkpoint's folder is keyed by everything that shapes it (as a cache is): other
+    # settings never reuse it, equal settings do (and resume it when it was interrupted)
+    key = content_key({"dataset": frozen.manifest["inputs"]["dataset"]["digest"],
+                       **{k: v for k, v in asdict(settings).items()
+                          if k not in ("out", "device", "num_workers", "weights_dir",
+                                       "text_cache", "root")}})
+    ckpt = cfg.out.parent / "finetune" / f"{method}-{key}" / "backbone.safetensors"
     if not ckpt.is_file():
-        finetune(FinetuneConfig(
-            dataset="synthfood", root=cfg.data_root, out=ckpt,
-            vision=VisionSpec(cfg.visual, cfg.weights, image_size=cfg.image_size, crop_pct=1.0),
-            method=method, beta=cfg.finetune_beta, text_cache=frozen.path,
-            epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, train_blocks=cfg.finetune_blocks,
-            device=cfg.device, num_workers=cfg.num_workers,
-            weights_dir=cfg.cache_dir / "weights"), log)
+        finetune(replace(settings, out=ckpt), log)
     return _extract(cfg, ckpt, log)
 
 

@@ -42,13 +42,14 @@ def test_balanced_batches_draw_classes_times_samples():
         assert (counts > 0).sum() == 4 and set(counts[counts > 0].tolist()) == {6}
 
 
-def _separable_cache(root, rows=(300, 60, 120), classes=4, dims=(16, 8)):
+def _separable_cache(root, rows=None, classes=4, dims=(16, 8)):
+    rows = rows or {"train": 300, "val": 60, "test": 120}
     g = torch.Generator().manual_seed(0)
     v_means, s_means = 3 * torch.randn(classes, dims[0], generator=g), torch.randn(classes, dims[1], generator=g)
     fields = (FieldSpec("visual", (dims[0],), "float16"), FieldSpec("text", (dims[1],), "float16"),
               FieldSpec("label", (), "int32"), FieldSpec("id", (), "str"),
               FieldSpec("valid", (), "uint8"))
-    layouts = {s: SplitLayout(n, 512, fields) for s, n in zip(("train", "val", "test"), rows)}
+    layouts = {s: SplitLayout(n, 512, fields) for s, n in rows.items()}
     manifest = {"key": "separable", "inputs": {"dataset": {"name": "toy"}, "visual": {"model": "toy"},
                                                "text": {"model": "toy"}},
                 "format": "zarr", "dtype": "float16", "class_names": [f"c{i}" for i in range(classes)],
@@ -75,3 +76,13 @@ def test_methods_learn_separable_classes(tmp_path):
     for method, overrides in (("visual", {}), ("ita", {}), ("marnet", small)):
         results = train_heads(cache, method, tmp_path / method, overrides, cfg, log=lambda _: None)
         assert results["test"]["top1"] > 90, (method, results["test"])
+
+
+def test_ablation_without_a_test_split_says_it_reports_validation(tmp_path):
+    from marnet.pipeline.ablate import RowSpec, run_matrix
+
+    cache = _separable_cache(tmp_path / "cache", rows={"train": 200, "val": 40})
+    rows = run_matrix(cache, [RowSpec("Baseline (visual)", "visual")], [0], tmp_path / "ab",
+                      TrainConfig(epochs=2, batch_size=32, device="cpu"), log=lambda _: None)
+    assert rows[0]["split"] == "val"
+    assert "VALIDATION split" in (tmp_path / "ab" / "results.md").read_text()
