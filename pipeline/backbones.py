@@ -215,8 +215,9 @@ def _create_timm(model: str, weights: str, weights_dir: Path, **kwargs: Any) -> 
     if not timm.is_model(model):
         raise BackboneError(f"unknown timm model {model!r} (see timm.list_models())")
     if weights == "random":
-        torch.manual_seed(0)
-        return timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG be
+            torch.manual_seed(0)
+            return timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
     if weights == "hub":
         try:
             return timm.create_model(model, pretrained=True, num_classes=0, **kwargs)

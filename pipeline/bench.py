@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from .backbones import TextSpec, VisionSpec, build_vision, resolve_device, resolve_precision
-from .heads import Dims, SplitData, TrainContext, build_head, method_config
+from .heads import Dims, SplitData, Standardizer, TrainContext, build_head, method_config
 from .store import CacheWriter, FeatureCache, FieldSpec, SplitLayout, to_storage
+from .train import train_step
 
 # ratio -> target per device type (None: reported, no target)
 TARGETS: dict[str, dict[str, float] | None] = {
@@ -112,9 +113,10 @@ def clustered_features(rows: int, cfg: BenchConfig, seed: int = 0) -> dict[str, 
 
 
 def _split(data: dict[str, torch.Tensor], device: torch.device) -> SplitData:
+    """Standardised features on ``device``, as the trainer hands them to a head."""
     def z(x: torch.Tensor) -> torch.Tensor:
-        return (x - x.mean(0)) / (x.std(0) + 1e-6)
-    return SplitData({"visual": z(data["visual"]).to(device), "text": z(data["text"]).to(device),
+        return Standardizer(x.shape[1]).fit(x)(x).to(device)
+    return SplitData({"visual": z(data["visual"]), "text": z(data["text"]),
                       "label": data["label"].to(device)})
 
 
@@ -126,15 +128,6 @@ def _marnet_stage_a(cfg: BenchConfig, device: torch.device, train: SplitData):
     stage = head.stages(train, train, ctx)[0]
     params = [p for m in stage.modules for p in m.parameters()]
     return head, stage, torch.optim.AdamW(params, lr=1e-3), ctx
-
-
-def _train_step(stage, optimizer, batch: dict[str, torch.Tensor], precision: str,
-                device: torch.device) -> None:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss, _ = stage.loss(batch)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 # --------------------------------------------------------------------------- the benches
@@ -154,7 +147,7 @@ def bench_heads_vs_naive(cfg: BenchConfig, device: torch.device, precision: str,
         index = torch.randint(0, len(train), (cfg.head_batch,), device=device, generator=g)
         batch = {k: train[k][index] for k in ("visual", "text", "label")}
         batch["index"] = index
-        _train_step(stage, optimizer, batch, precision, device)
+        train_step(stage, optimizer, batch, precision, device.type)
 
     ours_s = timed(ours, cfg.warmup, cfg.iters, device)
     path = workdir / "naive.h5"
@@ -175,7 +168,7 @@ def bench_heads_vs_naive(cfg: BenchConfig, device: torch.device, precision: str,
             batch = next(batches)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         batch["index"] = torch.zeros(len(batch["label"]), dtype=torch.long, device=device)
-        _train_step(stage, optimizer, batch, precision, device)
+        train_step(stage, optimizer, batch, precision, device.type)
 
     naive_s = timed(naive, cfg.warmup, cfg.iters, device)
     return {"ratio": naive_s / ours_s, "ours_samples_per_s": cfg.head_batch / ours_s,
@@ -214,7 +207,7 @@ def bench_heads_vs_gemm(cfg: BenchConfig, device: torch.device, precision: str) 
     head, stage, optimizer, _ = _marnet_stage_a(cfg, device, train)
     index = torch.arange(cfg.head_batch, device=device)
     batch = {**{k: train[k][index] for k in ("visual", "text", "label")}, "index": index}
-    step_s = timed(lambda: _train_step(stage, optimizer, batch, precision, device),
+    step_s = timed(lambda: train_step(stage, optimizer, batch, precision, device.type),
                    cfg.warmup, cfg.iters, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     b = cfg.head_batch
@@ -273,7 +266,7 @@ def bench_ddim_vs_ddpm(cfg: BenchConfig, device: torch.device, precision: str) -
     for _ in range(3):
         for index in torch.randperm(len(train), device=device).split(cfg.head_batch):
             batch = {**{k: train[k][index] for k in ("visual", "text", "label")}, "index": index}
-            _train_step(stage, optimizer, batch, precision, device)
+            train_step(stage, optimizer, batch, precision, device.type)
     head.eval()
     schedule = head.schedule_on(device)
 
@@ -444,7 +437,7 @@ def bench_scaling(cfg: BenchConfig, device: torch.device, precision: str, workdi
             for index in perm.split(cfg.head_batch):
                 batch = {**{k: train[k][index] for k in ("visual", "text", "label")},
                          "index": index}
-                _train_step(stage, optimizer, batch, precision, device)
+                train_step(stage, optimizer, batch, precision, device.type)
 
         seconds = timed(epoch, 1, 2, device)
         heads.append({"rows": rows, "epoch_s": round(seconds, 3),

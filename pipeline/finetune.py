@@ -23,15 +23,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backbones import VisionSpec, build_vision, resolve_device, resolve_precision
 from .datasets import DEFAULT_TEMPLATE, DatasetInfo, load_dataset
 from .datasets.images import ImageFiles, Preprocess, TrainAugment
 from .extract import encode_images
-from .heads.common import ProjectionEncoder, Standardizer
-from .losses import ita_loss, sdm_loss
+from .heads import Dims, Standardizer, method_config
+from .heads.alignment import AlignedClassifier
 from .progress import progress_bar
 from .splits import held_out_split
 from .store import CacheError, FeatureCache
@@ -128,36 +127,49 @@ def train_text_features(cache_path: Path, info: DatasetInfo, split: str = "train
     return data["text"][[row[r.id] for r in info.splits[split]]]
 
 
-class AlignmentHead(nn.Module):
-    """Linear classifier plus, for alignment methods, MARNet's projections ``E_v``, ``E_s``."""
+# fine-tuning method -> (head method, its overrides): the heads' own aligned classifier
+FINETUNE_HEADS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ce": ("visual", {}), "ita": ("ita", {}), "ita-mp": ("ita", {"multi_positive": True}),
+    "sdm": ("sdm", {}),
+}
+
+
+class FinetuneHead(nn.Module):
+    """The heads' aligned classifier (``E_v``, ``E_s``, ``C``, a registered alignment loss:
+    ITA, multi-positive ITA or SDM, METHODS §1.2, §4.2) on backbone features, trained with
+    the backbone, plus the standardiser of the cached text features."""
 
     def __init__(self, method: str, visual_dim: int, text_dim: int, classes: int,
-                 proj_dim: int | None, tau: float | None):
+                 beta: float = 1.0, proj_dim: int | None = None, tau: float | None = None):
         super().__init__()
-        self.method = method
-        self.classifier = nn.Linear(visual_dim, classes)
-        if method != "ce":
-            d = proj_dim or text_dim
-            self.visual_proj = ProjectionEncoder(visual_dim, d)
-            self.text_proj = ProjectionEncoder(text_dim, d)
-            self.text_norm = Standardizer(text_dim)
-            self.tau = tau if tau is not None else (0.02 if method == "sdm" else 0.07)
+        name, overrides = FINETUNE_HEADS[method]
+        overrides = {**overrides, "weight": beta,
+                     **({"d": proj_dim} if proj_dim else {}),
+                     **({"tau": tau} if tau is not None else {})}
+        self.model = AlignedClassifier(method_config(name, overrides),
+                                       Dims(visual_dim, text_dim or visual_dim, classes))
+        self.text_norm = Standardizer(text_dim) if method != "ce" else None
+
+    def _batch(self, feats: torch.Tensor, labels: torch.Tensor,
+               text: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        batch = {"visual": feats, "label": labels}
+        if self.text_norm is not None:
+            batch["text"] = self.text_norm(text)
+        return batch
+
+    def loss(self, feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``CE(C(E_v f), y) + beta * L_align(E_v f, E_s x_s)``."""
+        return self.model.loss(self._batch(feats, labels, text))
 
     def align(self, feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``L_align(E_v f, E_s x_s)``: ITA, multi-positive ITA or SDM."""
-        f_v, f_s = self.visual_proj(feats), self.text_proj(self.text_norm(text))
-        if self.method == "sdm":
-            return sdm_loss(f_v, f_s, labels, tau=self.tau)
-        return ita_loss(f_v, f_s, self.tau, labels if self.method == "ita-mp" else None)
+        """``L_align`` alone, with gradients."""
+        f_v = self.model.embed(feats)
+        return self.model.alignment_terms(self._batch(feats, labels, text), f_v,
+                                          self.model.classifier(f_v))[0]
 
-    def loss(self, feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None,
-             beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``CE(C(f), y) + beta * L_align``."""
-        ce = F.cross_entropy(self.classifier(feats), labels)
-        if self.method == "ce":
-            return ce, {"ce": ce.detach()}
-        align = self.align(feats, labels, text)
-        return ce + beta * align, {"ce": ce.detach(), self.method: align.detach()}
+    def predict(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.model.predict(feats)
 
 
 def selection_split(info: DatasetInfo, text: torch.Tensor | None, seed: int,
@@ -205,8 +217,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[st
     text_key = FeatureCache(cfg.text_cache).key if aligned else None
     train_records, val_records, text, validation = selection_split(info, text, cfg.seed)
     meta = {**provenance(cfg, info, vision.description, text_key), "validation": validation}
-    head = AlignmentHead(cfg.method, vision.dim, text.shape[1] if text is not None else 0,
-                         info.num_classes, cfg.proj_dim, cfg.tau)
+    head = FinetuneHead(cfg.method, vision.dim, text.shape[1] if text is not None else 0,
+                        info.num_classes, cfg.beta, cfg.proj_dim, cfg.tau)
     if text is not None:
         head.text_norm.fit(text)
         text = text.to(device)
@@ -246,7 +258,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[st
                 y = labels[index].to(device)
                 feats = vision.features(images, precision)
                 loss, parts = head.loss(feats, y, text[index.to(device)] if text is not None
-                                        else None, cfg.beta)
+                                        else None)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -270,13 +282,13 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[st
     return meta
 
 
-def _val_top1(vision, head: AlignmentHead, records, precision: str, cfg: FinetuneConfig) -> float:
+def _val_top1(vision, head: FinetuneHead, records, precision: str, cfg: FinetuneConfig) -> float:
     feats, errors = encode_images(vision, [r.image for r in records], cfg.batch_size, precision,
                                   "float32", cfg.num_workers, "validate")
     keep = torch.tensor([not e for e in errors])
     labels = torch.tensor([r.label for r in records])[keep].to(vision.device)
     with torch.no_grad():
-        pred = head.classifier(feats[keep].to(vision.device)).argmax(1)
+        pred = head.predict(feats[keep].to(vision.device)).argmax(1)
     return 100.0 * (pred == labels).float().mean().item()
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .store import write_json_atomic
+from .train import topk_metrics
 
 TensorMap = dict[str, torch.Tensor]
 
@@ -179,7 +180,7 @@ def plot_confidence(logits: TensorMap, labels: torch.Tensor, out: Path,
         arrays[f"{_key(name)}_confidence"], arrays[f"{_key(name)}_correct"] = confidence, correct
         summary[name] = {"counts": counts.tolist(), "mean_confidence": float(confidence.mean()),
                          "top1": float(100 * correct.mean()),
-                         "top5": _top5(branch, labels)}
+                         "top5": topk_metrics(branch.float(), labels, branch.shape[1])["top5"]}
         ax.stairs(counts, edges, label=f"{name} (top-1 {summary[name]['top1']:.1f}%)",
                   linewidth=1.5)
     ax.set_xlabel("max softmax probability")
@@ -192,11 +193,6 @@ def plot_confidence(logits: TensorMap, labels: torch.Tensor, out: Path,
     data = {"edges": edges.tolist(), "branches": summary}
     write_json_atomic(out / "confidence.json", data)
     return data
-
-
-def _top5(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return float(100 * (top == labels[:, None]).any(dim=1).float().mean())
 
 
 # ---------------------------------------------------------------------- training curves

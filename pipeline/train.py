@@ -178,6 +178,18 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
+def train_step(stage: Stage, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               precision: str, device_type: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step of ``stage.loss`` (bf16 autocast when asked); returns the
+    detached loss and its parts, still on the device (no host sync)."""
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss, parts = stage.loss(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), parts
+
+
 def run_stage(stage: Stage, train: SplitData, cfg: TrainConfig, ctx: TrainContext,
               precision: str, log_metrics: Callable[[dict], None]) -> dict[str, float]:
     """Train ``stage.modules``; keep each selection group at its best validation epoch."""
@@ -202,13 +214,9 @@ def run_stage(stage: Stage, train: SplitData, cfg: TrainConfig, ctx: TrainContex
             for index in sampler.epoch():
                 batch = {k: train[k][index] for k in stage.fields}
                 batch["index"] = index
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss, parts = stage.loss(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss, parts = train_step(stage, optimizer, batch, precision, device_type)
                 scheduler.step()
-                for k, v in {"loss": loss.detach(), **parts}.items():
+                for k, v in {"loss": loss, **parts}.items():
                     sums[k] = sums.get(k, 0) + v.float()
             for m in stage.modules:
                 m.eval()

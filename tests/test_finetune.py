@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 from marnet.pipeline.backbones import VisionSpec, build_vision, read_checkpoint_meta
 from marnet.pipeline.extract import extract
 from marnet.pipeline.finetune import (
-    AlignmentHead,
     FinetuneConfig,
     FinetuneError,
+    FinetuneHead,
     finetune,
     trainable_prefix,
 )
@@ -39,7 +39,7 @@ def test_one_epoch_changes_the_backbone(synth_root, tiny_cache, tmp_path, method
 @pytest.mark.parametrize("method", ["ita", "ita-mp", "sdm"])
 def test_alignment_loss_decreases_on_a_fixed_batch(method):
     torch.manual_seed(0)
-    head = AlignmentHead(method, 16, 8, 3, proj_dim=8, tau=None)
+    head = FinetuneHead(method, 16, 8, 3, proj_dim=8)
     feats = torch.randn(12, 16, requires_grad=True)
     text, labels = torch.randn(12, 8), torch.arange(12) % 3
     head.text_norm.fit(text)

@@ -30,7 +30,7 @@ from ..losses import (
     symmetric_infonce,
     token_alignment_scores,
 )
-from .common import Batch, Dims, ProjectionEncoder, SplitData, Stage
+from .common import Batch, Dims, ProjectionEncoder, SplitData, Stage, val_top1
 
 
 @dataclass
@@ -188,10 +188,6 @@ def alignment_fields(cfg: AlignConfig) -> tuple[str, ...]:
     return ALIGNMENT_LOSSES[cfg.loss].fields if cfg.loss in ALIGNMENT_LOSSES else ()
 
 
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(dim=1) == labels).float().mean().item()
-
-
 class AlignedClassifier(nn.Module):
     """``E_v``, ``E_s`` and a linear classifier trained with CE + weight * alignment loss."""
 
@@ -242,8 +238,7 @@ class AlignedClassifier(nn.Module):
         parts = {"ce": ce.detach()}
         total = self.cfg.ce_weight * ce
         if self.spec is not None:
-            inputs = AlignInputs(batch, f_v, self.text_encoder(batch["text"]), logits, generator)
-            align, aux = self.spec.compute(self, inputs)
+            align, aux = self.alignment_terms(batch, f_v, logits, generator)
             parts[self.cfg.loss] = align.detach()
             total = total + self.cfg.weight * align
             for name, term in aux.items():
@@ -251,15 +246,18 @@ class AlignedClassifier(nn.Module):
                 total = total + term
         return total, parts
 
+    def alignment_terms(self, batch: Batch, f_v: torch.Tensor, logits: torch.Tensor,
+                        generator: torch.Generator | None = None) -> LossTerms:
+        """``(L_align, auxiliary terms)`` of the registered loss for one batch (with grads)."""
+        inputs = AlignInputs(batch, f_v, self.text_encoder(batch["text"]), logits, generator)
+        return self.spec.compute(self, inputs)
+
     def balanced(self) -> bool:
         return self.spec is not None and self.spec.balanced
 
     def stages(self, train: SplitData, val: SplitData, ctx) -> list[Stage]:
-        def val_top1() -> float:
-            with torch.no_grad():
-                return top1(self.predict(val["visual"]), val["label"])
-
         fields = ("visual", "text", "label") + (self.spec.fields if self.spec else ())
+        metric = val_top1(lambda: self.predict(val["visual"]), val["label"])
         return [Stage("align", [self], lambda batch: self.loss(batch, ctx.generator),
-                      {"align": ([self], val_top1)},
+                      {"align": ([self], metric)},
                       sampler="balanced" if self.balanced() else "random", fields=fields)]

@@ -224,8 +224,12 @@ class MARNet(ScheduleOwner):
         self.mlp = MLPControl(cfg, dims) if cfg.variant == "mlp" else None
         self.fusion = FusionHead(cfg.fusion, self.ema.d, dims.text, dims.classes) \
             if cfg.variant == "full" else None
+        # stage (b)'s inputs, made once by its prepare(): K sampled x_CDR per train row, one
+        # per val row, and the frozen x_EMA of both
         self._train_samples: torch.Tensor | None = None
         self._val_samples: torch.Tensor | None = None
+        self._train_ema: torch.Tensor | None = None
+        self._val_ema: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ prediction
 
