@@ -217,19 +217,13 @@ def train_heads(
 ) -> None:
     """Stage two: train a method's heads on a cache; select on validation; report test."""
     from .pipeline.config import parse_overrides
-    from .pipeline.heads import ABLATIONS
+    from .pipeline.heads import resolve_overrides
     from .pipeline.store import parse_expectations
     from .pipeline.train import TrainConfig, train_heads as run
 
     try:
         expectations = parse_expectations(expect)
-        overrides = parse_overrides(set_)
-        if ablation is not None:
-            if method != "marnet" or ablation not in ABLATIONS:
-                raise ValueError(f"--ablation takes {', '.join(ABLATIONS)} with --method marnet")
-            overrides["variant"] = ABLATIONS[ablation]
-        if fusion is not None:
-            overrides["fusion"] = fusion
+        overrides = resolve_overrides(method, ablation, fusion, parse_overrides(set_))
         results = run(cache, method, out, overrides,
                       TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                   device=device), log=console.print, features=features,
@@ -342,19 +336,18 @@ def demo(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The offline demo end to end: generate, fine-tune, extract, train Table-2 heads, report."""
-    from .pipeline.demo import DemoConfig, run_demo, run_finetune_study
+    from .pipeline.demo import STUDIES, DemoConfig, run_study
 
-    if study not in ("table2", "finetune"):
-        _fail(ValueError(f"--study takes table2 or finetune, got {study!r}"))
-    default_out, default_seeds = (("runs/demo", "0") if study == "table2"
-                                  else ("runs/demo-finetune", "0,1,2"))
+    if study not in STUDIES:
+        _fail(ValueError(f"--study takes {' or '.join(STUDIES)}, got {study!r}"))
+    default_out, default_seeds = STUDIES[study]
     out = out or Path(default_out)
     cfg = DemoConfig(out=out, data_root=data_root, cache_dir=cache_dir,
-                     seeds=tuple(int(s) for s in (seeds or default_seeds).split(",")),
+                     seeds=tuple(int(s) for s in seeds.split(",")) if seeds else default_seeds,
                      finetune_epochs=finetune_epochs, finetune_beta=beta,
                      head_epochs=head_epochs, device=device)
     try:
-        result = (run_demo if study == "table2" else run_finetune_study)(cfg, log=console.print)
+        result = run_study(study, cfg, log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     summary = json.loads((out / "results.json").read_text())["summary"]

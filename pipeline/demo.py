@@ -123,6 +123,19 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] = print)
 
 STUDY_BACKBONES = (None, "ce", "ita", "ita-mp")
 
+# --study -> (default output folder, default seeds)
+STUDIES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "table2": ("runs/demo", (0,)),
+    "finetune": ("runs/demo-finetune", (0, 1, 2)),
+}
+
+
+def run_study(study: str, cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``table2``: :func:`run_demo`; ``finetune``: :func:`run_finetune_study`."""
+    if study not in STUDIES:
+        raise ValueError(f"--study takes {' or '.join(STUDIES)}, got {study!r}")
+    return (run_demo if study == "table2" else run_finetune_study)(cfg, log)
+
 
 def backbone_label(method: str | None) -> str:
     return "frozen (ImageNet)" if method is None else f"fine-tuned: {method}"

@@ -72,6 +72,20 @@ METHODS: dict[str, MethodSpec] = {
 ABLATIONS = {"ema": "ema", "mlp": "mlp", "cdr": "cdr", "fusion": "full"}
 
 
+def resolve_overrides(method: str, ablation: str | None = None, fusion: str | None = None,
+                      settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Method overrides from the command line: ``--ablation`` (a MARNet Table 2 row),
+    ``--fusion`` and ``--set KEY=VALUE`` pairs."""
+    overrides = dict(settings or {})
+    if ablation is not None:
+        if method != "marnet" or ablation not in ABLATIONS:
+            raise ValueError(f"--ablation takes {', '.join(ABLATIONS)} with --method marnet")
+        overrides["variant"] = ABLATIONS[ablation]
+    if fusion is not None:
+        overrides["fusion"] = fusion
+    return overrides
+
+
 def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The resolved config of method ``name`` with its defaults and ``overrides`` applied."""
     if name not in METHODS:
@@ -89,6 +103,6 @@ def method_fields(name: str, cfg: Any) -> tuple[str, ...]:
     return METHODS[name].fields(cfg)
 
 
-__all__ = ["ABLATIONS", "ALIGNMENT_LOSSES", "METHODS", "VARIANTS", "AlignConfig", "Dims",
+__all__ = ["resolve_overrides", "ABLATIONS", "ALIGNMENT_LOSSES", "METHODS", "VARIANTS", "AlignConfig", "Dims",
            "DiffusionConfig", "MARNetConfig", "SplitData", "Stage", "Standardizer",
            "TrainContext", "build_head", "method_config", "method_fields"]
