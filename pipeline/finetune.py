@@ -190,6 +190,8 @@ def selection_split(info: DatasetInfo, text: torch.Tensor | None, seed: int,
 
 def provenance(cfg: FinetuneConfig, info: DatasetInfo, base: dict[str, Any],
                text_key: str | None) -> dict[str, Any]:
+    """How a checkpoint was made (method, beta, base weights, data, seed...): stored in the
+    checkpoint and, through ``extract --finetuned``, in the cache key and manifest."""
     return {
         "model": base["model"], "base_weights": base["weights"],
         "base_weights_digest": base["weights_digest"], "method": cfg.method, "beta": cfg.beta,

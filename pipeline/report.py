@@ -31,6 +31,7 @@ def aggregate(rows: Sequence[dict[str, Any]], group_keys: Sequence[str] = ("row"
 
 
 def cell(entry: dict[str, Any], metric: str) -> str:
+    """``mean ± std`` of a metric (the mean alone for a single seed)."""
     if len(entry["seeds"]) == 1:
         return f"{entry[f'{metric}_mean']:.2f}"
     return f"{entry[f'{metric}_mean']:.2f} ± {entry[f'{metric}_std']:.2f}"
@@ -38,6 +39,7 @@ def cell(entry: dict[str, Any], metric: str) -> str:
 
 def to_markdown(table: Sequence[dict[str, Any]], group_keys: Sequence[str] = ("row",),
                 title: str | None = None) -> str:
+    """The summary table as Markdown, in the papers' layout (optionally titled)."""
     header = [*group_keys, "Acc-1 (%)", "Acc-5 (%)", "seeds"]
     lines = [f"**{title}**", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -49,6 +51,7 @@ def to_markdown(table: Sequence[dict[str, Any]], group_keys: Sequence[str] = ("r
 
 
 def to_csv(table: Sequence[dict[str, Any]]) -> str:
+    """The summary table as CSV (one row per group; seeds space-separated)."""
     buf = io.StringIO()
     fields = [k for k in table[0] if k != "seeds"] + ["seeds"] if table else []
     writer = csv.DictWriter(buf, fieldnames=fields)

@@ -360,6 +360,7 @@ def evaluate_features(model: HeadsModel, visual: torch.Tensor, labels: torch.Ten
 
 
 def save_heads(model: HeadsModel, path: Path) -> None:
+    """Write the run's weights (standardisers + head) as safetensors, atomically."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -35,6 +35,7 @@ def no_fields(cfg: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A registered method: its config class, the defaults it sets, its builder, a summary."""
     config: type
     defaults: dict[str, Any]
     build: Callable[[Any, Dims], nn.Module]
@@ -95,6 +96,7 @@ def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
 
 
 def build_head(name: str, cfg: Any, dims: Dims) -> nn.Module:
+    """The head module of method ``name`` for features of ``dims``, configured by ``cfg``."""
     return METHODS[name].build(cfg, dims)
 
 
@@ -103,6 +105,21 @@ def method_fields(name: str, cfg: Any) -> tuple[str, ...]:
     return METHODS[name].fields(cfg)
 
 
-__all__ = ["resolve_overrides", "ABLATIONS", "ALIGNMENT_LOSSES", "METHODS", "VARIANTS", "AlignConfig", "Dims",
-           "DiffusionConfig", "MARNetConfig", "SplitData", "Stage", "Standardizer",
-           "TrainContext", "build_head", "method_config", "method_fields"]
+__all__ = [
+    "ABLATIONS",
+    "ALIGNMENT_LOSSES",
+    "AlignConfig",
+    "DiffusionConfig",
+    "Dims",
+    "MARNetConfig",
+    "METHODS",
+    "SplitData",
+    "Stage",
+    "Standardizer",
+    "TrainContext",
+    "VARIANTS",
+    "build_head",
+    "method_config",
+    "method_fields",
+    "resolve_overrides",
+]
