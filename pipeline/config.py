@@ -1,9 +1,9 @@
-"""Dataclass configs: ``--set a.b=value`` overrides with type checking, and JSON round trips."""
+"""Dataclass configs: ``--set a.b=value`` overrides with type checking, and configs rebuilt
+from their JSON dicts."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from typing import Any
@@ -82,19 +82,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build dataclass ``cls`` from a (possibly nested) dict, as written by :func:`to_dict`."""
+    """Build dataclass ``cls`` from a (possibly nested) dict as ``dataclasses.asdict`` makes."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], f.name)
     return cls(**kwargs)
-
-
-def dumps(cfg: Any) -> str:
-    return json.dumps(to_dict(cfg), indent=2, default=str)
