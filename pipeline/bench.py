@@ -440,7 +440,7 @@ def bench_scaling(cfg: BenchConfig, device: torch.device, precision: str, workdi
                 train_step(stage, optimizer, batch, precision, device.type)
 
         seconds = timed(epoch, 1, 2, device)
-        heads.append({"rows": rows, "epoch_s": round(seconds, 3),
+        heads.append({"rows": rows, "epoch_s": round(seconds, 6),
                       "samples_per_s": round(rows / seconds, 1)})
     extraction = []
     for n in images:

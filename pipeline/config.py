@@ -1,9 +1,9 @@
-"""Dataclass configs: ``--set a.b=value`` overrides with type checking, and JSON round trips."""
+"""Dataclass configs: ``--set a.b=value`` overrides with type checking, and configs rebuilt
+from their JSON dicts."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from typing import Any
@@ -11,6 +11,19 @@ from typing import Any
 
 class ConfigError(ValueError):
     """An override names an unknown field or a value of the wrong type."""
+
+
+def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """``ValueError`` naming the setting, the bad value and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not supported; choose one of "
+                         f"{', '.join(choices)}")
+
+
+def require_positive(name: str, value: int | None) -> None:
+    """``ValueError`` unless ``value`` is None or >= 1."""
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -82,19 +95,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build dataclass ``cls`` from a (possibly nested) dict, as written by :func:`to_dict`."""
+    """Build dataclass ``cls`` from a (possibly nested) dict as ``dataclasses.asdict`` makes."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], f.name)
     return cls(**kwargs)
-
-
-def dumps(cfg: Any) -> str:
-    return json.dumps(to_dict(cfg), indent=2, default=str)

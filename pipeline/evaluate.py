@@ -1,10 +1,11 @@
 """Evaluation of a trained run: top-1/top-5 and per-class accuracy, from the cache or images.
 
 From the cache, the run's heads read the cached visual features of a split. End to end, the
-vision backbone the cache was made with is rebuilt (its weights digest is checked), the split's
-images are decoded and encoded exactly as extraction did (same batches, same precision, same
-on-disk dtype), and the same heads classify them: text is never read. On the same device the
-two paths give identical predictions.
+dataset is re-read (its digest must be the cache's: the same records, wherever the root now
+is), the vision backbone the cache was made with is rebuilt (its weights digest is checked),
+the split's images are decoded and encoded exactly as extraction did (same batches, same
+precision, same on-disk dtype), and the same heads classify them: text is never read. On the
+same device the two paths give identical predictions.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .backbones import VisionSpec, build_vision, resolve_device
-from .datasets import load_dataset
+from .datasets import DatasetInfo, load_dataset
 from .extract import encode_images
 from .store import CacheError, FeatureCache, require_same_inputs
 from .train import HeadsModel, load_features, load_run, topk_metrics
@@ -68,6 +69,18 @@ def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | N
     return {"split": split, "source": "images", **metrics}
 
 
+def require_same_dataset(info: DatasetInfo, fc: FeatureCache) -> None:
+    """Refuse a dataset whose digest differs from the one cache ``fc`` was extracted from."""
+    expected = fc.manifest["inputs"]["dataset"]["digest"]
+    found = info.digest()
+    if found != expected:
+        raise CacheError(
+            f"the dataset at {info.root} is not the one the cache {fc.root} was extracted from "
+            f"({fc.manifest['dataset']['root']}): split files, labels, texts or image paths "
+            f"differ (dataset digest {found[:12]}, cache {expected[:12]}). Pass --root with the "
+            "dataset the cache was made from, or extract this dataset and train on that cache")
+
+
 def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
                         device: torch.device, num_workers: int, weights_dir: Path | str,
                         log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +88,7 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
     manifest = fc.manifest
     ds = manifest["dataset"]
     info = load_dataset(ds["name"], root or ds["root"], ds["template"], **ds.get("options", {}))
+    require_same_dataset(info, fc)
     if split not in info.splits:
         raise CacheError(f"split {split!r} is not in dataset {ds['name']}")
     records = info.splits[split]
@@ -92,4 +106,5 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
     return visual[keep], labels[keep]
 
 
-__all__ = ["HeadsModel", "evaluate_run", "end_to_end_features", "rebuild_vision", "run_cache"]
+__all__ = ["HeadsModel", "evaluate_run", "end_to_end_features", "rebuild_vision",
+           "require_same_dataset", "run_cache"]

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .backbones import (
+    POOLINGS,
     TextSpec,
     VisionSpec,
     build_text,
@@ -45,13 +46,16 @@ from .backbones import (
     resolve_device,
     resolve_precision,
 )
-from .datasets import DEFAULT_TEMPLATE, SPLITS, DatasetInfo, load_dataset
+from .config import require_choice
+from .datasets import DEFAULT_TEMPLATE, SPLITS, DatasetInfo, load_dataset, resolved_options
+from .datasets.base import portable_path
 from .datasets.images import ImageFiles, Preprocess
 from .progress import progress_bar
 from .store import (
+    FORMATS,
+    STORAGE_DTYPES,
     CacheError,
     CacheWriter,
-    FeatureCache,
     FieldSpec,
     SplitLayout,
     content_key,
@@ -65,6 +69,7 @@ from .store.cache import SCHEMA_VERSION
 from .store.location import require_local
 
 TEXT_TABLE = "text_table.npy"
+BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
 @dataclass
@@ -91,6 +96,13 @@ class ExtractConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     rank_timeout_s: float = 24 * 3600.0  # how long ranks wait for each other (distributed)
     tokens: bool = False  # opt-in token features: visual_tokens, text_tokens, text_mask (TEAM)
+
+    def __post_init__(self) -> None:
+        """Refuse an unknown choice now, before a dataset is read or a model is built."""
+        require_choice("--dtype", self.dtype, tuple(STORAGE_DTYPES))
+        require_choice("--format", self.format, FORMATS)
+        require_choice("--pooling", self.text.pooling, POOLINGS)
+        require_choice("--on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
 
 
 @dataclass
@@ -193,17 +205,32 @@ def wait_for_shards(writer: CacheWriter, timeout_s: float, log: Callable[[str], 
 
 def key_inputs(cfg: ExtractConfig, info: DatasetInfo, vision: dict[str, Any],
                text: dict[str, Any], precision: str) -> dict[str, Any]:
-    """The inputs hashed into the cache key (and stored in clear text in the manifest)."""
+    """The inputs hashed into the cache key (and stored in clear text in the manifest).
+
+    ``on_bad_image`` is one: it decides which rows are valid (a ``skip`` cache is not a
+    ``fail`` one).
+    """
     return {
         "schema_version": SCHEMA_VERSION,
-        "dataset": {"name": info.name, "digest": info.digest(), "template": info.template},
+        "dataset": {"name": info.name, "digest": info.digest(), "template": info.template,
+                    "options": _key_options(cfg, info.root)},
         "visual": vision,
         "text": text,
         "dtype": cfg.dtype,
         "precision": precision,
         "format": cfg.format,
-        **({"tokens": True} if cfg.tokens else {}),  # keys of token-less caches stay as they were
+        "on_bad_image": cfg.on_bad_image,
+        **({"tokens": True} if cfg.tokens else {}),  # opt-in, so token-less keys omit it
     }
+
+
+def _key_options(cfg: ExtractConfig, root: Path) -> dict[str, Any]:
+    """The adapter options, defaults filled in, as the key sees them: paths named as the dataset
+    digest names images (relative to ``root`` when inside it), so moving a whole dataset root
+    keeps its key."""
+    base = os.path.abspath(root)
+    options = resolved_options(cfg.dataset, cfg.dataset_options)
+    return {k: portable_path(v, base) if isinstance(v, Path) else v for k, v in options.items()}
 
 
 def split_layouts(info: DatasetInfo, shard_rows: int, dims: dict[str, int],
@@ -361,8 +388,6 @@ def extract(cfg: ExtractConfig, log: Callable[[str], None] = print) -> ExtractRe
 
     Started by torchrun (or with RANK/WORLD_SIZE set) it writes this rank's shards only.
     """
-    if cfg.on_bad_image not in ("fail", "skip"):
-        raise ValueError("--on-bad-image must be fail or skip")
     require_local(str(cfg.cache_dir), "write a cache to")
     device = resolve_device(cfg.device)
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -606,10 +631,4 @@ def _submit_shard(thread: ShardWriterThread, current: dict[str, Any], split: str
                   ids=[r.id for r in recs], skipped=skipped, timing=current["timing"])
 
 
-def open_cache(path: Path | str) -> FeatureCache:
-    """A complete cache for stage two (refuses incomplete ones with instructions)."""
-    return FeatureCache(path).require_complete()
-
-
-__all__ = ["ExtractConfig", "ExtractResult", "encode_images", "extract", "open_cache",
-           "rank_info"]
+__all__ = ["ExtractConfig", "ExtractResult", "encode_images", "extract", "rank_info"]

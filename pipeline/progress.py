@@ -1,8 +1,13 @@
-"""Progress bars for long work (rich), off when ``MARNET_PROGRESS=0`` or not on a terminal."""
+"""Progress bars for long work (rich), on stderr when it is a terminal.
+
+``MARNET_PROGRESS=0`` turns them off; ``MARNET_PROGRESS=1`` turns them on even when stderr is
+not a terminal (a log file, a CI job).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -21,7 +26,12 @@ console = Console(stderr=True)
 
 
 def enabled() -> bool:
-    return os.environ.get("MARNET_PROGRESS", "1") != "0"
+    """Whether bars are shown: ``MARNET_PROGRESS`` (0 or 1) decides, else whether stderr is a
+    terminal."""
+    forced = os.environ.get("MARNET_PROGRESS", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return sys.stderr.isatty()
 
 
 @contextmanager

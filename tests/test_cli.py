@@ -95,6 +95,24 @@ def test_user_errors_are_one_clear_line(tmp_path):
     assert result.exit_code == 2 and "manifest.json is missing" in result.output
 
 
+def test_extract_refuses_unknown_choices_before_reading_data_or_models(tmp_path, monkeypatch):
+    from marnet.pipeline import extract
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the options were not checked first")
+
+    for step in ("load_dataset", "build_vision", "build_text"):
+        monkeypatch.setattr(extract, step, must_not_run)
+    bad = {"--dtype": ("float64", "float16, bfloat16, float32"), "--format": ("npz", "zarr, hdf5"),
+           "--pooling": ("max", "cls, mean"), "--on-bad-image": ("ignore", "fail, skip")}
+    for option, (value, choices) in bad.items():
+        result = runner.invoke(app, ["extract", "--dataset", "synthfood", "--root",
+                                     str(tmp_path / "data"), "--cache-dir", str(tmp_path),
+                                     option, value])
+        assert result.exit_code == 2, result.output + repr(result.exception)
+        assert f"{option} '{value}' is not supported; choose one of {choices}" in result.output
+
+
 def _tiny_demo(tmp_path, **changes):
     settings = dict(out=tmp_path / "demo", data_root=tmp_path / "data" / "synthfood",
                     cache_dir=tmp_path / "cache",

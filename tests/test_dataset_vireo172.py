@@ -64,6 +64,22 @@ def test_counts_unlike_the_official_release_are_one_warning_not_an_error(vireo):
         assert part in counts
 
 
+def test_a_dish_name_listed_twice_is_a_warning_and_lines_keep_their_class(vireo):
+    _edit(_ann(vireo, "FoodList.txt"), "Braised pork", "Yangzhou fried rice")
+    with pytest.warns(DatasetWarning, match=r"FoodList.txt: 1 name\(s\) listed more than once, "
+                                            r"e.g. 'Yangzhou fried rice' \(lines 2 and 3\)"):
+        info = load_dataset("vireo172", vireo)
+    assert info.class_names == ["Scrambled egg with tomato", "Yangzhou fried rice",
+                                "Yangzhou fried rice"]
+
+
+def test_an_empty_name_list_names_the_file(vireo):
+    _ann(vireo, "FoodList.txt").write_text("\n")
+    with pytest.raises(DatasetError, match=r"FoodList.txt: no names found \(the file is empty\); "
+                                           r"expected the dish list \(FoodList.txt\)"):
+        load_dataset("vireo172", vireo)
+
+
 def test_unknown_option_is_refused(vireo):
     with pytest.raises(DatasetError, match="does not take the option.*images_root.*none"):
         load_dataset("vireo172", vireo, images_root=vireo)

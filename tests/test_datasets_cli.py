@@ -112,3 +112,27 @@ def test_dataset_options_reach_the_adapter_only_when_given(tmp_path, write_vireo
                                  "simplified"])
     assert result.exit_code == 2
     assert "does not take the option(s) images_root, ingredients" in result.output
+
+
+def test_check_reports_through_the_callers_progress_and_datasets_import_no_ui(tmp_path,
+                                                                             write_vireo):
+    import ast
+    from contextlib import contextmanager
+    from pathlib import Path
+
+    from marnet.pipeline.datasets.check import check_dataset
+
+    seen = []
+
+    @contextmanager
+    def progress(description, total):
+        seen.append((description, total))
+        yield lambda n=1: seen.append(n)
+
+    check_dataset("vireo172", write_vireo(tmp_path / "v"), progress=progress)
+    assert seen == [("checking images", 12)] + [1] * 12
+    package = Path(__file__).parents[1] / "pipeline" / "datasets"
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "progress" not in (node.module or ""), f"{source.name} imports a UI module"

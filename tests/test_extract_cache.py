@@ -1,6 +1,7 @@
 """Extraction and the cache together, in process: both formats hold the same values, storage
 errors mid-run keep committed shards and resume, a live lock stops a second run, the key
-follows every setting that changes features, and per-stage timings reach the manifest."""
+follows every setting that changes features (and where the images are, not where the dataset
+root is), and per-stage timings reach the manifest."""
 
 import errno
 import json
@@ -120,9 +121,39 @@ def test_the_key_follows_every_setting_that_changes_features(synth_root, tmp_pat
         "dtype": key(cfg=make_extract_config(synth_root, tmp_path, dtype="bfloat16")),
         "precision": key(precision="bf16"),
         "dataset files": key(info=load_dataset("synthfood", changed_files)),
+        "bad images": key(cfg=make_extract_config(synth_root, tmp_path, on_bad_image="skip")),
     }
     assert keys["same"] == key(text=json.loads(json.dumps(text)))
     assert len(set(keys.values())) == len(keys), keys
+
+
+@pytest.mark.filterwarnings("ignore::marnet.pipeline.datasets.base.DatasetWarning")
+def test_the_key_follows_where_the_images_are_not_where_the_root_is(write_ingredient101,
+                                                                    tmp_path,
+                                                                    make_extract_config):
+    root = write_ingredient101(tmp_path / "i101")
+    moved = tmp_path / "elsewhere" / "i101"
+    shutil.copytree(root, moved)
+    for copy in ("a", "b"):
+        shutil.copytree(root / "images", tmp_path / copy / "images")
+
+    def key(root, images_root=None):
+        options = {} if images_root is None else {"images_root": images_root}
+        cfg = make_extract_config(root, tmp_path, dataset="ingredient101",
+                                  dataset_options=options)
+        info = load_dataset("ingredient101", root, **options)
+        return content_key(key_inputs(cfg, info, {"model": "v"}, {"model": "t"}, "fp32"))
+
+    assert key(moved) == key(root)
+    assert key(moved, moved / "images") == key(root, root / "images")
+    keys = {key(root), key(root, tmp_path / "a" / "images"), key(root, tmp_path / "b" / "images")}
+    assert len(keys) == 3
+    # the dataset digest alone (what eval --end-to-end compares) tells the images folders apart
+    digests = {load_dataset("ingredient101", root, images_root=tmp_path / c / "images").digest()
+               for c in "ab"}
+    assert len(digests) == 2
+    assert load_dataset("ingredient101", moved).digest() == load_dataset("ingredient101",
+                                                                         root).digest()
 
 
 def _saved_weights(tmp_path):

@@ -62,3 +62,28 @@ def test_an_absurdly_large_image_is_a_bad_image_not_a_crash(tmp_path, monkeypatc
             load_rgb(path)
         image, _, error = ImageFiles([path], Preprocess(16))[0]
     assert "decompression bomb" in error and int(image.sum()) == 0
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_preprocess_matches_timms_eval_transform(crop_mode):
+    import timm
+
+    rng = np.random.default_rng(0)
+    for (width, height), size, crop_pct in [((37, 23), 32, 1.0), ((50, 61), 32, 0.875),
+                                            ((33, 90), 24, 0.9), ((41, 40), 28, 0.95),
+                                            ((64, 64), 32, 1.0), ((20, 30), 32, 1.1)]:
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        config = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": crop_pct,
+                  "crop_mode": crop_mode, "mean": (0.485, 0.456, 0.406),
+                  "std": (0.229, 0.224, 0.225)}
+        mean, std = (torch.tensor(config[k]).view(3, 1, 1) for k in ("mean", "std"))
+        expected = (timm.data.create_transform(**config)(img) * std + mean) * 255
+        ours = Preprocess.from_data_config(config)(img)
+        assert ours.shape == expected.shape, (width, height, size, crop_pct)
+        assert (ours.float() - expected).abs().max() <= 0.51, (width, height, size, crop_pct)
+
+
+def test_preprocess_refuses_a_crop_mode_it_does_not_implement():
+    with pytest.raises(ValueError, match="crop_mode 'zoom'.*implements center, squash, border"):
+        Preprocess.from_data_config({"input_size": (3, 32, 32), "crop_mode": "zoom",
+                                     "mean": (0.5, 0.5, 0.5)})

@@ -2,9 +2,11 @@
 errors, fsspec reads, export, removal, and manifest matching."""
 
 import errno
+import hashlib
 import json
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -145,6 +147,43 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path):
     assert not (tmp_path / ".lock").exists()
 
 
+def _dead_holder(tmp_path, name=".lock") -> dict:
+    """Write a lock-like file at ``tmp_path/name`` whose holder (this host) is dead."""
+    holder = {"pid": 2 ** 22 + 12345, "host": socket.gethostname(), "started": 0}
+    (tmp_path / name).write_text(json.dumps(holder))
+    return holder
+
+
+def test_two_processes_that_find_one_stale_lock_never_both_take_it(tmp_path):
+    _dead_holder(tmp_path)
+    first, late = CacheLock(tmp_path), CacheLock(tmp_path)
+    real_stale = CacheLock.stale
+
+    def slow_stale(holder):
+        """``late`` saw the dead holder; ``first`` takes the lock over before it acts."""
+        if not first.held:
+            first.acquire()
+        return real_stale(late, holder)
+
+    late.stale = slow_stale
+    with pytest.raises(LockError, match="another extraction is writing"):
+        late.acquire()
+    assert first.held and not late.held
+    assert json.loads((tmp_path / ".lock").read_text())["started"] > 0  # first's lock, kept
+    first.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_takeover_interrupted_by_death_is_taken_over_too(tmp_path):
+    _dead_holder(tmp_path)
+    digest = hashlib.sha256((tmp_path / ".lock").read_text().encode()).hexdigest()[:16]
+    _dead_holder(tmp_path, f".lock.takeover-{digest}")  # its claimant died mid-takeover
+    lock = CacheLock(tmp_path).acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_other_inputs_never_share_a_directory(tmp_path):
     _write(tmp_path, "zarr")
     layout = SplitLayout(rows=11, shard_rows=4, fields=FIELDS)
@@ -252,6 +291,13 @@ def test_a_zarr_cache_reads_from_an_fsspec_url_and_writes_are_refused_there(tmp_
     fsspec.filesystem("memory").put(str(tmp_path / "h"), "/tests/store/h", recursive=True)
     with pytest.raises(ValueError, match="HDF5 caches are read from a local or mounted path"):
         FeatureCache("memory://tests/store/h")
+
+
+def test_a_url_without_fsspec_installed_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"cannot open memory://bucket/c/manifest\.json: .*"
+                                         r"Install the missing package \(fsspec"):
+        FeatureCache("memory://bucket/c")
 
 
 def test_export_npy_writes_plain_arrays_ids_and_an_index(tmp_path):

@@ -1,14 +1,18 @@
-"""The embedded demo dataset: deterministic, VIREO layout, text that names what is drawn."""
+"""The embedded demo dataset: deterministic, VIREO layout, text that names what is drawn; it
+never replaces a folder it did not write."""
 
 import hashlib
 from pathlib import Path
 
-from marnet.pipeline.datasets import load_dataset
+import pytest
+
+from marnet.pipeline.datasets import DatasetError, load_dataset
 from marnet.pipeline.datasets.synthfood import (
     INGREDIENTS,
     SynthFoodConfig,
     ensure_synthfood,
     generate,
+    is_generated,
     make_dishes,
 )
 
@@ -70,3 +74,23 @@ def test_ensure_generates_once(tmp_path):
     stamp = (root / "SplitAndIngreLabel" / "TR.txt").stat().st_mtime_ns
     assert ensure_synthfood(root, SMALL) is False
     assert (root / "SplitAndIngreLabel" / "TR.txt").stat().st_mtime_ns == stamp
+
+
+def test_a_folder_that_is_not_a_demo_is_refused_and_left_alone(tmp_path):
+    root = tmp_path / "vireo172"
+    (root / "SplitAndIngreLabel").mkdir(parents=True)
+    real = root / "SplitAndIngreLabel" / "TR.txt"
+    real.write_text("/1/1_0.jpg\n")
+    with pytest.raises(DatasetError, match=f"{root}: the folder is not empty and holds no "
+                                           "synthfood.json.*new or empty folder"):
+        load_dataset("synthfood", root)
+    assert real.read_text() == "/1/1_0.jpg\n"
+
+
+def test_an_empty_folder_or_a_demo_of_another_config_is_generated_over(tmp_path):
+    root = tmp_path / "sf"
+    root.mkdir()
+    generate(root, SMALL)
+    other = SynthFoodConfig(**{**SMALL.__dict__, "seed": 12})
+    assert ensure_synthfood(root, other) is True
+    assert is_generated(root, other)

@@ -38,6 +38,13 @@ def adapter_options(name: str) -> list[str]:
     return [p for p in inspect.signature(loader).parameters if p not in ("root", "template")]
 
 
+def resolved_options(name: str, options: dict[str, object]) -> dict[str, object]:
+    """Every option adapter ``name`` takes, with its default where ``options`` does not set it."""
+    loader, _ = ADAPTERS[name]
+    parameters = inspect.signature(loader).parameters
+    return {p: options.get(p, parameters[p].default) for p in adapter_options(name)}
+
+
 def load_dataset(name: str, root: Path | str, template: str = DEFAULT_TEMPLATE,
                  **options: object) -> DatasetInfo:
     """Read dataset ``name`` from ``root`` with the registered adapter."""
@@ -52,4 +59,4 @@ def load_dataset(name: str, root: Path | str, template: str = DEFAULT_TEMPLATE,
 
 
 __all__ = ["ADAPTERS", "DEFAULT_TEMPLATE", "SPLITS", "DatasetError", "DatasetInfo",
-           "DatasetWarning", "Record", "adapter_options", "load_dataset"]
+           "DatasetWarning", "Record", "adapter_options", "load_dataset", "resolved_options"]

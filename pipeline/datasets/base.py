@@ -8,6 +8,7 @@ nothing of models or caches.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,20 +83,34 @@ class DatasetInfo:
         return bool(self.ingredients)
 
     def digest(self) -> str:
-        """SHA-256 over the annotation files and the resolved records (ids, labels, texts).
+        """SHA-256 over the annotation files and the resolved records (ids, images, labels, texts).
 
-        Any change to a split file, a label file or the text template changes the digest, and so
-        the cache key. Image bytes are not hashed (110k files); their paths and labels are.
+        Any change to a split file, a label file, the text template or where the images are read
+        from changes the digest, and so the cache key. Image bytes are not hashed (110k files);
+        their paths are, relative to :attr:`root` when inside it (moving or copying the whole
+        dataset root keeps the digest) and absolute otherwise (another images folder, e.g.
+        ingredient101's ``--images-root``, changes it).
         """
         h = hashlib.sha256()
         for path in sorted(self.source_files):
             h.update(path.name.encode())
             h.update(hashlib.sha256(path.read_bytes()).digest())
+        root = os.path.abspath(self.root)
         for split in sorted(self.splits):
             h.update(split.encode())
             for rec in self.splits[split]:
-                h.update(f"{rec.id}\t{rec.label}\t{rec.text}\n".encode())
+                image = portable_path(rec.image, root)
+                h.update(f"{rec.id}\t{image}\t{rec.label}\t{rec.text}\n".encode())
         return h.hexdigest()
+
+
+def portable_path(path: Path | str, root: str) -> str:
+    """``path`` relative to the absolute folder ``root`` (``/`` separated) when inside it, else
+    absolute: how a dataset names a file so that moving the whole dataset keeps the name."""
+    absolute = os.path.abspath(path)
+    if absolute.startswith(root.rstrip(os.sep) + os.sep):
+        return absolute[len(root.rstrip(os.sep)) + 1:].replace(os.sep, "/")
+    return absolute
 
 
 def render_text(template: str, names: Sequence[str]) -> str:
@@ -171,18 +186,31 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def read_unique_names(path: Path, what: str) -> list[str]:
-    """One name per non-empty line, each name once (e.g. ``classes.txt``), in file order."""
+def read_names(path: Path, what: str, on_duplicate: str = "fail") -> list[str]:
+    """One name per non-empty line, in file order (e.g. ``classes.txt``).
+
+    A name listed twice is an error naming both lines (``on_duplicate="fail"``), or, where the
+    line number and not the name is the identity (VIREO's ``FoodList.txt``: line k is class
+    folder k), kept with one warning (``"warn"``).
+    """
+    names: list[str] = []
     first_line: dict[str, int] = {}
+    repeats: list[str] = []
     for line_no, name in read_lines(require_file(path, what)):
         if name in first_line:
-            raise at_line(path, line_no, f"{name!r} is already listed at line "
-                          f"{first_line[name]}; names must be unique")
-        first_line[name] = line_no
-    if not first_line:
+            if on_duplicate == "fail":
+                raise at_line(path, line_no, f"{name!r} is already listed at line "
+                              f"{first_line[name]}; names must be unique")
+            repeats.append(f"{name!r} (lines {first_line[name]} and {line_no})")
+        first_line.setdefault(name, line_no)
+        names.append(name)
+    if not names:
         raise DatasetError(f"{path}: no names found (the file is empty); expected the {what}, "
                            "one name per line")
-    return list(first_line)
+    if repeats:
+        warn(f"{path}: {len(repeats)} name(s) listed more than once, e.g. {repeats[0]}; kept, "
+             "as lines and not names identify them, but they cannot be told apart by name")
+    return names
 
 
 Loader = Callable[..., DatasetInfo]

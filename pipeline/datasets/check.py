@@ -11,17 +11,26 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from ..progress import progress_bar
 from . import load_dataset
 from .base import DEFAULT_TEMPLATE, DatasetInfo, DatasetWarning, Record
 from .images import BadImageError, load_rgb
 
 DRAFT_SIZE = 256  # JPEGs are decoded at about this size, as extraction decodes them
 MAX_FAILURES = 10  # failures listed in the report (all are counted)
+
+Progress = Callable[[str, int], AbstractContextManager[Callable[..., None]]]
+"""``progress(description, total)``: a context that yields ``advance(n=1)`` (the caller's UI)."""
+
+
+@contextmanager
+def no_progress(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A :data:`Progress` that shows nothing."""
+    yield lambda n=1, **_: None
 
 
 @dataclass
@@ -138,8 +147,9 @@ def scan_images(pairs: list[tuple[str, Record]], workers: int,
 
 def check_dataset(name: str, root: Path | str, template: str = DEFAULT_TEMPLATE,
                   options: dict[str, Any] | None = None, images: bool = True,
-                  workers: int | None = None) -> DatasetReport:
-    """Read dataset ``name`` at ``root``, summarise it and (with ``images``) scan its images.
+                  workers: int | None = None, progress: Progress = no_progress) -> DatasetReport:
+    """Read dataset ``name`` at ``root``, summarise it and (with ``images``) scan its images,
+    reporting the scan through ``progress`` (e.g. the command line's progress bar).
 
     Format errors raise :class:`~pipeline.datasets.base.DatasetError` as in ``extract``.
     """
@@ -155,7 +165,7 @@ def check_dataset(name: str, root: Path | str, template: str = DEFAULT_TEMPLATE,
         images_scanned=images)
     if images:
         pairs = [(split, rec) for split, records in info.splits.items() for rec in records]
-        with progress_bar("checking images", len(pairs)) as advance:
+        with progress("checking images", len(pairs)) as advance:
             failures = scan_images(pairs, workers or os.cpu_count() or 1, advance)
         for split, summary in splits.items():
             summary.missing = sum(f.split == split and f.kind == "missing" for f in failures)

@@ -37,7 +37,7 @@ from .base import (
     at_line,
     read_lines,
     read_text,
-    read_unique_names,
+    read_names,
     render_text,
     require_dir,
     warn,
@@ -249,7 +249,7 @@ def class_index(root: Path, label_file: Path, rows: list[Row]) -> ClassIndex:
     by_index = _labels_by_index(label_file, rows)
     classes_file = root / CLASSES_FILE
     if classes_file.is_file():
-        return ClassIndex(read_unique_names(classes_file, "class names"), by_index, CLASSES_FILE)
+        return ClassIndex(read_names(classes_file, "class names"), by_index, CLASSES_FILE)
     if by_index:
         count = max(int(row.label) for row in rows) + 1
         _warn_unused_indices(rows, count)

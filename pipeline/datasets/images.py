@@ -76,32 +76,75 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+CROP_MODES = ("center", "squash", "border")  # timm's eval crop modes (data config crop_mode)
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Eval-time geometry from a timm data config: resize the short side, centre-crop."""
+    """Eval-time geometry from a timm data config, pixel for pixel as timm's eval transform
+    (``timm.data.create_transform(**data_config)``) but kept as uint8:
+
+    - ``center``: resize the short side to ``size / crop_pct``, centre-crop ``size``;
+    - ``squash``: resize both sides to ``size / crop_pct`` (aspect ratio not kept), centre-crop;
+    - ``border``: resize the long side to ``size / crop_pct``, pad with ``fill`` (the mean
+      colour) and centre-crop to ``size``.
+
+    A crop larger than the resized image pads (``fill``; black unless ``border``), as timm does.
+    """
 
     size: int
     crop_pct: float = 1.0
     interpolation: str = "bicubic"
+    crop_mode: str = "center"
+    fill: tuple[int, int, int] = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"the model's data config asks for crop_mode {self.crop_mode!r}, "
+                             f"which marnet does not implement; it implements "
+                             f"{', '.join(CROP_MODES)}")
 
     @classmethod
     def from_data_config(cls, cfg: dict[str, Any]) -> "Preprocess":
+        mode = str(cfg.get("crop_mode") or "center")
+        fill = (tuple(round(255 * v) for v in cfg["mean"]) if mode == "border" else (0, 0, 0))
         return cls(int(cfg["input_size"][-1]), float(cfg.get("crop_pct", 1.0)),
-                   str(cfg.get("interpolation", "bicubic")))
+                   str(cfg.get("interpolation", "bicubic")), mode, fill)
 
     @property
     def scale_size(self) -> int:
         return int(math.floor(self.size / self.crop_pct))
 
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """The size an image of ``width`` x ``height`` is resized to before the crop."""
+        scale = self.scale_size
+        if self.crop_mode == "squash":
+            return scale, scale
+        if self.crop_mode == "border":  # the long side to ``scale`` (timm's ResizeKeepRatio)
+            ratio = max(width, height) / scale
+            return round(width / ratio), round(height / ratio)
+        if width <= height:  # the short side to ``scale`` (torchvision's Resize(int))
+            return scale, int(scale * height / width)
+        return int(scale * width / height), scale
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """``uint8 [3, size, size]``."""
-        w, h = img.size
-        s = self.scale_size / min(w, h)
-        nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
-        img = img.resize((nw, nh), _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC))
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
+        img = img.resize(self.resized(*img.size),
+                         _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC))
+        img = _center_crop_or_pad(img, self.size, self.fill)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _center_crop_or_pad(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
+    """The central ``size`` x ``size`` of ``img``, padded with ``fill`` where it is smaller
+    (offsets rounded as torchvision's ``CenterCrop`` and timm's ``CenterCropOrPad`` do)."""
+    width, height = img.size
+    if width < size or height < size:
+        padded = Image.new("RGB", (max(width, size), max(height, size)), fill)
+        padded.paste(img, (max(size - width, 0) // 2, max(size - height, 0) // 2))
+        img, (width, height) = padded, padded.size
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -25,13 +25,14 @@ from pathlib import Path
 
 from .base import (
     DEFAULT_TEMPLATE,
+    SPLITS,
     DatasetError,
     DatasetInfo,
     Record,
     UniqueIds,
     at_line,
     read_lines,
-    read_unique_names,
+    read_names,
     render_text,
     require_dir,
     require_file,
@@ -40,7 +41,6 @@ from .base import (
 )
 
 ANNOTATION_DIR = "Annotations"
-SPLITS = ("train", "val", "test")
 INGREDIENT_FILES = {"complete": "ingredients.txt", "simplified": "ingredients_simplified.txt"}
 OFFICIAL_COUNTS = {"classes": 101, "train": 68_175, "val": 7_575, "test": 25_250}
 OFFICIAL_VOCABULARY = {"complete": 446, "simplified": 227}
@@ -174,7 +174,7 @@ def load_ingredient101(root: Path, template: str = DEFAULT_TEMPLATE,
                            f"not {ingredients!r}")
     root = Path(root)
     ann = find_annotations(root)
-    classes = read_unique_names(ann / "classes.txt", "class list (classes.txt)")
+    classes = read_names(ann / "classes.txt", "class list (classes.txt)")
     image_folder = resolve_images_root(root, images_root, classes)
     ingredient_file = ann / INGREDIENT_FILES[ingredients]
     per_class = read_class_ingredients(ingredient_file, len(classes))

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .base import DEFAULT_TEMPLATE, DatasetInfo
+from .base import DEFAULT_TEMPLATE, DatasetError, DatasetInfo
 from .vireo172 import ANNOTATION_DIR, IMAGE_DIR, SPLIT_FILES, read_vireo_layout
 
 GENERATOR_VERSION = 1
@@ -320,7 +320,10 @@ def _render_class(args: tuple[Path, SynthFoodConfig, int, Dish]) -> tuple[dict[s
 
 def generate(root: Path, cfg: SynthFoodConfig = SynthFoodConfig(),
              on_image: Callable[[int], None] | None = None, workers: int | None = None) -> None:
-    """Write the dataset to ``root`` in the VIREO Food-172 layout (fresh; overwrites).
+    """Write the dataset to ``root`` in the VIREO Food-172 layout (fresh; replaces a demo there).
+
+    ``root`` must be new, empty, or a dataset this generator wrote (it has ``synthfood.json``):
+    anything else is refused, never deleted.
 
     Dishes are rendered in parallel processes (each image has its own seeded generator, so
     the files do not depend on the number of workers). Writes into ``<root>.partial`` and
@@ -330,6 +333,7 @@ def generate(root: Path, cfg: SynthFoodConfig = SynthFoodConfig(),
     from concurrent.futures import ProcessPoolExecutor
 
     root = Path(root)
+    refuse_foreign_root(root)
     tmp = root.with_name(root.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -357,6 +361,24 @@ def generate(root: Path, cfg: SynthFoodConfig = SynthFoodConfig(),
     if root.exists():
         shutil.rmtree(root)
     tmp.rename(root)
+
+
+def refuse_foreign_root(root: Path) -> None:
+    """Raise :class:`DatasetError` if ``root`` holds files that this generator did not write.
+
+    Generating replaces ``root`` as a whole, so only a missing or empty folder, or one with the
+    ``synthfood.json`` marker of an earlier run, may be used.
+    """
+    if not root.exists() or (root / MARKER).is_file():
+        return
+    if not root.is_dir():
+        raise DatasetError(f"cannot generate the synthfood demo at {root}: it is a file, not a "
+                           "folder; pass --root with a new or empty folder")
+    if any(root.iterdir()):
+        raise DatasetError(f"cannot generate the synthfood demo at {root}: the folder is not "
+                           f"empty and holds no {MARKER}, so it is not a demo this generator "
+                           "wrote, and generating would replace it. Pass --root with a new or "
+                           "empty folder (or delete this one yourself if you mean to)")
 
 
 class _Serial:

@@ -24,6 +24,7 @@ from .base import (
     UniqueIds,
     at_line,
     read_lines,
+    read_names,
     render_text,
     require_dir,
     require_file,
@@ -41,13 +42,6 @@ LAYOUT_HELP = (
     "VIREO Food-172 layout: <root>/ready_chinese_food/<1..172>/*.jpg and "
     "<root>/SplitAndIngreLabel/{TR,VAL,TE,IngreLabel,IngredientList,FoodList}.txt"
 )
-
-
-def _read_names(path: Path, what: str) -> list[str]:
-    names = [line for _, line in read_lines(require_file(path, what))]
-    if not names:
-        raise DatasetError(f"{path}: no {what} names found (the file is empty)")
-    return names
 
 
 def _present_columns(path: Path, line_no: int, values: list[str],
@@ -127,8 +121,9 @@ def read_vireo_layout(root: Path, name: str = "vireo172", template: str = DEFAUL
     if not root.is_dir():
         raise DatasetError(f"dataset root {root} does not exist. {LAYOUT_HELP}")
     ann = require_dir(root / ANNOTATION_DIR, "annotation folder", LAYOUT_HELP)
-    class_names = _read_names(ann / "FoodList.txt", "dish (FoodList.txt)")
-    ingredient_names = _read_names(ann / "IngredientList.txt", "ingredient (IngredientList.txt)")
+    class_names = read_names(ann / "FoodList.txt", "dish list (FoodList.txt)", "warn")
+    ingredient_names = read_names(ann / "IngredientList.txt",
+                                  "ingredient list (IngredientList.txt)", "warn")
     label_file = ann / "IngreLabel.txt"
     table = _read_ingredient_labels(label_file, len(ingredient_names))
     ids = UniqueIds()

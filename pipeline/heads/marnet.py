@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import require_choice, require_positive
 from ..losses import FEATURE_FUSIONS, FUSIONS, feature_mse, fuse_features, fuse_logits
 from ..schedule import NoiseSchedule, ScheduleConfig
 from .alignment import AlignConfig, AlignedClassifier
@@ -42,16 +43,6 @@ VARIANTS = ("ema", "mlp", "cdr", "full")
 
 
 SAMPLERS = ("ddpm", "ddim")
-
-
-def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def require_positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 @dataclass

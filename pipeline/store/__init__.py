@@ -2,6 +2,7 @@
 
 from .backends import FORMATS, FieldSpec
 from .cache import (
+    STORAGE_DTYPES,
     CacheWriter,
     FeatureCache,
     SplitLayout,
@@ -21,9 +22,9 @@ from .lock import CacheLock, LockError
 from .manage import cache_info, export_npy, list_caches, remove_cache
 from .match import diff_inputs, parse_expectations, require_expected, require_same_inputs
 
-__all__ = ["FORMATS", "CacheError", "CacheLock", "CacheWriter", "FeatureCache", "FieldSpec",
-           "LockError", "SplitLayout", "cache_info", "canonical", "content_key", "diff_inputs",
-           "export_npy", "field_checksum", "from_storage", "is_feature", "is_url",
+__all__ = ["FORMATS", "STORAGE_DTYPES", "CacheError", "CacheLock", "CacheWriter", "FeatureCache",
+           "FieldSpec", "LockError", "SplitLayout", "cache_info", "canonical", "content_key",
+           "diff_inputs", "export_npy", "field_checksum", "from_storage", "is_feature", "is_url",
            "list_caches", "parse_expectations", "read_manifest", "remove_cache",
            "require_expected", "require_same_inputs", "stale_temp_files", "storage_dtype",
            "to_storage", "write_json_atomic"]

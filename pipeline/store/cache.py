@@ -69,9 +69,15 @@ def field_checksum(values: np.ndarray) -> str:
     return h.hexdigest()
 
 
+# feature dtype -> how it is stored: bfloat16 as its uint16 bits (numpy has no bfloat16)
+STORAGE_DTYPES = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
+
+
 def storage_dtype(dtype: str) -> str:
-    """How a feature dtype is stored: bfloat16 as its uint16 bits (numpy has no bfloat16)."""
-    return {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}[dtype]
+    """How feature dtype ``dtype`` is stored; an unknown one is a ``ValueError``."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"unknown feature dtype {dtype!r}; choose {', '.join(STORAGE_DTYPES)}")
+    return STORAGE_DTYPES[dtype]
 
 
 def to_storage(features: torch.Tensor, dtype: str) -> np.ndarray:
@@ -512,8 +518,8 @@ def _count_problems(split: str, meta: dict, shards: list[dict]) -> list[str]:
     return problems
 
 
-__all__ = ["FORMATS", "MANIFEST", "SCHEMA_VERSION", "CacheError", "CacheLock", "CacheWriter",
-           "FeatureCache", "FieldSpec", "SplitLayout", "committed_shards", "content_key",
-           "field_checksum", "from_storage", "is_feature", "read_manifest", "read_records",
-           "record_path", "stage_timings", "stale_temp_files", "storage_dtype", "to_storage",
-           "write_json_atomic"]
+__all__ = ["FORMATS", "MANIFEST", "SCHEMA_VERSION", "STORAGE_DTYPES", "CacheError", "CacheLock",
+           "CacheWriter", "FeatureCache", "FieldSpec", "SplitLayout", "committed_shards",
+           "content_key", "field_checksum", "from_storage", "is_feature", "read_manifest",
+           "read_records", "record_path", "stage_timings", "stale_temp_files", "storage_dtype",
+           "to_storage", "write_json_atomic"]

@@ -42,13 +42,16 @@ def require_local(root: Path | str, action: str) -> Path:
 
 
 def _filesystem(url: str):
-    """``(filesystem, path)`` for an fsspec URL; a missing implementation is a clear error."""
-    import fsspec
-
+    """``(filesystem, path)`` for an fsspec URL; a missing fsspec or protocol implementation
+    (``s3fs``, ``gcsfs``...) is a clear error."""
     try:
+        import fsspec
+
         return fsspec.core.url_to_fs(url)
     except ImportError as exc:
-        raise ValueError(f"cannot open {url}: {exc}") from None
+        raise ValueError(f"cannot open {url}: {exc}. Install the missing package (fsspec, and "
+                         "for this protocol its implementation, e.g. s3fs or gcsfs), or pass a "
+                         "local path") from None
 
 
 def read_text(root: Path | str, name: str) -> str:

@@ -7,14 +7,18 @@ two nodes sharing a cache folder cannot both take the lock, and a holder killed 
 never leaves an empty lock behind. Where hard links are not supported the lock falls back to
 ``O_CREAT | O_EXCL``.
 
-A lock whose holder ran on this host and whose process is gone is stale and taken over. A lock
-held from another host cannot be checked; the error says which host and pid hold it and how to
-clear it once that process is known to be dead.
+A lock whose holder ran on this host and whose process is gone is stale and taken over: it is
+deleted only by the one process that claims it (an exclusive claim file named after the stale
+lock's content) and only if it still holds that content, then the lock is created as above. So
+two processes that both find a dead holder never both end up holding the lock. A lock held from
+another host cannot be checked; the error says which host and pid hold it and how to clear it
+once that process is known to be dead.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -24,6 +28,8 @@ from pathlib import Path
 from .errors import CacheError
 
 LOCK = ".lock"
+ATTEMPTS = 50  # tries to take the lock while stale locks are taken over
+RETRY_S = 0.02  # pause while another process takes a stale lock over
 
 
 class LockError(CacheError):
@@ -70,6 +76,51 @@ def _create_o_excl(path: Path, content: str) -> bool:
     return True
 
 
+def _read(path: Path) -> str:
+    """The text of ``path`` ("" when it vanished or is unreadable)."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _parse(content: str) -> dict:
+    """The holder recorded in a lock file's text ({} when empty or unreadable)."""
+    try:
+        return json.loads(content or "{}")
+    except json.JSONDecodeError:
+        return {}
+
+
+def _dead_here(holder: dict, host: str) -> bool:
+    """Whether ``holder`` ran on ``host`` and its process is gone."""
+    return holder.get("host") == host and not pid_alive(int(holder.get("pid", -1)))
+
+
+def _remove_if_unchanged(path: Path, content: str, me: dict) -> bool:
+    """Delete ``path`` if it still holds ``content`` (a dead holder's); False while another
+    process does this.
+
+    Takeovers of one stale file are serialised by a claim file named after its content, created
+    exclusively: only the claimant deletes, and only after re-reading the content under the
+    claim, so a slow process can never delete the fresh lock of the process that took over
+    first. A claim left by a claimant that died is itself stale and removed the same way.
+    """
+    digest = hashlib.sha256(content.encode()).hexdigest()[:16]
+    claim = path.with_name(f"{path.name}.takeover-{digest}")
+    if not _create_exclusive(claim, json.dumps({**me, "started": time.time()})):
+        claimed = _read(claim)
+        if claimed and _dead_here(_parse(claimed), me["host"]):
+            _remove_if_unchanged(claim, claimed, me)
+        return False
+    try:
+        if _read(path) == content:
+            path.unlink(missing_ok=True)
+    finally:
+        claim.unlink(missing_ok=True)
+    return True
+
+
 class CacheLock:
     """An exclusive lock file in a cache folder; a stale lock (dead holder) is taken over."""
 
@@ -82,29 +133,28 @@ class CacheLock:
     def acquire(self) -> "CacheLock":
         """Take the lock or raise :class:`LockError` naming the live holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {**self.me, "started": time.time()}
-        for _ in range(3):
-            if _create_exclusive(self.path, json.dumps(me)):
+        mine = json.dumps({**self.me, "started": time.time()})
+        for _ in range(ATTEMPTS):
+            if _create_exclusive(self.path, mine):
                 self.held = True
                 return self
-            holder = self.holder()
+            content = _read(self.path)
+            holder = _parse(content)
             if not self.stale(holder):
                 raise LockError(self._held_message(holder))
-            self.path.unlink(missing_ok=True)
+            if content and not _remove_if_unchanged(self.path, content, self.me):
+                time.sleep(RETRY_S)  # another process is taking the stale lock over
         raise LockError(f"could not take the lock {self.path}: it keeps reappearing")
 
     def holder(self) -> dict:
         """The holder recorded in the lock file ({} when it vanished or is unreadable)."""
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, json.JSONDecodeError):
-            return {}
+        return _parse(_read(self.path))
 
     def stale(self, holder: dict) -> bool:
         """Whether ``holder`` is known dead: it ran on this host and its process is gone."""
         if not holder:  # vanished between our attempt and the read: try again
             return not self.path.exists()
-        return holder.get("host") == self.me["host"] and not pid_alive(int(holder.get("pid", -1)))
+        return _dead_here(holder, self.me["host"])
 
     def _held_message(self, holder: dict) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
