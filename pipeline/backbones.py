@@ -357,6 +357,15 @@ class TextBackbone:
         return torch.cat(states), torch.cat(masks)
 
 
+def tokenizer_digest(tokenizer: Any) -> str:
+    """SHA-256 of a tokenizer's full definition (a fast tokenizer's JSON, else its vocabulary):
+    another tokenizer gives other token ids, and so other text features, with equal weights."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(),
+                                                                  sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """``cls``: the first token's state; ``mean``: the mean over non-padding tokens."""
     if pooling == "cls":
@@ -386,5 +395,6 @@ def build_text(spec: TextSpec) -> TextBackbone:
             + f" ({exc.__class__.__name__}). Pass a local model directory with --text DIR, "
               "`--text minilm` for the bundled MiniLM, or unset HF_HUB_OFFLINE with network.") from exc
     description = {"model": spec.model, "weights_digest": state_dict_digest(model),
+                   "tokenizer_digest": tokenizer_digest(tokenizer),
                    **{k: v for k, v in asdict(spec).items() if k != "model"}}
     return TextBackbone(model, tokenizer, spec, description)

@@ -61,6 +61,7 @@ def test_dishes_share_ingredients_and_differ():
     dishes = make_dishes(SynthFoodConfig())
     assert len(dishes) == 20
     assert len({(d.style, d.core) for d in dishes}) == 20
+    assert len({d.name for d in dishes}) == 20, "class names are unique"
     counts = {}
     for d in dishes:
         for i in d.core:

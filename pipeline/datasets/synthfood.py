@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from .base import DEFAULT_TEMPLATE, DatasetError, DatasetInfo
 from .vireo172 import ANNOTATION_DIR, IMAGE_DIR, SPLIT_FILES, read_vireo_layout
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: dish names are unique
 MARKER = "synthfood.json"
 
 # name, RGB colour, piece shape, texture. Some pairs look alike on purpose (egg/corn, pork/
@@ -141,9 +141,20 @@ def make_dishes(cfg: SynthFoodConfig) -> list[Dish]:
         if (style, core) in seen:
             continue
         seen.add((style, core))
-        main = [INGREDIENTS[i][0] for i in core[:2]]
-        dishes.append(Dish(f"{STYLES[style][0]} {main[0]} with {main[1]}", style, core, optional))
+        name = _dish_name(style, core, {d.name for d in dishes})
+        dishes.append(Dish(name, style, core, optional))
     return dishes
+
+
+def _dish_name(style: int, core: tuple[int, ...], taken: set[str]) -> str:
+    """"<style> <a> with <b>" for the first pair of core ingredients whose name is free."""
+    from itertools import combinations
+
+    for a, b in combinations(core, 2):
+        name = f"{STYLES[style][0]} {INGREDIENTS[a][0]} with {INGREDIENTS[b][0]}"
+        if name not in taken:
+            return name
+    return f"{STYLES[style][0]} {', '.join(INGREDIENTS[i][0] for i in core)}"
 
 
 def sample_ingredients(dish: Dish, cfg: SynthFoodConfig, rng: np.random.Generator) -> list[int]:
