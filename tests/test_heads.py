@@ -8,6 +8,7 @@ import torch
 from marnet.pipeline.heads import Dims, MARNetConfig, build_head, method_config
 from marnet.pipeline.heads.common import ConditionalDenoiser, ProjectionEncoder
 from marnet.pipeline.heads.marnet import FusionHead
+from marnet.pipeline.losses import fuse_logits
 from marnet.pipeline.splits import held_out_split
 from marnet.pipeline.train import TrainConfig, load_run, train_heads
 
@@ -117,3 +118,16 @@ def test_standardizer_floors_dims_that_are_constant_on_train():
     floor = 0.1 * train.std(0, unbiased=False).median()  # over every dim, the dead one too
     assert torch.isclose(norm(test_row)[0, 3], 0.5 / floor, rtol=1e-3)
     assert norm(test_row).abs().max() < 100
+
+
+@pytest.mark.parametrize("mode", ["concat", "sum", "hm"])
+def test_fusion_can_start_from_the_branch_classifiers(mode):
+    ema, cdr = torch.nn.Linear(4, 3), torch.nn.Linear(6, 3)
+    fusion = FusionHead(mode, 4, 6, 3)
+    fusion.init_from_branches(ema, cdr)
+    x_ema, x_cdr = torch.randn(5, 4), torch.randn(5, 6)
+    with torch.no_grad():
+        if mode == "concat":  # starts as the sum of the two branches' logits
+            assert torch.allclose(fusion(x_ema, x_cdr), ema(x_ema) + cdr(x_cdr), atol=1e-6)
+        else:
+            assert torch.allclose(fusion(x_ema, x_cdr), fuse_logits(ema(x_ema), cdr(x_cdr), mode))

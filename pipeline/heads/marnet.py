@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import require_choice, require_positive
-from ..losses import FEATURE_FUSIONS, FUSIONS, feature_mse, fuse_features, fuse_logits
+from ..losses import FEATURE_FUSIONS, FUSIONS, LOGIT_FUSIONS, feature_mse, fuse_features, fuse_logits
 from ..schedule import NoiseSchedule, ScheduleConfig
 from .alignment import AlignConfig, AlignedClassifier
 from .common import (
@@ -84,8 +84,12 @@ class MARNetConfig:
     tau, shared dim d). ``alpha2``/``gamma``: the weights of CE and MSE in L_CDR (Eq. 20).
     ``diffusion``: the CDR denoiser and chains. ``fusion_samples``: K sampled ``x_CDR`` per
     train image the fusion classifier trains on (stage b); ``fusion_epochs``: that stage's
-    epochs (None: the trainer's). ``joint``: train the fusion classifier in stage (a) on the
-    one-step reconstruction instead of staged training.
+    epochs (None: the trainer's); ``fusion_init``: ``branches`` starts the fusion classifier
+    from the trained EMA and CDR classifiers (concat: the sum of their logits; sum/hm: the two
+    logit heads), so stage (b) starts from the branches' ensemble instead of from scratch
+    (add/mul have no such start and begin random); ``random`` always starts from scratch.
+    ``joint``: train the fusion classifier in stage (a) on the one-step reconstruction instead
+    of staged training.
     """
 
     variant: str = "full"
@@ -96,6 +100,7 @@ class MARNetConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     fusion_samples: int = 4
     fusion_epochs: int | None = None
+    fusion_init: str = "branches"
     joint: bool = False
 
     def __post_init__(self) -> None:
@@ -104,6 +109,7 @@ class MARNetConfig:
         if self.variant != "full" and self.fusion != "concat":
             raise ValueError(f"fusion {self.fusion!r} applies to the full model only "
                              f"(variant {self.variant!r} has nothing to fuse)")
+        require_choice("fusion_init", self.fusion_init, ("branches", "random"))
         require_positive("fusion_samples", self.fusion_samples)
         require_positive("fusion_epochs", self.fusion_epochs)
 
@@ -193,6 +199,19 @@ class FusionHead(nn.Module):
         else:
             self.ema_classifier = nn.Linear(ema_dim, classes)
             self.cdr_classifier = nn.Linear(cdr_dim, classes)
+
+    @torch.no_grad()
+    def init_from_branches(self, ema_classifier: nn.Linear, cdr_classifier: nn.Linear) -> None:
+        """Start from the trained branch classifiers: concat = the sum of the branch logits,
+        sum/hm = the branch logit heads themselves. add/mul keep their random start."""
+        if self.mode == "concat":
+            d = ema_classifier.in_features
+            self.classifier.weight[:, :d].copy_(ema_classifier.weight)
+            self.classifier.weight[:, d:].copy_(cdr_classifier.weight)
+            self.classifier.bias.copy_(ema_classifier.bias + cdr_classifier.bias)
+        elif self.mode in LOGIT_FUSIONS:
+            self.ema_classifier.load_state_dict(ema_classifier.state_dict())
+            self.cdr_classifier.load_state_dict(cdr_classifier.state_dict())
 
     def forward(self, x_ema: torch.Tensor, x_cdr: torch.Tensor) -> torch.Tensor:
         if self.mode in FEATURE_FUSIONS:
@@ -300,6 +319,8 @@ class MARNet(ScheduleOwner):
                                                       ctx.eval_generator(), ctx.chunk_rows)
                 self._train_ema = self.ema.embed(train["visual"])
                 self._val_ema = self.ema.embed(val["visual"])
+            if cfg.fusion_init == "branches":
+                self.fusion.init_from_branches(self.ema.classifier, self.cdr.classifier)
 
         def loss_b(batch: Batch):
             index = batch["index"]
