@@ -134,7 +134,9 @@ def run_study(study: str, cfg: DemoConfig, log: Callable[[str], None] = print) -
     """``table2``: :func:`run_demo`; ``finetune``: :func:`run_finetune_study`."""
     if study not in STUDIES:
         raise ValueError(f"--study takes {' or '.join(STUDIES)}, got {study!r}")
-    return (run_demo if study == "table2" else run_finetune_study)(cfg, log)
+    if study == "table2":
+        return run_demo(cfg, log)
+    return run_finetune_study(cfg, log=log)
 
 
 def backbone_label(method: str | None) -> str:

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from marnet.cli import app
 from marnet.pipeline.datasets.synthfood import SynthFoodConfig
+from marnet.pipeline import demo as demo_module
 from marnet.pipeline.demo import DemoConfig, run_demo, run_finetune_study
 from marnet.pipeline.store import FeatureCache
 
@@ -131,6 +133,17 @@ def test_demo_pipeline_runs_offline_on_a_tiny_config(tmp_path):
     manifest = FeatureCache(result["cache"]).manifest
     assert manifest["inputs"]["visual"]["finetuned"]["method"] == "ce"
     assert manifest["inputs"]["visual"]["finetuned"]["base_weights"] == "pypi"
+
+
+@pytest.mark.parametrize("study", ["table2", "finetune"])
+def test_demo_study_runs_its_study_with_the_given_log(study, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda cfg, log: calls.append(("table2", log)))
+    monkeypatch.setattr(demo_module, "run_finetune_study",
+                        lambda cfg, methods=(), log=print: calls.append(("finetune", log)))
+    log = lambda _: None  # noqa: E731
+    demo_module.run_study(study, DemoConfig(), log)
+    assert calls == [(study, log)]
 
 
 def test_finetune_study_tabulates_backbones_heads_and_the_text_ceiling(tmp_path):
