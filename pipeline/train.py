@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .backbones import resolve_device, resolve_precision
-from .config import ConfigError, from_dict
+from .config import ConfigError, apply_overrides, from_dict
 from .heads import (
     METHODS,
     Dims,
@@ -369,9 +369,14 @@ def save_heads(model: HeadsModel, path: Path) -> None:
     tmp.replace(path)
 
 
-def load_run(run_dir: Path | str, device: torch.device | str = "cpu"
-             ) -> tuple[HeadsModel, dict[str, Any]]:
-    """Rebuild a trained run's model from ``config.json`` and ``heads.safetensors``."""
+def load_run(run_dir: Path | str, device: torch.device | str = "cpu",
+             overrides: dict[str, Any] | None = None) -> tuple[HeadsModel, dict[str, Any]]:
+    """Rebuild a trained run's model from ``config.json`` and ``heads.safetensors``.
+
+    ``overrides`` (``KEY=VALUE`` as for training) change test-time settings of the trained
+    heads, e.g. ``diffusion.sampler=ddim``, ``diffusion.steps=10``, ``diffusion.test_samples``;
+    one that changes a trained parameter's shape is refused. The returned config records them.
+    """
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
@@ -383,7 +388,19 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu"
     method = config["method"]
     if method not in METHODS:
         raise ConfigError(f"{run_dir}: unknown method {method!r}")
-    method_cfg = from_dict(METHODS[method].config, config["method_config"])
+    method_cfg = apply_overrides(from_dict(METHODS[method].config, config["method_config"]),
+                                 overrides or {})
     model = HeadsModel(method, method_cfg, Dims(**config["dims"]))
-    model.load_state_dict(load_file(str(run_dir / "heads.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(run_dir / "heads.safetensors")))
+    except RuntimeError as exc:
+        if not overrides:
+            raise
+        raise ConfigError(f"{run_dir}: --set {', '.join(overrides)} changes the trained heads "
+                          "(parameter shapes or modules), so the saved weights do not fit; only "
+                          "test-time settings (diffusion.sampler, diffusion.steps, diffusion.eta, "
+                          "diffusion.test_samples...) can change after training") from exc
+    if overrides:
+        config = {**config, "method_config": asdict(method_cfg),
+                  "eval_overrides": {k: str(v) for k, v in overrides.items()}}
     return model.to(device).eval(), config

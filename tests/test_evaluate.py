@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from marnet.pipeline.datasets.synthfood import SynthFoodConfig, generate
-from marnet.pipeline.evaluate import end_to_end_features
+from marnet.pipeline.config import ConfigError
+from marnet.pipeline.evaluate import end_to_end_features, evaluate_run
 from marnet.pipeline.store import CacheError, FeatureCache
+from marnet.pipeline.train import TrainConfig, load_run, train_heads
 
 
 def _features(cache, root, tmp_path):
@@ -32,3 +34,21 @@ def test_end_to_end_refuses_another_dataset_and_accepts_a_moved_copy(synth_root,
     visual, labels = _features(tiny_cache, moved, tmp_path)
     assert visual.shape[0] == labels.shape[0] == FeatureCache(tiny_cache).manifest[
         "splits"]["test"]["rows"]
+
+
+def test_eval_changes_test_time_sampling_but_refuses_settings_that_change_weights(tiny_cache,
+                                                                                  tmp_path):
+    run = tmp_path / "cdr"
+    train_heads(tiny_cache, "marnet", run, {"variant": "cdr", "diffusion.hidden": 32,
+                                            "diffusion.schedule.steps": 20},
+                TrainConfig(epochs=1, batch_size=8, device="cpu"), log=lambda _: None)
+    ddpm = evaluate_run(run, device="cpu", log=lambda _: None)
+    ddim = evaluate_run(run, device="cpu", log=lambda _: None,
+                        overrides={"diffusion.sampler": "ddim", "diffusion.steps": "2"})
+    assert "overrides" not in ddpm
+    assert ddim["overrides"] == {"diffusion.sampler": "ddim", "diffusion.steps": "2"}
+    model, config = load_run(run, "cpu", {"diffusion.sampler": "ddim", "diffusion.steps": "2"})
+    assert config["method_config"]["diffusion"]["sampler"] == "ddim"
+    assert model.head.cfg.diffusion.steps == 2
+    with pytest.raises(ConfigError, match="changes the trained heads"):
+        evaluate_run(run, device="cpu", log=lambda _: None, overrides={"diffusion.hidden": "8"})
