@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from marnet.cli import app
-from marnet.pipeline.datasets.synthfood import SynthFoodConfig
 from marnet.pipeline import demo as demo_module
+from marnet.pipeline.datasets.synthfood import SynthFoodConfig
 from marnet.pipeline.demo import DemoConfig, run_demo, run_finetune_study
 from marnet.pipeline.store import FeatureCache
 

@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import require_choice, require_positive
-from ..losses import FEATURE_FUSIONS, FUSIONS, LOGIT_FUSIONS, feature_mse, fuse_features, fuse_logits
+from ..losses import (
+    FEATURE_FUSIONS,
+    FUSIONS,
+    LOGIT_FUSIONS,
+    feature_mse,
+    fuse_features,
+    fuse_logits,
+)
 from ..schedule import NoiseSchedule, ScheduleConfig
 from .alignment import AlignConfig, AlignedClassifier
 from .common import (
