@@ -319,6 +319,12 @@ class TextBackbone:
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
+    def tokenize(self, texts: list[str], padding: bool | str = True) -> Any:
+        """Token ids and attention mask (CPU tensors) of ``texts``, cut at ``max_length``;
+        padded to the longest text (``True``) or to ``max_length`` (``"max_length"``)."""
+        return self.tokenizer(texts, padding=padding, truncation=True,
+                              max_length=self.spec.max_length, return_tensors="pt")
+
     @torch.inference_mode()
     def encode(self, texts: list[str], device: torch.device, batch_size: int = 64,
                on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -327,8 +333,7 @@ class TextBackbone:
         out = []
         for i in range(0, len(texts), batch_size):
             chunk = texts[i:i + batch_size]
-            enc = self.tokenizer(chunk, padding=True, truncation=True,
-                                 max_length=self.spec.max_length, return_tensors="pt").to(device)
+            enc = self.tokenize(chunk).to(device)
             hidden = self.model(**enc).last_hidden_state
             out.append(pool_tokens(hidden, enc["attention_mask"], self.spec.pooling).float().cpu())
             if on_batch:
@@ -345,8 +350,7 @@ class TextBackbone:
         states, masks = [], []
         for i in range(0, len(texts), batch_size):
             chunk = texts[i:i + batch_size]
-            enc = self.tokenizer(chunk, padding="max_length", truncation=True,
-                                 max_length=self.spec.max_length, return_tensors="pt").to(device)
+            enc = self.tokenize(chunk, padding="max_length").to(device)
             states.append(self.model(**enc).last_hidden_state.float().cpu())
             masks.append(enc["attention_mask"].to(torch.uint8).cpu())
             if on_batch:

@@ -327,17 +327,17 @@ def _extract_cfg(cfg: BenchConfig, root: Path, cache_dir: Path, size: int):
 
 def _text_model_seconds(cfg: BenchConfig, device: torch.device, root: Path) -> float:
     """Forward time of the text backbone alone over the subset's unique texts, tokenized
-    beforehand, in extraction's batches of 128 (the text half of the model-only time)."""
+    beforehand, in extraction's batches (the text half of the model-only time)."""
     from .backbones import build_text
     from .datasets import load_dataset
+    from .extract import TEXT_BATCH
 
     info = load_dataset("synthfood", root)
     texts = sorted({rec.text for recs in info.splits.values() for rec in recs})
     text = build_text(BENCH_TEXT)
     text.model.to(device)
-    batches = [text.tokenizer(texts[i:i + 128], padding=True, truncation=True,
-                              max_length=text.spec.max_length, return_tensors="pt").to(device)
-               for i in range(0, len(texts), 128)]
+    batches = [text.tokenize(texts[i:i + TEXT_BATCH]).to(device)
+               for i in range(0, len(texts), TEXT_BATCH)]
 
     def forward() -> None:
         with torch.inference_mode():

@@ -70,6 +70,7 @@ from .store.location import require_local
 
 TEXT_TABLE = "text_table.npy"
 BAD_IMAGE_POLICIES = ("fail", "skip")
+TEXT_BATCH = 128  # unique texts per text-backbone forward
 
 
 @dataclass
@@ -501,7 +502,7 @@ def _encode_text_table(path: Path, texts: list[str], text, device: torch.device,
     """Rank 0 encodes the unique texts; the other ranks wait for its file and load it."""
     def encode() -> torch.Tensor:
         with progress_bar("text features", len(texts)) as advance:
-            return text.encode(texts, device, batch_size=128, on_batch=advance)
+            return text.encode(texts, device, batch_size=TEXT_BATCH, on_batch=advance)
 
     if ranks.is_main:
         table = _text_table(path, texts, encode)
@@ -514,7 +515,8 @@ def _text_token_tables(texts: list[str], text, device: torch.device, dtype: str
     """``text_tokens`` (in the cache dtype) and ``text_mask`` per unique text, row-aligned with
     the text table; each cache row gets its text's tokens (stored per row, like ``text``)."""
     with progress_bar("text tokens", len(texts)) as advance:
-        states, mask = text.encode_tokens(texts, device, batch_size=128, on_batch=advance)
+        states, mask = text.encode_tokens(texts, device, batch_size=TEXT_BATCH,
+                                          on_batch=advance)
     return {"text_tokens": to_storage(states, dtype), "text_mask": mask.numpy()}
 
 

@@ -131,3 +131,16 @@ def test_fusion_can_start_from_the_branch_classifiers(mode):
             assert torch.allclose(fusion(x_ema, x_cdr), ema(x_ema) + cdr(x_cdr), atol=1e-6)
         else:
             assert torch.allclose(fusion(x_ema, x_cdr), fuse_logits(ema(x_ema), cdr(x_cdr), mode))
+
+
+def test_marnet_fusion_stage_starts_from_its_trained_branches(tiny_cache, tmp_path):
+    out = tmp_path / "run"  # lr 0: nothing moves after init, so the saved fusion is its start
+    train_heads(tiny_cache, "marnet", out, SMALL,
+                TrainConfig(epochs=1, batch_size=8, lr=0.0, device="cpu"), log=lambda _: None)
+    head = load_run(out)[0].head
+    d = head.ema.classifier.in_features
+    weight = head.fusion.classifier.weight
+    assert torch.equal(weight[:, :d], head.ema.classifier.weight)
+    assert torch.equal(weight[:, d:], head.cdr.classifier.weight)
+    assert torch.equal(head.fusion.classifier.bias,
+                       head.ema.classifier.bias + head.cdr.classifier.bias)
