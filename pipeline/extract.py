@@ -23,6 +23,7 @@ model's ``last_hidden_state`` padded to ``max_length`` = W, stored per row like 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -295,6 +296,42 @@ def _batches(pending: list[int], layout: SplitLayout, batch_size: int) -> list[l
     return out
 
 
+@dataclass
+class SplitPlan:
+    """One split's share of this run: its records, where they start among all splits' images
+    (``offset``), the layout, and the row batches of the shards this rank still has to write."""
+
+    split: str
+    records: list
+    offset: int
+    layout: SplitLayout
+    batches: list[list[int]]
+
+
+def _split_plans(info: DatasetInfo, layouts: dict[str, SplitLayout], writer: CacheWriter,
+                 ranks: RankInfo, batch_size: int) -> list[SplitPlan]:
+    plans, offset = [], 0
+    for split in SPLITS:
+        if split in info.splits:
+            layout = layouts[split]
+            pending = writer.pending(split, ranks.owned(layout.num_shards))
+            plans.append(SplitPlan(split, info.splits[split], offset, layout,
+                                   _batches(pending, layout, batch_size)))
+            offset += len(info.splits[split])
+    return plans
+
+
+def _image_batches(plans: list[SplitPlan], vision, num_workers: int) -> Iterator:
+    """One loader over every split's pending batches, in split order: its workers start once
+    and decode the next split's first batches while the last shard of this one is written."""
+    batches = [[plan.offset + row for row in rows] for plan in plans for rows in plan.batches]
+    if not batches:
+        return iter(())
+    paths = [r.image for plan in plans for r in plan.records]
+    return iter(image_loader(paths, vision.data_config, batches, num_workers,
+                             vision.device.type == "cuda"))
+
+
 class ShardWriterThread:
     """Commits finished shards on a background thread so the model never waits on I/O."""
 
@@ -430,14 +467,14 @@ def _extract(cfg: ExtractConfig, ranks: RankInfo, device: torch.device,
         token_tables = _text_token_tables(texts, text, device, cfg.dtype) if cfg.tokens else {}
         del text
         vision.to_runtime(device, cfg.channels_last, cfg.compile)
+        plans = _split_plans(info, layouts, writer, ranks, batch)
+        batches = _image_batches(plans, vision, cfg.num_workers)
         images, images_s = 0, 0.0
-        for split in SPLITS:
-            if split in info.splits:
-                rows, seconds = _extract_split(replace(cfg, batch_size=batch), info, split,
-                                               layouts[split], writer, vision, precision,
-                                               text_table, text_row, ranks, log,
-                                               token_tables)
-                images, images_s = images + rows, images_s + seconds
+        for plan in plans:
+            rows, seconds = _extract_split(replace(cfg, batch_size=batch), info, plan, batches,
+                                           writer, vision, precision, text_table, text_row,
+                                           log, token_tables)
+            images, images_s = images + rows, images_s + seconds
         # wall time of this run's image loops (decode + model + write, overlapped): what
         # `marnet bench` divides by; the per-stage sums in "timings" overlap each other
         last_run = {"images": images, "images_s": round(images_s, 3),
@@ -520,22 +557,18 @@ def _text_token_tables(texts: list[str], text, device: torch.device, dtype: str
     return {"text_tokens": to_storage(states, dtype), "text_mask": mask.numpy()}
 
 
-def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: SplitLayout,
+def _extract_split(cfg: ExtractConfig, info: DatasetInfo, plan: SplitPlan, batches: Iterator,
                    writer: CacheWriter, vision, precision: str, text_table: np.ndarray,
-                   text_row: dict[str, int], ranks: RankInfo,
-                   log: Callable[[str], None],
+                   text_row: dict[str, int], log: Callable[[str], None],
                    token_tables: dict[str, np.ndarray] | None = None) -> tuple[int, float]:
-    """Write this rank's pending shards of ``split``; return (rows, wall seconds)."""
-    records = info.splits[split]
-    pending = writer.pending(split, ranks.owned(layout.num_shards))
-    if not pending:
+    """Write ``plan``'s pending shards from the next ``len(plan.batches)`` image batches;
+    return (rows, wall seconds)."""
+    if not plan.batches:
         return 0, 0.0
+    split, records, layout = plan.split, plan.records, plan.layout
     t_start = time.perf_counter()
-    loader = image_loader([r.image for r in records], vision.data_config,
-                          _batches(pending, layout, cfg.batch_size), cfg.num_workers,
-                          vision.device.type == "cuda")
     thread = ShardWriterThread(writer)
-    rows_total = sum(layout.shard_range(i)[1] - layout.shard_range(i)[0] for i in pending)
+    rows_total = sum(len(rows) for rows in plan.batches)
     timing = {"read_s": 0.0, "model_s": 0.0}
     done = 0
     current: dict[str, Any] = {}
@@ -543,7 +576,7 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: Sp
     try:
         with progress_bar(f"{split} images", rows_total) as advance:
             t_read = time.perf_counter()
-            for images, indices, errors in loader:
+            for images, indices, errors in itertools.islice(batches, len(plan.batches)):
                 t_model = time.perf_counter()
                 with torch.inference_mode():
                     if cfg.tokens:
@@ -555,7 +588,7 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, split: str, layout: Sp
                 read_s, model_s = t_model - t_read, time.perf_counter() - t_model
                 timing["read_s"] += read_s
                 timing["model_s"] += model_s
-                rows = indices.tolist()
+                rows = (indices - plan.offset).tolist()
                 shard = rows[0] // layout.shard_rows
                 if current and current["index"] != shard:
                     _submit_shard(thread, current, split, records, info, text_table, text_row,
