@@ -98,6 +98,17 @@ def _summary_table(title: str, summary: list[dict]) -> Table:
     return table
 
 
+def _decode_option() -> Any:
+    return typer.Option(
+        "workers", help="Where images are decoded and resized: workers (PIL in the DataLoader "
+        "workers) or device (JPEGs decoded by torchvision.io.decode_jpeg on the backbone's "
+        "device, nvJPEG on CUDA, then resized and cropped there; other formats, CMYK and "
+        "EXIF-rotated JPEGs are decoded by the workers and resized on the device). For GPU "
+        "machines whose CPU cores cannot decode as fast as the model runs; on CPU it decodes "
+        "in the main process and is slower. Part of the cache key; eval --end-to-end and "
+        "predict follow the cache's mode.")
+
+
 @app.command()
 def extract(
     dataset: str = typer.Option(..., help="Dataset adapter name (see `marnet datasets`)."),
@@ -126,6 +137,7 @@ def extract(
     ingredients: Optional[str] = _ingredients_option(),
     rank_timeout: float = typer.Option(86400.0, help="Distributed runs (torchrun, or RANK/WORLD_SIZE): seconds a rank waits for the others before giving up."),
     tokens: bool = typer.Option(False, "--tokens", help="Also store token features (visual_tokens, text_tokens, text_mask) for token-level methods (TEAM). Large: L x Dv and max-length x Dt values per row."),
+    decode: str = _decode_option(),
 ) -> None:
     """Stage one: run the backbones once and write the feature cache (resumes if interrupted)."""
     from .pipeline.backbones import TextSpec, VisionSpec
@@ -143,7 +155,7 @@ def extract(
             num_workers=num_workers, device=device, precision=precision,
             channels_last=channels_last, compile=compile, on_bad_image=on_bad_image,
             weights_dir=cache_root / "weights", rank_timeout_s=rank_timeout, tokens=tokens,
-            dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
+            decode=decode, dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"cache: [bold]{result.path}[/]")
@@ -472,6 +484,7 @@ def bench(
     batch_size: int = typer.Option(64, help="Extraction batch size."),
     head_rows: int = typer.Option(20_000, help="Synthetic feature rows for the head benches."),
     num_workers: int = typer.Option(2, help="DataLoader workers (extraction and the naive baseline)."),
+    decode: str = _decode_option(),
     scaling: bool = typer.Option(False, "--scaling", help="Also measure head training at 1k/10k/100k rows and extraction at 128/256/512 images (linear cost = constant throughput)."),
 ) -> None:
     """Measure throughput ratios side by side (extraction, head training, cache reads, sampling)."""
@@ -479,7 +492,8 @@ def bench(
 
     report = run_bench(BenchConfig(device=device, visual=visual, image_size=image_size,
                                    images=images, batch_size=batch_size, head_rows=head_rows,
-                                   num_workers=num_workers), log=console.print, scaling=scaling)
+                                   num_workers=num_workers, decode=decode),
+                       log=console.print, scaling=scaling)
     table = Table(title=f"marnet bench on {report['device']} ({report['precision']})")
     for col in ("ratio", "measured", "target", "status", "details"):
         table.add_column(col, justify="right" if col in ("measured", "target") else "left")

@@ -75,6 +75,7 @@ class BenchConfig:
     warmup: int = 3
     iters: int = 10
     num_workers: int = 2
+    decode: str = "workers"  # extraction's --decode: workers | device
     workdir: Path | None = None
 
 
@@ -322,7 +323,7 @@ def _extract_cfg(cfg: BenchConfig, root: Path, cache_dir: Path, size: int):
                          vision=VisionSpec(cfg.visual, "random", image_size=size, crop_pct=1.0),
                          text=BENCH_TEXT, batch_size=cfg.batch_size,
                          shard_rows=cfg.batch_size * 8, num_workers=cfg.num_workers,
-                         device=cfg.device, weights_dir=cache_dir / "weights")
+                         device=cfg.device, weights_dir=cache_dir / "weights", decode=cfg.decode)
 
 
 def _text_model_seconds(cfg: BenchConfig, device: torch.device, root: Path) -> float:
@@ -408,7 +409,8 @@ def bench_ablation(cfg: BenchConfig, device: torch.device, precision: str, cache
     vision = build_vision(VisionSpec(cfg.visual, "random", image_size=size)).to_runtime(device)
     paths = [r.image for s in ("train", "val") for r in info.splits[s]]
     t0 = time.perf_counter()
-    encode_images(vision, paths, cfg.batch_size, precision, "float32", cfg.num_workers)
+    encode_images(vision, paths, cfg.batch_size, precision, "float32", cfg.num_workers,
+                  decode=cfg.decode)
     backbone_epoch_s = time.perf_counter() - t0
     e2e_s = ours_s + epochs * backbone_epoch_s
     return {"ratio": e2e_s / ours_s, "cache_s": round(ours_s, 2),

@@ -100,7 +100,7 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
     log(f"encoding {len(records):,} {split} images with {manifest['vision_spec']['model']}")
     visual, errors = encode_images(vision, [r.image for r in records], settings["batch_size"],
                                    settings["precision"], manifest["dtype"], num_workers,
-                                   f"{split} images")
+                                   f"{split} images", settings.get("decode", "workers"))
     keep = torch.tensor([not e for e in errors])
     if not keep.all():
         log(f"{int((~keep).sum())} unreadable images left out (first: "

@@ -5,7 +5,9 @@ derives the cache key from every input that changes features, and writes
 ``<cache_dir>/<dataset>/<key>/`` shard by shard (DESIGN.md "The cache"):
 
 - text features are computed once per unique text and gathered per row;
-- images are decoded to uint8 by DataLoader workers and normalised on the device;
+- images are decoded to uint8 by DataLoader workers (or, with ``decode="device"``, read by
+  the workers and decoded on the device: :mod:`pipeline.datasets.device_decode`) and
+  normalised on the device; one loader serves every split;
 - batches never straddle a shard, so a killed run resumed computes identical shards;
 - a writer thread commits finished shards while the model works on the next ones;
 - read/model/write times are measured per stage and stored in the manifest;
@@ -33,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ from .backbones import (
 from .config import require_choice
 from .datasets import DEFAULT_TEMPLATE, SPLITS, DatasetInfo, load_dataset, resolved_options
 from .datasets.base import portable_path
+from .datasets.device_decode import DECODE_MODES, device_image_batches
 from .datasets.images import ImageFiles, Preprocess
 from .progress import progress_bar
 from .store import (
@@ -98,6 +101,7 @@ class ExtractConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     rank_timeout_s: float = 24 * 3600.0  # how long ranks wait for each other (distributed)
     tokens: bool = False  # opt-in token features: visual_tokens, text_tokens, text_mask (TEAM)
+    decode: str = "workers"  # workers (PIL in DataLoader workers) | device (nvJPEG on CUDA)
 
     def __post_init__(self) -> None:
         """Refuse an unknown choice now, before a dataset is read or a model is built."""
@@ -105,6 +109,7 @@ class ExtractConfig:
         require_choice("--format", self.format, FORMATS)
         require_choice("--pooling", self.text.pooling, POOLINGS)
         require_choice("--on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        require_choice("--decode", self.decode, DECODE_MODES)
 
 
 @dataclass
@@ -210,7 +215,8 @@ def key_inputs(cfg: ExtractConfig, info: DatasetInfo, vision: dict[str, Any],
     """The inputs hashed into the cache key (and stored in clear text in the manifest).
 
     ``on_bad_image`` is one: it decides which rows are valid (a ``skip`` cache is not a
-    ``fail`` one).
+    ``fail`` one). ``tokens`` and ``decode`` enter only when not at their defaults, so caches
+    made before these options existed keep their keys.
     """
     return {
         "schema_version": SCHEMA_VERSION,
@@ -223,6 +229,7 @@ def key_inputs(cfg: ExtractConfig, info: DatasetInfo, vision: dict[str, Any],
         "format": cfg.format,
         "on_bad_image": cfg.on_bad_image,
         **({"tokens": True} if cfg.tokens else {}),  # opt-in, so token-less keys omit it
+        **({"decode": cfg.decode} if cfg.decode != "workers" else {}),  # likewise
     }
 
 
@@ -321,15 +328,15 @@ def _split_plans(info: DatasetInfo, layouts: dict[str, SplitLayout], writer: Cac
     return plans
 
 
-def _image_batches(plans: list[SplitPlan], vision, num_workers: int) -> Iterator:
+def _image_batches(plans: list[SplitPlan], vision, num_workers: int, decode: str) -> Iterator:
     """One loader over every split's pending batches, in split order: its workers start once
     and decode the next split's first batches while the last shard of this one is written."""
     batches = [[plan.offset + row for row in rows] for plan in plans for rows in plan.batches]
     if not batches:
         return iter(())
     paths = [r.image for plan in plans for r in plan.records]
-    return iter(image_loader(paths, vision.data_config, batches, num_workers,
-                             vision.device.type == "cuda"))
+    return iter(image_loader(paths, vision.data_config, batches, num_workers, vision.device,
+                             decode))
 
 
 class ShardWriterThread:
@@ -383,28 +390,33 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def image_loader(paths: list[Path], data_config: dict[str, Any], batches: list[list[int]],
-                 num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """uint8 image batches decoded by workers, in exactly the row batches given."""
+                 num_workers: int, device: torch.device, decode: str = "workers"
+                 ) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """``(uint8 images, indices, errors)`` in exactly the row batches given, decoded by the
+    workers (``decode="workers"``) or on ``device`` (``"device"``: see
+    :mod:`pipeline.datasets.device_decode`)."""
+    preprocess = Preprocess.from_data_config(data_config)
+    if decode == "device":
+        return device_image_batches(paths, preprocess, batches, num_workers, device)
     return torch.utils.data.DataLoader(
-        ImageFiles(paths, Preprocess.from_data_config(data_config)), batch_sampler=batches,
-        num_workers=num_workers, pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers else None)
+        ImageFiles(paths, preprocess), batch_sampler=batches, num_workers=num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
 
 
 def encode_images(vision, paths: list[Path], batch_size: int, precision: str, dtype: str,
-                  num_workers: int = 2, description: str = "images"
+                  num_workers: int = 2, description: str = "images", decode: str = "workers"
                   ) -> tuple[torch.Tensor, list[str]]:
     """Visual features of ``paths`` as the cache would hold them (cast through ``dtype``).
 
-    Batches are ``[0, B), [B, 2B), ...`` as in extraction (shards are multiples of B), so the
-    features equal the cached ones bit for bit on the same device and precision. Returns the
-    float32 features and one error message per path ("" when the image decoded).
+    Batches are ``[0, B), [B, 2B), ...`` as in extraction (shards are multiples of B), so with
+    the cache's ``decode`` mode the features equal the cached ones bit for bit on the same device
+    and precision. Returns the float32 features and one error message per path ("" when the
+    image decoded).
     """
     vision.model.eval()  # inference: norm layers use running statistics, which stay put
     batches = [list(range(i, min(i + batch_size, len(paths))))
                for i in range(0, len(paths), batch_size)]
-    loader = image_loader(paths, vision.data_config, batches, num_workers,
-                          vision.device.type == "cuda")
+    loader = image_loader(paths, vision.data_config, batches, num_workers, vision.device, decode)
     feats, errors = [], [""] * len(paths)
     with progress_bar(description, len(paths)) as advance:
         for images, indices, errs in loader:
@@ -468,7 +480,7 @@ def _extract(cfg: ExtractConfig, ranks: RankInfo, device: torch.device,
         del text
         vision.to_runtime(device, cfg.channels_last, cfg.compile)
         plans = _split_plans(info, layouts, writer, ranks, batch)
-        batches = _image_batches(plans, vision, cfg.num_workers)
+        batches = _image_batches(plans, vision, cfg.num_workers, cfg.decode)
         images, images_s = 0, 0.0
         for plan in plans:
             rows, seconds = _extract_split(replace(cfg, batch_size=batch), info, plan, batches,
@@ -516,6 +528,7 @@ def _new_manifest(cfg: ExtractConfig, info: DatasetInfo, key: str, inputs: dict[
         "settings": {"batch_size": batch, "num_workers": cfg.num_workers, "device": str(device),
                      "precision": precision, "channels_last": cfg.channels_last,
                      "compile": cfg.compile, "on_bad_image": cfg.on_bad_image,
+                     "decode": cfg.decode,
                      "world_size": ranks.world, "coordination": ranks.coordination},
     }
 

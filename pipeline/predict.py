@@ -51,7 +51,8 @@ def predict_images(run_dir: Path | str, images: Sequence[Path | str], topk: int 
     vision = rebuild_vision(fc.manifest, dev, weights_dir)
     settings = fc.manifest["settings"]
     visual, errors = encode_images(vision, paths, settings["batch_size"], settings["precision"],
-                                   fc.manifest["dtype"], num_workers, "images")
+                                   fc.manifest["dtype"], num_workers, "images",
+                                   settings.get("decode", "workers"))
     bad = [e for e in errors if e]
     if bad:
         raise BadImageError(f"cannot read {bad[0]}")

@@ -21,6 +21,7 @@ Image.MAX_IMAGE_PIXELS = 400_000_000  # real food photos are large; still refuse
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+_TENSOR_RESAMPLE = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}
 
 
 class BadImageError(ValueError):
@@ -30,21 +31,31 @@ class BadImageError(ValueError):
 def load_rgb(path: Path | str, draft_size: int | None = None) -> Image.Image:
     """Open ``path`` fully decoded as RGB; raise :class:`BadImageError` with the reason."""
     path = Path(path)
+    img = open_image(path)
+    try:
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImageError(f"{path}: cannot decode ({exc})") from None
+    return to_rgb(img)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open ``path`` lazily (header read, pixels not decoded); raise :class:`BadImageError` for
+    a missing, empty or unrecognised file or one over the pixel limit."""
     try:
         if path.stat().st_size == 0:
             raise BadImageError(f"{path}: empty file (0 bytes)")
         img = Image.open(path)
-        refuse_huge(path, img)
-        if draft_size and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
     except BadImageError:
         raise
     except FileNotFoundError:
         raise BadImageError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImageError(f"{path}: cannot decode ({exc})") from None
-    return to_rgb(img)
+    refuse_huge(path, img)
+    return img
 
 
 def refuse_huge(path: Path, img: Image.Image) -> None:
@@ -134,6 +145,20 @@ class Preprocess:
         img = _center_crop_or_pad(img, self.size, self.fill)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
+    def tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """The same geometry on a decoded ``uint8 [3, H, W]`` tensor, on its device:
+        ``uint8 [3, size, size]``. Resizing is torchvision's antialiased tensor resize (PIL's
+        filters to within one grey level); ``lanczos`` has no tensor resize and is refused."""
+        from torchvision.transforms.v2 import functional as TF
+
+        if self.interpolation == "lanczos":
+            raise ValueError("the model's data config asks for lanczos interpolation, which has "
+                             "no tensor resize; use --decode workers")
+        mode = TF.InterpolationMode[_TENSOR_RESAMPLE.get(self.interpolation, "BICUBIC")]
+        width, height = self.resized(image.shape[-1], image.shape[-2])
+        image = TF.resize(image, [height, width], interpolation=mode, antialias=True)
+        return _center_crop_or_pad_tensor(image, self.size, self.fill)
+
 
 def _center_crop_or_pad(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
     """The central ``size`` x ``size`` of ``img``, padded with ``fill`` where it is smaller
@@ -145,6 +170,20 @@ def _center_crop_or_pad(img: Image.Image, size: int, fill: tuple[int, int, int])
         img, (width, height) = padded, padded.size
     left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
+
+
+def _center_crop_or_pad_tensor(image: torch.Tensor, size: int, fill: tuple[int, int, int]
+                               ) -> torch.Tensor:
+    """:func:`_center_crop_or_pad` for a ``[3, H, W]`` tensor (same offsets, same fill)."""
+    height, width = image.shape[-2:]
+    if width < size or height < size:
+        padded = torch.tensor(fill, dtype=image.dtype, device=image.device).view(3, 1, 1).expand(
+            3, max(height, size), max(width, size)).clone()
+        top, left = max(size - height, 0) // 2, max(size - width, 0) // 2
+        padded[:, top:top + height, left:left + width] = image
+        image, (height, width) = padded, padded.shape[-2:]
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return image[:, top:top + size, left:left + size]
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -111,7 +111,7 @@ class ZarrBackend:
             return None
         rows, shard_rows, chunk_rows, row_shape, dtype = layout
         stop = rows if stop is None else min(stop, rows)
-        out = np.empty((max(stop - start, 0), *row_shape), dtype=dtype)
+        out = page_aligned_empty((max(stop - start, 0), *row_shape), dtype)
         row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
         chunks_per_shard = shard_rows // chunk_rows
         for shard in range(start // shard_rows, (stop + shard_rows - 1) // shard_rows):
@@ -143,6 +143,23 @@ class ZarrBackend:
         return out
 
 
+def page_aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` starting on a 4 KiB boundary.
+
+    The kernel copies page-cache pages into a read buffer about 3x slower when the buffer sits
+    16 bytes past a 64-byte boundary, which is where glibc puts numpy's large allocations
+    (measured with ``marnet bench``'s cache read: 109 ms vs 38 ms for the same 146 MiB of
+    page-aligned shard data). ``np.load`` escapes it by luck: its 128-byte header shifts the
+    file side instead.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _PAGE, dtype=np.uint8)
+    skip = -raw.ctypes.data % _PAGE
+    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
+
+
+_PAGE = 4096
 _EMPTY_CHUNK = 2 ** 64 - 1
 _RAW_SHARD_CODECS = [{
     "name": "sharding_indexed",
@@ -282,7 +299,7 @@ class HDF5Backend:
                                 for v in ds[lo - shard.start:hi - shard.start]]
                 else:  # numeric: straight into the output array, no per-shard copies
                     if out is None:
-                        out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
+                        out = page_aligned_empty((stop - start, *ds.shape[1:]), ds.dtype)
                     ds.read_direct(out, np.s_[lo - shard.start:hi - shard.start],
                                    np.s_[lo - start:hi - start])
             pos = hi
