@@ -105,7 +105,7 @@ def _decode_option() -> Any:
         "device, nvJPEG on CUDA, then resized and cropped there; other formats, CMYK and "
         "EXIF-rotated JPEGs are decoded by the workers and resized on the device). For GPU "
         "machines whose CPU cores cannot decode as fast as the model runs; on CPU it decodes "
-        "in the main process and is slower. Part of the cache key; eval --end-to-end and "
+        "in the main process. Part of the cache key; eval --end-to-end and "
         "predict follow the cache's mode.")
 
 
@@ -685,22 +685,37 @@ def cache_info(
 
 
 @cache_app.command("verify")
-def cache_verify(path: str = typer.Argument(..., help="Cache directory (or the fsspec URL of a zarr cache).")) -> None:
+def cache_verify(
+    path: str = typer.Argument(..., help="Cache directory (or the fsspec URL of a zarr cache)."),
+    repair: bool = typer.Option(False, "--repair", help="Also drop the commit records of the damaged shards and mark the cache incomplete, so that running its `marnet extract` again rewrites those shards only (local or mounted caches)."),
+) -> None:
     """Re-read every shard and check its row count and checksums; exit 1 on any problem."""
     from .pipeline.progress import progress_bar
-    from .pipeline.store import FeatureCache
+    from .pipeline.store import FeatureCache, repair_cache
 
     try:
         cache = FeatureCache(path)
         with progress_bar("verify shards", cache.num_committed()) as advance:
             problems = cache.verify(on_shard=advance)
+        for problem in problems:
+            console.print(Text.assemble(("problem: ", "red"), problem), soft_wrap=True)
+        if problems and repair:
+            with progress_bar("repair", cache.num_committed()) as advance:
+                dropped = repair_cache(path, on_shard=advance)
+            console.print(_repair_message(path, dropped), soft_wrap=True)
     except _user_errors() as exc:
         _fail(exc)
-    for problem in problems:
-        console.print(Text.assemble(("problem: ", "red"), problem), soft_wrap=True)
     if problems:
         raise typer.Exit(1)
     console.print(f"[green]ok[/]: {path} ({cache.num_shards()} shards)", soft_wrap=True)
+
+
+def _repair_message(path: str, dropped: list[tuple[str, int]]) -> str:
+    shards = ", ".join(f"{split}/{index}" for split, index in dropped) or "none"
+    return (f"repaired {path}: dropped {len(dropped)} damaged shards ({shards}); the cache is "
+            "incomplete until you run the `marnet extract` that made it again (same dataset "
+            "and settings: `marnet cache info` shows them): it resumes and rewrites only the "
+            "missing shards")
 
 
 @cache_app.command("rm")

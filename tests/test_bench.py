@@ -1,6 +1,8 @@
 """The bench's measurements run and report sane, internally consistent figures (no timing
 thresholds are asserted: the machine decides those)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,10 +11,12 @@ from marnet.pipeline.bench import (
     _status,
     bench_cache_read,
     bench_ddim_vs_ddpm,
+    bench_extract_vs_model,
     bench_heads_vs_gemm,
     bench_heads_vs_naive,
     timed,
 )
+from marnet.pipeline.store import FeatureCache
 
 TINY = BenchConfig(device="cpu", head_rows=512, head_batch=32, visual_dim=16, text_dim=8,
                    classes=3, read_rows=2000, warmup=1, iters=2, num_workers=0, sample_rows=40,
@@ -60,3 +64,14 @@ def test_scaling_reports_throughput_per_size(tmp_path):
     assert all(r["samples_per_s"] == pytest.approx(r["rows"] / r["epoch_s"], rel=0.01)
                for r in res["heads"])
     assert res["extraction"] == []
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_extraction_bench_uses_the_chosen_decode_and_counts_both_backbones(tmp_path, decode):
+    cfg = replace(TINY, visual="test_efficientnet", batch_size=8, decode=decode)
+    res, cache = bench_extract_vs_model(cfg, CPU, "fp32", tmp_path, 32, 16)
+    assert FeatureCache(cache).manifest["settings"]["decode"] == decode
+    assert res["ratio"] == pytest.approx(res["extract_images_per_s"] / res["model_images_per_s"])
+    # the model side is the vision forward plus the text forward, never the vision one alone
+    assert res["model_images_per_s"] == pytest.approx(
+        res["images"] / (res["images"] / res["vision_model_images_per_s"] + res["text_model_s"]))

@@ -99,3 +99,35 @@ def test_stage_two_refuses_incomplete_mismatched_and_unexpected_caches(tiny_cach
     out = _run("eval", "--run", run, "--cache", other, "--device", "cpu", code=2)
     assert "is not the one the run was trained on" in out
     assert 'text.pooling: run "mean", cache "cls"' in out and "weights_digest" not in out
+
+
+def test_verify_repair_drops_damaged_shards_and_extract_rewrites_only_those(
+        tiny_cache, synth_root, make_extract_config, tmp_path):
+    from marnet.pipeline.extract import extract
+
+    copy = _copy(tiny_cache, tmp_path / "cache" / "synthfood" / tiny_cache.name)
+    shard = copy / "features.zarr" / "train" / "visual" / "c" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    data[100:110] = bytes(10)  # damage a few stored values of train shard 1
+    shard.write_bytes(bytes(data))
+    records = {str(p.relative_to(copy)): p.read_text() for p in (copy / "shards").rglob("*.json")}
+
+    out = _run("cache", "verify", copy, code=1)
+    assert "train shard 1/visual: checksum mismatch" in out
+    out = _run("cache", "verify", copy, "--repair", code=1)
+    assert "dropped 1 damaged shards (train/1)" in out and "marnet extract" in out
+    assert not FeatureCache(copy).complete
+    assert "incomplete" in _run("cache", "verify", copy, code=1)
+
+    log = []
+    result = extract(make_extract_config(synth_root, tmp_path / "cache"), log=log.append)
+    assert result.path == copy and not result.reused
+    assert any("resuming" in line for line in log)
+    assert "ok" in _run("cache", "verify", copy)
+    after = {str(p.relative_to(copy)): p.read_text() for p in (copy / "shards").rglob("*.json")}
+    rewritten = {name for name in records if after[name] != records[name]}
+    assert rewritten == {"shards/train/00001.json"}  # every other shard was kept as it was
+    original, repaired = FeatureCache(tiny_cache), FeatureCache(copy)
+    for split in original.splits:
+        assert np.array_equal(original.read_numpy(split, "visual"),
+                              repaired.read_numpy(split, "visual"))

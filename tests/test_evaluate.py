@@ -36,6 +36,17 @@ def test_end_to_end_refuses_another_dataset_and_accepts_a_moved_copy(synth_root,
         "splits"]["test"]["rows"]
 
 
+def _denoiser_calls(model, config) -> int:
+    """Denoiser forwards in one ``predict`` over 4 rows (one chunk: one call per chain step)."""
+    calls = []
+    hook = model.head.cdr.denoiser.register_forward_hook(lambda *_: calls.append(1))
+    generator = torch.Generator().manual_seed(0)
+    model.predict(torch.randn(4, config["dims"]["visual"]), generator,
+                  config["train"]["chunk_rows"])
+    hook.remove()
+    return len(calls)
+
+
 def test_eval_changes_test_time_sampling_but_refuses_settings_that_change_weights(tiny_cache,
                                                                                   tmp_path):
     run = tmp_path / "cdr"
@@ -50,5 +61,7 @@ def test_eval_changes_test_time_sampling_but_refuses_settings_that_change_weight
     model, config = load_run(run, "cpu", {"diffusion.sampler": "ddim", "diffusion.steps": "2"})
     assert config["method_config"]["diffusion"]["sampler"] == "ddim"
     assert model.head.cfg.diffusion.steps == 2
+    assert _denoiser_calls(model, config) == 2  # predict samples with the overridden chain
+    assert _denoiser_calls(*load_run(run, "cpu")) == 20  # the trained DDPM chain otherwise
     with pytest.raises(ConfigError, match="changes the trained heads"):
         evaluate_run(run, device="cpu", log=lambda _: None, overrides={"diffusion.hidden": "8"})

@@ -480,17 +480,25 @@ class FeatureCache:
             problems.append(f"incomplete: {self.num_committed()} of {self.num_shards()} shards "
                             "committed (an extraction was interrupted or is running); run the "
                             "same `marnet extract` again to finish it")
-        for split, meta in self.manifest["splits"].items():
-            shards = self.shard_list(split)
-            if self.complete:
-                problems += _count_problems(split, meta, shards)
-            for shard in shards:
-                problems += self._shard_problems(split, meta, shard)
+        problems += self.count_problems()
+        for split in self.manifest["splits"]:
+            for shard in self.shard_list(split):
+                problems += self.shard_problems(split, shard)
                 if on_shard:
                     on_shard()
         return problems
 
-    def _shard_problems(self, split: str, meta: dict, shard: dict) -> list[str]:
+    def count_problems(self) -> list[str]:
+        """Where a complete manifest's shard lists disagree with its splits (shards or rows)."""
+        if not self.complete:
+            return []
+        return [problem for split, meta in self.manifest["splits"].items()
+                for problem in _count_problems(split, meta, self.shard_list(split))]
+
+    def shard_problems(self, split: str, shard: dict) -> list[str]:
+        """What is wrong with one committed shard (its record: ``index``, ``rows``,
+        ``checksums``): missing checksums, unreadable fields, wrong row counts or values."""
+        meta = self.manifest["splits"][split]
         where = f"{split} shard {shard['index']}"
         missing = sorted(set(meta["fields"]) - set(shard["checksums"]))
         problems = [f"{where}: no checksum for {', '.join(missing)}"] if missing else []

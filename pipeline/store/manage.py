@@ -16,6 +16,7 @@ from .cache import (
     from_storage,
     is_feature,
     read_manifest,
+    record_path,
     write_json_atomic,
 )
 from .location import find, is_url, require_local
@@ -37,6 +38,37 @@ def remove_cache(path: Path | str) -> None:
     read_manifest(path)
     CacheLock(path).acquire()
     shutil.rmtree(path)
+
+
+def repair_cache(path: Path | str, on_shard: Callable[[], None] | None = None
+                 ) -> list[tuple[str, int]]:
+    """Make a damaged cache resumable: drop the commit record of every shard that fails its
+    checks, so that running its ``marnet extract`` again rewrites those shards and nothing else.
+
+    The cache is marked incomplete (stage two refuses it until the extraction has run) when a
+    shard was dropped or the manifest's shard lists disagree with the records. Holds the lock
+    throughout, so it refuses a cache being written. Returns the dropped ``(split, index)``.
+    """
+    root = require_local(path, "repair")
+    lock = CacheLock(root).acquire()
+    try:
+        cache = FeatureCache(root)
+        damaged = []
+        for split in cache.manifest["splits"]:
+            for shard in cache.shard_list(split):
+                if cache.shard_problems(split, shard):
+                    damaged.append((split, shard["index"]))
+                if on_shard:
+                    on_shard()
+        for split, index in damaged:
+            record_path(root, split, index).unlink(missing_ok=True)
+        if cache.complete and (damaged or cache.count_problems()):
+            manifest = {k: v for k, v in cache.manifest.items() if k != "completed"}
+            write_json_atomic(root / MANIFEST, {**manifest, "status": "incomplete",
+                                                "repaired": [f"{s}/{i}" for s, i in damaged]})
+        return damaged
+    finally:
+        lock.release()
 
 
 def _size_bytes(path: Path | str) -> int | None:
