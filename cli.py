@@ -155,7 +155,8 @@ def extract(
             num_workers=num_workers, device=device, precision=precision,
             channels_last=channels_last, compile=compile, on_bad_image=on_bad_image,
             weights_dir=cache_root / "weights", rank_timeout_s=rank_timeout, tokens=tokens,
-            decode=decode, dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
+            decode=decode, dataset_options=_dataset_options(images_root, ingredients)),
+            log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"cache: [bold]{result.path}[/]")

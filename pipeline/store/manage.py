@@ -60,6 +60,9 @@ def repair_cache(path: Path | str, on_shard: Callable[[], None] | None = None
                     damaged.append((split, shard["index"]))
                 if on_shard:
                     on_shard()
+        # records first, manifest second: killed in between, the cache still says complete
+        # and the next verify finds the same shards; the other order could leave an
+        # "incomplete" cache whose damaged shards still look committed to extract
         for split, index in damaged:
             record_path(root, split, index).unlink(missing_ok=True)
         if cache.complete and (damaged or cache.count_problems()):
