@@ -181,7 +181,7 @@ def cdd_loss(visual: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, ker
 
 def token_alignment_scores(visual_tokens: torch.Tensor, text_tokens: torch.Tensor,
                            text_mask: torch.Tensor, attention_tau: float = 0.1,
-                           eps: float = 1e-8) -> torch.Tensor:
+                           eps: float = 1e-8, block_mb: float = 0.0) -> torch.Tensor:
     """TEAM's token-level matching scores ``S [I, T]`` for every image i and text t (METHODS §4.6).
 
     Tokens are L2-normalised. Text -> image: word ``w_j`` attends over the patches,
@@ -192,10 +192,28 @@ def token_alignment_scores(visual_tokens: torch.Tensor, text_tokens: torch.Tenso
     ``|v~_j|^2 = a_j^T (V V^T) a_j``.
 
     ``visual_tokens [I, L, D]``, ``text_tokens [T, N, D]``, ``text_mask [T, N]`` (1 = token).
+
+    The intermediates are ``[I, T, L, N]``: B^2 L N values per batch. With ``block_mb`` > 0 and
+    one such tensor larger than that many MB, rows of images are scored in blocks that fit, each
+    under activation checkpointing (recomputed in backward), so training memory follows the
+    block, not the batch. The scores are the same either way.
     """
     v = F.normalize(visual_tokens, dim=-1)
     w = F.normalize(text_tokens, dim=-1)
     mask = text_mask.bool()
+    per_image_mb = w.shape[0] * v.shape[1] * w.shape[1] * v.element_size() / 2 ** 20
+    rows = max(1, int(block_mb // per_image_mb)) if block_mb > 0 else len(v)
+    if rows >= len(v):
+        return _token_scores(v, w, mask, attention_tau, eps)
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat([checkpoint(_token_scores, block, w, mask, attention_tau, eps,
+                                 use_reentrant=False) for block in v.split(rows)])
+
+
+def _token_scores(v: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, attention_tau: float,
+                  eps: float) -> torch.Tensor:
+    """:func:`token_alignment_scores` of normalised tokens, all images at once."""
     sims = torch.einsum("ild,tnd->itln", v, w)  # [I, T, L, N]
 
     attn_v = F.softmax(sims / attention_tau, dim=2)  # each word over the patches

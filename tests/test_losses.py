@@ -212,3 +212,19 @@ def test_team_scores_match_attention_by_hand_and_ignore_padding():
     noisy = wt.clone()
     noisy[mask == 0] = 100 * torch.randn(int((mask == 0).sum()), 5, generator=g)
     assert torch.allclose(token_alignment_scores(vt, noisy, mask, 0.1), scores, atol=1e-6)
+
+
+def test_team_scores_in_checkpointed_blocks_equal_the_whole_batch_with_gradients():
+    g = torch.Generator().manual_seed(9)
+    vt = torch.randn(10, 4, 5, generator=g, requires_grad=True)
+    wt = torch.randn(10, 6, 5, generator=g, requires_grad=True)
+    mask = (torch.rand(10, 6, generator=g) > 0.3).long()
+    mask[:, 0] = 1
+    weights = torch.randn(10, 10, generator=g)
+    grads = []
+    for block_mb in (0.0, 3 * 10 * 4 * 6 * 4 / 2 ** 20):  # whole batch; 3 images a block
+        scores = token_alignment_scores(vt, wt, mask, 0.1, block_mb=block_mb)
+        grads.append((scores, *torch.autograd.grad((scores * weights).sum(), (vt, wt))))
+    (whole, *whole_grads), (blocked, *blocked_grads) = grads
+    assert torch.allclose(blocked, whole, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(blocked_grads, whole_grads))

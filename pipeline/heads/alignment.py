@@ -87,6 +87,9 @@ class TEAMConfig(AlignConfig):
     loss: str = "team"
     attention_tau: float = 0.1  # tau_a of the token attention
     global_weight: float = 1.0
+    # largest [B, B, L, W] intermediate (MB) scored at once; above it, image blocks under
+    # activation checkpointing (same scores, memory per block; 0 = always the whole batch)
+    block_mb: float = 512.0
 
 
 @dataclass
@@ -167,7 +170,8 @@ def _team(model: "AlignedClassifier", x: AlignInputs) -> LossTerms:
     words = mask.any(dim=0)  # drop the padding columns no text of the batch uses
     visual_tokens = model.visual_encoder(x.batch["visual_tokens"].to(x.f_v.dtype))
     text_tokens = model.text_encoder(x.batch["text_tokens"][:, words].to(x.f_s.dtype))
-    scores = token_alignment_scores(visual_tokens, text_tokens, mask[:, words], cfg.attention_tau)
+    scores = token_alignment_scores(visual_tokens, text_tokens, mask[:, words], cfg.attention_tau,
+                                    block_mb=cfg.block_mb)
     positives = model.positives(x.labels)
     token_loss = symmetric_infonce(scores / model.tau(), positives)
     return token_loss + cfg.global_weight * ita_loss(x.f_v, x.f_s, model.tau(), positives), {}
