@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from marnet.pipeline.datasets import device_decode
 from marnet.pipeline.datasets.device_decode import (
     DeviceDecoder,
     EncodedImageFiles,
@@ -79,13 +80,33 @@ def test_mixed_files_decode_as_the_workers_do_and_bad_files_name_themselves(
     for i, path in enumerate(paths):
         expected, _, expected_error = workers[i]
         if path in bad.values():
-            assert errors[i].startswith(f"{path}: ") and expected_error.startswith(f"{path}: ")
-            assert ("cannot decode" in errors[i]) == ("cannot decode" in expected_error)
+            assert errors[i] == expected_error and errors[i].startswith(f"{path}: ")
             assert not images[i].any()
         else:
             assert errors[i] == ""
             diff = (images[i].int() - expected.int()).abs()
             assert diff.float().mean() < 1.0, path  # EXIF rotation applied as the workers do
+
+
+def test_a_jpeg_the_device_decoder_rejects_goes_to_pil_and_is_not_lost(tmp_path, monkeypatch):
+    paths = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    _smooth_image(64, 40).save(paths[0], format="JPEG", quality=95)
+    _smooth_image(50, 70).save(paths[1], format="JPEG", quality=95)
+    rejected = paths[1].stat().st_size
+    device_call = device_decode._decode_jpeg
+
+    def unsupported_variant(payloads, device):  # as nvJPEG answers a JPEG it cannot decode
+        if any(p.numel() == rejected for p in payloads):
+            raise RuntimeError("decode_jpeg, nvjpeg.cpp:1, unsupported JPEG variant")
+        return device_call(payloads, device)
+
+    monkeypatch.setattr(device_decode, "_decode_jpeg", unsupported_variant)
+    pre = Preprocess(24)
+    images, _, errors = next(iter(device_image_batches(paths, pre, [[0, 1]], 0, CPU)))
+    assert errors == ["", ""]
+    for i, path in enumerate(paths):
+        diff = (images[i].int() - ImageFiles(paths, pre)[i][0].int()).abs()
+        assert diff.float().mean() < 1.0, path
 
 
 def test_encoded_files_send_bytes_for_plain_jpegs_and_pixels_for_the_rest(tmp_path,

@@ -13,8 +13,9 @@ What the device cannot take falls back, per image, so nothing is lost or mixed u
 - not a JPEG (PNG, WebP...), a CMYK JPEG, or a JPEG with an EXIF rotation: the worker decodes it
   with PIL at full size (:func:`~pipeline.datasets.images.load_rgb`) and the device resizes it
   like the rest;
-- a file the device decoder rejects (truncated, corrupt): the batch is decoded again one image
-  at a time and that image alone gets an error message naming its file
+- a file the device decoder rejects (truncated or corrupt, or a JPEG variant it does not
+  support): the batch is decoded again one image at a time, and that image goes to PIL on the
+  host; only a file PIL cannot decode either gets an error, the workers' message for it
   (``--on-bad-image`` applies as with workers).
 
 The two modes differ in the last bits (full-size decode vs PIL's draft-mode decode of large
@@ -95,33 +96,40 @@ class DeviceDecoder:
         errors = [error for _, _, error in samples]
         jpegs = [i for i, (payload, _, error) in enumerate(samples)
                  if not error and payload.ndim == 1]
-        decoded = dict(zip(jpegs, self._decode([samples[i][0] for i in jpegs])))
+        decoded = dict(zip(jpegs, self._decode([samples[i] for i in jpegs])))
         size = self.preprocess.size
         images = []
-        for i, (payload, index, _) in enumerate(samples):
+        for i, (payload, _, error) in enumerate(samples):
             image = decoded.get(i) if payload.ndim == 1 else payload.to(self.device,
                                                                        non_blocking=True)
             if isinstance(image, str):
-                errors[i] = f"{self.paths[index]}: cannot decode ({image})"
+                errors[i] = image
             images.append(self.preprocess.tensor(image) if isinstance(image, torch.Tensor)
                           else torch.zeros(3, size, size, dtype=torch.uint8, device=self.device))
         indices = torch.tensor([index for _, index, _ in samples])
         return torch.stack(images), indices, errors
 
-    def _decode(self, payloads: list[torch.Tensor]) -> list[torch.Tensor | str]:
-        """Decoded ``uint8 [3, H, W]`` per payload, or the decoder's reason for one it rejects."""
-        if not payloads:
+    def _decode(self, samples: list[tuple[torch.Tensor, int, str]]) -> list[torch.Tensor | str]:
+        """Decoded ``uint8 [3, H, W]`` per JPEG sample, all in one device call when it can."""
+        if not samples:
             return []
         try:
-            return list(_decode_jpeg(payloads, self.device))
-        except RuntimeError:  # one bad file fails the batch: find which, keep the others
-            out: list[torch.Tensor | str] = []
-            for payload in payloads:
-                try:
-                    out.append(_decode_jpeg([payload], self.device)[0])
-                except RuntimeError as exc:
-                    out.append(str(exc).rsplit(", ", 1)[-1])
-            return out
+            return list(_decode_jpeg([payload for payload, _, _ in samples], self.device))
+        except RuntimeError:  # one file fails the whole call: decode them one by one
+            return [self._decode_one(payload, index) for payload, index, _ in samples]
+
+    def _decode_one(self, payload: torch.Tensor, index: int) -> torch.Tensor | str:
+        """One JPEG alone on the device; if the device decoder rejects it (a variant it does
+        not support, or a broken file), PIL on the host decodes it as the workers would; the
+        reason, naming the file, when neither can."""
+        try:
+            return _decode_jpeg([payload], self.device)[0]
+        except RuntimeError:
+            try:
+                rgb = np.asarray(load_rgb(self.paths[index]), dtype=np.uint8)
+            except BadImageError as exc:
+                return str(exc)
+            return torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(self.device)
 
 
 def _decode_jpeg(payloads: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
