@@ -111,6 +111,20 @@ def test_recurrent_pfin_differs_from_non_recurrent():
     assert not torch.allclose(outs[0], outs[1]), "the recurrent m carries state across steps"
 
 
+def test_predict_averages_the_logits_of_four_chains_by_default():
+    dims = Dims(visual=6, text=5, classes=3)
+    head = build_head("seda", method_config("seda", SMALL), dims).eval()
+    visual = torch.randn(7, 6)
+    chains = []
+    translate = head.dst.translate
+    head.dst.translate = lambda *a, **k: chains.append(1) or translate(*a, **k)
+    logits = head.predict(visual, torch.Generator().manual_seed(0))
+    assert len(chains) == head.cfg.dst.test_samples == 4
+    gen = torch.Generator().manual_seed(0)
+    each = [head.representations(visual, gen)["logits"] for _ in range(4)]
+    assert torch.allclose(logits, torch.stack(each).mean(0), atol=1e-6)
+
+
 def test_every_knob_is_a_setting():
     cfg = method_config("seda", {"dsl.hidden": 7, "dsl.lambda_h": 0.5, "dst.schedule.steps": 30,
                                  "dst.classifier_input": "s", "pfin.recurrent": "true",
