@@ -205,24 +205,31 @@ def _linear_shapes(head) -> list[tuple[int, int]]:
 
 
 def bench_heads_vs_gemm(cfg: BenchConfig, device: torch.device, precision: str) -> dict[str, Any]:
-    """FLOP/s of a MARNet stage-a training step vs plain matmuls of the same shapes."""
+    """FLOP/s of a MARNet stage-a training step vs plain matmuls of the same shapes (forward,
+    input gradient and weight gradient of every linear layer, back to back); the two are timed
+    interleaved, so the machine's drift hits both alike."""
     train = _split(clustered_features(max(cfg.head_batch * 4, 2048), cfg), device)
     head, stage, optimizer, _ = _marnet_stage_a(cfg, device, train)
     index = torch.arange(cfg.head_batch, device=device)
     batch = {**{k: train[k][index] for k in ("visual", "text", "label")}, "index": index}
-    step_s = timed(lambda: train_step(stage, optimizer, batch, precision, device.type),
-                   cfg.warmup, cfg.iters, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     b = cfg.head_batch
-    flops, gemm_s = 0.0, 0.0
-    for fan_in, fan_out in _linear_shapes(head.ema) + _linear_shapes(head.cdr):
-        x = torch.randn(b, fan_in, device=device, dtype=dtype)
-        w = torch.randn(fan_in, fan_out, device=device, dtype=dtype)
-        dy = torch.randn(b, fan_out, device=device, dtype=dtype)
-        gemm_s += timed(lambda: x @ w, cfg.warmup, cfg.iters, device)  # forward
-        gemm_s += timed(lambda: dy @ w.T, cfg.warmup, cfg.iters, device)  # input gradient
-        gemm_s += timed(lambda: x.T @ dy, cfg.warmup, cfg.iters, device)  # weight gradient
-        flops += 3 * 2 * b * fan_in * fan_out
+    operands = [(torch.randn(b, fan_in, device=device, dtype=dtype),
+                 torch.randn(fan_in, fan_out, device=device, dtype=dtype),
+                 torch.randn(b, fan_out, device=device, dtype=dtype))
+                for fan_in, fan_out in _linear_shapes(head.ema) + _linear_shapes(head.cdr)]
+    flops = sum(3 * 2 * b * w.shape[0] * w.shape[1] for _, w, _ in operands)
+
+    def gemms() -> None:
+        for x, w, dy in operands:
+            x @ w  # forward
+            dy @ w.T  # input gradient
+            x.T @ dy  # weight gradient
+
+    seconds = timed_interleaved(
+        {"step": lambda: train_step(stage, optimizer, batch, precision, device.type),
+         "gemm": gemms}, cfg.warmup, cfg.iters, device)
+    step_s, gemm_s = seconds["step"], seconds["gemm"]
     return {"ratio": gemm_s / step_s, "step_gflops": flops / step_s / 1e9,
             "gemm_gflops": flops / gemm_s / 1e9, "step_ms": 1e3 * step_s, "batch": b}
 
