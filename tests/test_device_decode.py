@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from marnet.pipeline.datasets import device_decode
+from marnet.pipeline.backbones import build_vision
+from marnet.pipeline.datasets import device_decode, load_dataset
 from marnet.pipeline.datasets.device_decode import (
     DeviceDecoder,
     EncodedImageFiles,
@@ -17,7 +18,6 @@ from marnet.pipeline.datasets.device_decode import (
 from marnet.pipeline.datasets.images import ImageFiles, Preprocess
 from marnet.pipeline.evaluate import end_to_end_features
 from marnet.pipeline.extract import ExtractConfig, encode_images, extract
-from marnet.pipeline.backbones import build_vision
 from marnet.pipeline.store import FeatureCache
 
 CPU = torch.device("cpu")
@@ -139,7 +139,6 @@ def test_a_device_decoded_cache_is_its_own_and_eval_decodes_as_it_did(
     assert torch.equal(visual, device_feats)  # end to end follows the cache's decode mode
     vision = build_vision(make_extract_config(synth_root, tmp_path).vision, tmp_path / "weights")
     vision.to_runtime(CPU)
-    from marnet.pipeline.datasets import load_dataset
     paths = [r.image for r in load_dataset("synthfood", synth_root).splits["test"]]
     by_workers, _ = encode_images(vision, paths, 8, "fp32", manifest["dtype"], 0)
     assert not torch.equal(by_workers, device_feats)  # so the mode is what made them equal
