@@ -124,7 +124,7 @@ def test_a_device_decoded_cache_is_its_own_and_eval_decodes_as_it_did(
         synth_root, tiny_cache, make_extract_config, tmp_path):
     result = extract(make_extract_config(synth_root, tmp_path / "cache", decode="device"),
                      log=lambda _: None)
-    assert result.path.name != tiny_cache.name  # another key: a different decode is different features
+    assert result.path.name != tiny_cache.name  # another decode, other features: another key
     manifest = result.manifest
     assert manifest["inputs"]["decode"] == "device" and manifest["settings"]["decode"] == "device"
     assert "decode" not in FeatureCache(tiny_cache).manifest["inputs"]  # old keys stay valid

@@ -5,6 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from marnet.pipeline import losses
 from marnet.pipeline.losses import (
     cdd_loss,
     fuse_features,
@@ -214,13 +215,17 @@ def test_team_scores_match_attention_by_hand_and_ignore_padding():
     assert torch.allclose(token_alignment_scores(vt, noisy, mask, 0.1), scores, atol=1e-6)
 
 
-def test_team_scores_in_checkpointed_blocks_equal_the_whole_batch_with_gradients():
+def test_team_scores_in_checkpointed_blocks_equal_the_whole_batch_with_gradients(monkeypatch):
     g = torch.Generator().manual_seed(9)
     vt = torch.randn(10, 4, 5, generator=g, requires_grad=True)
     wt = torch.randn(10, 6, 5, generator=g, requires_grad=True)
     mask = (torch.rand(10, 6, generator=g) > 0.3).long()
     mask[:, 0] = 1
     weights = torch.randn(10, 10, generator=g)
+    block_calls = []
+    score_block = losses._token_scores
+    monkeypatch.setattr(losses, "_token_scores",
+                        lambda v, *rest: block_calls.append(len(v)) or score_block(v, *rest))
     grads = []
     for block_mb in (0.0, 3 * 10 * 4 * 6 * 4 / 2 ** 20):  # whole batch; 3 images a block
         scores = token_alignment_scores(vt, wt, mask, 0.1, block_mb=block_mb)
@@ -228,3 +233,5 @@ def test_team_scores_in_checkpointed_blocks_equal_the_whole_batch_with_gradients
     (whole, *whole_grads), (blocked, *blocked_grads) = grads
     assert torch.allclose(blocked, whole, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(blocked_grads, whole_grads))
+    # one call for the whole batch; blocks of 3, 3, 3, 1 images, each run again in backward
+    assert block_calls == [10, 3, 3, 3, 1, 1, 3, 3, 3]
