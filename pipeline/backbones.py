@@ -273,9 +273,19 @@ def build_vision(spec: VisionSpec, weights_dir: Path | str = "cache/weights") ->
     data_config["mean"], data_config["std"] = list(data_config["mean"]), list(data_config["std"])
     description = {
         "model": model_name, "weights": weights, "weights_digest": state_dict_digest(model),
-        "data_config": data_config, "finetuned": meta,
+        "data_config": data_config, "finetuned": weights_provenance(meta),
     }
     return VisionBackbone(model, data_config, description)
+
+
+def weights_provenance(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A fine-tuned checkpoint's provenance as the cache key sees it: what made the weights,
+    without the wall-clock ``seconds`` of each epoch (with them, rerunning the same fine-tune
+    gave the same weights a new cache key every time)."""
+    if meta is None or "history" not in meta:
+        return meta
+    return {**meta, "history": [{k: v for k, v in epoch.items() if k != "seconds"}
+                                for epoch in meta["history"]]}
 
 
 # --------------------------------------------------------------------------- text

@@ -1,5 +1,7 @@
 """Backbone fine-tuning: weights move, alignment losses decrease, resume, provenance."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -109,6 +111,17 @@ def test_extract_with_a_finetuned_checkpoint_records_its_provenance(synth_root, 
     assert prov["method"] == "ita" and prov["beta"] == 0.5 and prov["model"] == "test_efficientnet"
     assert manifest["inputs"]["visual"]["data_config"]["input_size"] == [3, 32, 32]
     assert result.path.name != tiny_cache.name
+
+    # the same fine-tune again (same weights, other epoch times) is the same cache
+    again = tmp_path / "again" / "ita.safetensors"
+    finetune(_cfg(synth_root, tmp_path, "ita", tiny_cache, beta=0.5, out=again),
+             log=lambda _: None)
+    assert read_checkpoint_meta(again)["history"][0]["seconds"] >= 0  # still in the checkpoint
+    rerun = extract(make_extract_config(synth_root, tmp_path / "cache",
+                                        vision=VisionSpec(finetuned=str(again))),
+                    log=lambda _: None)
+    assert rerun.reused and rerun.path == result.path
+    assert "seconds" not in json.dumps(manifest["inputs"])
 
 
 def test_without_a_val_split_selection_holds_out_train_never_test(tmp_path, write_folder):
