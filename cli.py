@@ -697,12 +697,11 @@ def cache_verify(
     try:
         cache = FeatureCache(path)
         with progress_bar("verify shards", cache.num_committed()) as advance:
-            problems = cache.verify(on_shard=advance)
+            problems, dropped = (repair_cache(path, on_shard=advance) if repair
+                                 else (cache.verify(on_shard=advance), []))
         for problem in problems:
             console.print(Text.assemble(("problem: ", "red"), problem), soft_wrap=True)
         if problems and repair:
-            with progress_bar("repair", cache.num_committed()) as advance:
-                dropped = repair_cache(path, on_shard=advance)
             console.print(_repair_message(path, dropped), soft_wrap=True)
     except _user_errors() as exc:
         _fail(exc)

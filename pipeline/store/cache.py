@@ -469,11 +469,13 @@ class FeatureCache:
             return self.manifest["splits"][split].get("shards", [])
         return read_records(self.root, split)
 
-    def verify(self, on_shard: Callable[[], None] | None = None) -> list[str]:
+    def verify(self, on_shard: Callable[[], None] | None = None,
+               damaged: list[tuple[str, int]] | None = None) -> list[str]:
         """Re-read every committed shard and check its row count and checksums.
 
         Returns the problems (empty = ok). An incomplete cache is a problem, but its committed
-        shards are still checked. ``on_shard`` is called after each shard (progress).
+        shards are still checked. ``on_shard`` is called after each shard (progress);
+        ``damaged``, when given, receives ``(split, index)`` of every shard with a problem.
         """
         problems = []
         if not self.complete:
@@ -483,7 +485,10 @@ class FeatureCache:
         problems += self.count_problems()
         for split in self.manifest["splits"]:
             for shard in self.shard_list(split):
-                problems += self.shard_problems(split, shard)
+                found = self.shard_problems(split, shard)
+                if found and damaged is not None:
+                    damaged.append((split, shard["index"]))
+                problems += found
                 if on_shard:
                     on_shard()
         return problems

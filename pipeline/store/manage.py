@@ -41,35 +41,32 @@ def remove_cache(path: Path | str) -> None:
 
 
 def repair_cache(path: Path | str, on_shard: Callable[[], None] | None = None
-                 ) -> list[tuple[str, int]]:
-    """Make a damaged cache resumable: drop the commit record of every shard that fails its
-    checks, so that running its ``marnet extract`` again rewrites those shards and nothing else.
+                 ) -> tuple[list[str], list[tuple[str, int]]]:
+    """Verify a cache and make it resumable where it is damaged: drop the commit record of
+    every shard that fails its checks, so that running its ``marnet extract`` again rewrites
+    those shards and nothing else.
 
     The cache is marked incomplete (stage two refuses it until the extraction has run) when a
     shard was dropped or the manifest's shard lists disagree with the records. Holds the lock
-    throughout, so it refuses a cache being written. Returns the dropped ``(split, index)``.
+    throughout, so it refuses a cache being written. Returns the problems found (as
+    :meth:`FeatureCache.verify`) and the dropped ``(split, index)``.
     """
     root = require_local(path, "repair")
     lock = CacheLock(root).acquire()
     try:
         cache = FeatureCache(root)
-        damaged = []
-        for split in cache.manifest["splits"]:
-            for shard in cache.shard_list(split):
-                if cache.shard_problems(split, shard):
-                    damaged.append((split, shard["index"]))
-                if on_shard:
-                    on_shard()
+        damaged: list[tuple[str, int]] = []
+        problems = cache.verify(on_shard, damaged)
         # records first, manifest second: killed in between, the cache still says complete
         # and the next verify finds the same shards; the other order could leave an
         # "incomplete" cache whose damaged shards still look committed to extract
         for split, index in damaged:
             record_path(root, split, index).unlink(missing_ok=True)
-        if cache.complete and (damaged or cache.count_problems()):
+        if cache.complete and problems:
             manifest = {k: v for k, v in cache.manifest.items() if k != "completed"}
             write_json_atomic(root / MANIFEST, {**manifest, "status": "incomplete",
                                                 "repaired": [f"{s}/{i}" for s, i in damaged]})
-        return damaged
+        return problems, damaged
     finally:
         lock.release()
 
