@@ -87,7 +87,11 @@ def run_outputs(model, method: str, visual_raw: torch.Tensor, generator: torch.G
         if outputs is None:
             features, logits = _generic_outputs(model, visual_raw, generator, chunk_rows)
         else:
+            # the last branch is the run's own prediction: drawn first, as evaluation draws it,
+            # and with all its test-time samples (one chain below feeds the figures)
+            prediction = model.head.predict(visual, generator, chunk_rows)
             features, logits = outputs(model.head, visual, generator, chunk_rows)
+            logits[next(reversed(logits))] = prediction
     return {"x_v": visual, **features}, logits
 
 
