@@ -278,7 +278,8 @@ def bench_cache_read(cfg: BenchConfig, device: torch.device, workdir: Path) -> d
 
 
 def bench_ddim_vs_ddpm(cfg: BenchConfig, device: torch.device, precision: str) -> dict[str, Any]:
-    """Train a CDR head briefly, then compare DDPM (T steps) and DDIM-k sampling."""
+    """Train a CDR head briefly, then compare DDPM (T steps) and DDIM-k sampling (timed
+    interleaved)."""
     n_train = 2 * cfg.sample_rows
     rows = _split(clustered_features(3 * cfg.sample_rows, cfg, seed=1), device)
     train = SplitData({k: v[:n_train] for k, v in rows.tensors.items()})
@@ -302,11 +303,13 @@ def bench_ddim_vs_ddpm(cfg: BenchConfig, device: torch.device, precision: str) -
             x = head.cdr.generate(test["visual"], schedule, gen, 8192, method, steps)
             return head.cdr.classifier(x)
 
+    chains = {"ddpm": ("ddpm", schedule.T), "ddim": ("ddim", cfg.ddim_steps)}
+    seconds = timed_interleaved({name: partial(run, *chain) for name, chain in chains.items()},
+                                1, 3, device)
     results = {}
-    for name, method, steps in (("ddpm", "ddpm", schedule.T), ("ddim", "ddim", cfg.ddim_steps)):
-        seconds = timed(lambda: run(method, steps), 1, 3, device)
+    for name, (method, steps) in chains.items():
         top1 = 100 * (run(method, steps).argmax(1) == test["label"]).float().mean().item()
-        results[name] = {"seconds": seconds, "steps": steps, "top1": round(top1, 2)}
+        results[name] = {"seconds": seconds[name], "steps": steps, "top1": round(top1, 2)}
     drop = results["ddpm"]["top1"] - results["ddim"]["top1"]
     return {"ratio": results["ddpm"]["seconds"] / results["ddim"]["seconds"],
             "top1_drop": round(drop, 2), **results}
