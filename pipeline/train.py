@@ -369,13 +369,26 @@ def save_heads(model: HeadsModel, path: Path) -> None:
     tmp.replace(path)
 
 
+# leaf names of the sampling-chain settings that may change after training (``eval --set``);
+# the noise schedule itself (``*.schedule.*``) is what the denoisers were trained on
+TEST_TIME_SETTINGS = frozenset({"sampler", "steps", "eta", "test_samples", "val_sampler",
+                                "val_steps"})
+
+
+def is_test_time_setting(key: str) -> bool:
+    """Whether ``--set key=...`` only changes how a trained run samples at test time."""
+    parts = key.split(".")
+    return parts[-1] in TEST_TIME_SETTINGS and "schedule" not in parts
+
+
 def load_run(run_dir: Path | str, device: torch.device | str = "cpu",
              overrides: dict[str, Any] | None = None) -> tuple[HeadsModel, dict[str, Any]]:
     """Rebuild a trained run's model from ``config.json`` and ``heads.safetensors``.
 
     ``overrides`` (``KEY=VALUE`` as for training) change test-time settings of the trained
-    heads, e.g. ``diffusion.sampler=ddim``, ``diffusion.steps=10``, ``diffusion.test_samples``;
-    one that changes a trained parameter's shape is refused. The returned config records them.
+    heads, e.g. ``diffusion.sampler=ddim``, ``diffusion.steps=10``, ``diffusion.test_samples``
+    (:func:`is_test_time_setting`); any other setting is refused. The returned config records
+    them.
     """
     from safetensors.torch import load_file
 
@@ -388,18 +401,16 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu",
     method = config["method"]
     if method not in METHODS:
         raise ConfigError(f"{run_dir}: unknown method {method!r}")
+    trained = [key for key in overrides or {} if not is_test_time_setting(key)]
+    if trained:
+        raise ConfigError(f"{run_dir}: --set {', '.join(trained)} changes the trained heads "
+                          "(what the weights were fitted to), so it needs a new training run; "
+                          "only test-time settings of the sampling chains ("
+                          f"{', '.join(sorted(TEST_TIME_SETTINGS))}) can change after training")
     method_cfg = apply_overrides(from_dict(METHODS[method].config, config["method_config"]),
                                  overrides or {})
     model = HeadsModel(method, method_cfg, Dims(**config["dims"]))
-    try:
-        model.load_state_dict(load_file(str(run_dir / "heads.safetensors")))
-    except RuntimeError as exc:
-        if not overrides:
-            raise
-        raise ConfigError(f"{run_dir}: --set {', '.join(overrides)} changes the trained heads "
-                          "(parameter shapes or modules), so the saved weights do not fit; only "
-                          "test-time settings (diffusion.sampler, diffusion.steps, diffusion.eta, "
-                          "diffusion.test_samples...) can change after training") from exc
+    model.load_state_dict(load_file(str(run_dir / "heads.safetensors")))
     if overrides:
         config = {**config, "method_config": asdict(method_cfg),
                   "eval_overrides": {k: str(v) for k, v in overrides.items()}}

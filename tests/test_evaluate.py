@@ -65,3 +65,7 @@ def test_eval_changes_test_time_sampling_but_refuses_settings_that_change_weight
     assert _denoiser_calls(*load_run(run, "cpu")) == 20  # the trained DDPM chain otherwise
     with pytest.raises(ConfigError, match="changes the trained heads"):
         evaluate_run(run, device="cpu", log=lambda _: None, overrides={"diffusion.hidden": "8"})
+    # the same shapes, but not what the denoiser was trained on: refused too
+    with pytest.raises(ConfigError, match="diffusion.schedule.steps changes the trained heads"):
+        evaluate_run(run, device="cpu", log=lambda _: None,
+                     overrides={"diffusion.schedule.steps": "40"})

@@ -48,6 +48,13 @@ def test_exact_options_keep_the_features(backbone, images, option, precision, ru
     reference = _features(backbone, images, channels_last=False)
     assert torch.allclose(_features(backbone, images, precision, **runtime), reference,
                           atol=atol, rtol=1e-4), option
+    vision = copy.deepcopy(backbone).to_runtime(CPU, **runtime)  # and the option took effect
+    if option == "channels_last":
+        assert any(w.dim() == 4 and not w.is_contiguous()
+                   and w.is_contiguous(memory_format=torch.channels_last)
+                   for w in vision.model.parameters())
+    else:
+        assert vision._forward is not vision.model
 
 
 def test_bf16_autocast_stays_close_to_fp32(backbone, images):

@@ -89,7 +89,7 @@ class DeviceDecoder:
         self.paths = [Path(p) for p in paths]
         self.preprocess = preprocess
         self.device = device
-        preprocess.tensor(torch.zeros(3, 1, 1, dtype=torch.uint8))  # refuse lanczos up front
+        preprocess.tensor_interpolation()  # refuse a filter with no tensor resize up front
 
     def __call__(self, samples: list[tuple[torch.Tensor, int, str]]
                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 Image.MAX_IMAGE_PIXELS = 400_000_000  # real food photos are large; still refuse absurd files
 
@@ -145,18 +147,21 @@ class Preprocess:
         img = _center_crop_or_pad(img, self.size, self.fill)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    def tensor(self, image: torch.Tensor) -> torch.Tensor:
-        """The same geometry on a decoded ``uint8 [3, H, W]`` tensor, on its device:
-        ``uint8 [3, size, size]``. Resizing is torchvision's antialiased tensor resize (PIL's
-        filters to within one grey level); ``lanczos`` has no tensor resize and is refused."""
-        from torchvision.transforms.v2 import functional as TF
-
+    def tensor_interpolation(self) -> TF.InterpolationMode:
+        """The tensor resize matching this config's PIL filter; ``lanczos`` has none and is
+        refused (``--decode device`` checks this before any image is read)."""
         if self.interpolation == "lanczos":
             raise ValueError("the model's data config asks for lanczos interpolation, which has "
                              "no tensor resize; use --decode workers")
-        mode = TF.InterpolationMode[_TENSOR_RESAMPLE.get(self.interpolation, "BICUBIC")]
+        return TF.InterpolationMode[_TENSOR_RESAMPLE.get(self.interpolation, "BICUBIC")]
+
+    def tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """The same geometry on a decoded ``uint8 [3, H, W]`` tensor, on its device:
+        ``uint8 [3, size, size]``. Resizing is torchvision's antialiased tensor resize (PIL's
+        filters to within one grey level)."""
         width, height = self.resized(image.shape[-1], image.shape[-2])
-        image = TF.resize(image, [height, width], interpolation=mode, antialias=True)
+        image = TF.resize(image, [height, width], interpolation=self.tensor_interpolation(),
+                          antialias=True)
         return _center_crop_or_pad_tensor(image, self.size, self.fill)
 
 
@@ -223,8 +228,6 @@ class TrainAugment:
         return 2 * self.size
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        from torchvision.transforms import v2
-
         ops = [v2.RandomResizedCrop(self.size, scale=self.scale, antialias=True)]
         if self.hflip:
             ops.append(v2.RandomHorizontalFlip())

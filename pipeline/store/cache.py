@@ -482,10 +482,12 @@ class FeatureCache:
             problems.append(f"incomplete: {self.num_committed()} of {self.num_shards()} shards "
                             "committed (an extraction was interrupted or is running); run the "
                             "same `marnet extract` again to finish it")
-        problems += self.count_problems()
+        else:  # the manifest's shard lists against its split sizes
+            problems += [problem for split, meta in self.manifest["splits"].items()
+                         for problem in _count_problems(split, meta, self.shard_list(split))]
         for split in self.manifest["splits"]:
             for shard in self.shard_list(split):
-                found = self.shard_problems(split, shard)
+                found = self._shard_problems(split, shard)
                 if found and damaged is not None:
                     damaged.append((split, shard["index"]))
                 problems += found
@@ -493,14 +495,7 @@ class FeatureCache:
                     on_shard()
         return problems
 
-    def count_problems(self) -> list[str]:
-        """Where a complete manifest's shard lists disagree with its splits (shards or rows)."""
-        if not self.complete:
-            return []
-        return [problem for split, meta in self.manifest["splits"].items()
-                for problem in _count_problems(split, meta, self.shard_list(split))]
-
-    def shard_problems(self, split: str, shard: dict) -> list[str]:
+    def _shard_problems(self, split: str, shard: dict) -> list[str]:
         """What is wrong with one committed shard (its record: ``index``, ``rows``,
         ``checksums``): missing checksums, unreadable fields, wrong row counts or values."""
         meta = self.manifest["splits"][split]

@@ -52,8 +52,7 @@ def repair_cache(path: Path | str, on_shard: Callable[[], None] | None = None
     :meth:`FeatureCache.verify`) and the dropped ``(split, index)``.
     """
     root = require_local(path, "repair")
-    lock = CacheLock(root).acquire()
-    try:
+    with CacheLock(root):
         cache = FeatureCache(root)
         damaged: list[tuple[str, int]] = []
         problems = cache.verify(on_shard, damaged)
@@ -67,8 +66,6 @@ def repair_cache(path: Path | str, on_shard: Callable[[], None] | None = None
             write_json_atomic(root / MANIFEST, {**manifest, "status": "incomplete",
                                                 "repaired": [f"{s}/{i}" for s, i in damaged]})
         return problems, damaged
-    finally:
-        lock.release()
 
 
 def _size_bytes(path: Path | str) -> int | None:
