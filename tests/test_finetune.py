@@ -1,4 +1,5 @@
-"""Backbone fine-tuning: weights move, alignment losses decrease, resume, provenance."""
+"""End-to-end training: every method trains its backbone, one loss definition for both paths,
+resume, the checkpoint classifies on its own, provenance."""
 
 import json
 
@@ -7,59 +8,137 @@ import torch
 from safetensors.torch import load_file
 
 from marnet.pipeline.backbones import VisionSpec, build_vision, read_checkpoint_meta
+from marnet.pipeline.evaluate import finetuned_logits
 from marnet.pipeline.extract import extract
 from marnet.pipeline.finetune import (
+    EndToEnd,
+    FINETUNE_METHODS,
     FinetuneConfig,
     FinetuneError,
-    FinetuneHead,
     finetune,
+    load_finetuned,
     trainable_prefix,
 )
+from marnet.pipeline.heads import Dims, SplitData, TrainContext
 from marnet.pipeline.store import FeatureCache
+from marnet.pipeline.train import HeadsModel
+
+SMALL = {"marnet": {"diffusion.hidden": 32, "diffusion.schedule.steps": 10,
+                    "fusion_samples": 1},
+         "seda": {"dsl.hidden": 32, "dst.hidden": 32, "dsl.schedule.steps": 10,
+                  "dst.schedule.steps": 10, "dsl.steps": 3, "dst.steps": 3,
+                  "dst.test_samples": 1}}
+
+# every method finetune takes, with its Table 2 rows and staged/joint variants
+METHOD_CASES = [(m, None, {}) for m in FINETUNE_METHODS if m != "team"] + [
+    ("marnet", row, {}) for row in ("ema", "mlp", "cdr")] + [
+    ("marnet", None, {"joint": True}), ("seda", None, {"joint": True}),
+    ("seda", None, {"variant": "dst-only"}), ("seda", None, {"variant": "dsl-only"}),
+    ("seda", None, {"variant": "one-step"})]
 
 
 def _cfg(synth_root, tmp_path, method, cache=None, **changes):
-    settings = dict(dataset="synthfood", root=synth_root, out=tmp_path / f"{method}.safetensors",
+    name = changes.pop("name", method)
+    settings = dict(dataset="synthfood", root=synth_root, out=tmp_path / f"{name}.safetensors",
                     vision=VisionSpec("test_efficientnet", "random", image_size=32, crop_pct=1.0),
                     method=method, text_cache=cache, epochs=1, batch_size=8, num_workers=0,
-                    device="cpu")
+                    device="cpu", head_epochs=2,
+                    settings=dict(SMALL.get(method, {}), **changes.pop("settings", {})))
     return FinetuneConfig(**{**settings, **changes})
 
 
-@pytest.mark.parametrize("method", ["ce", "ita", "ita-mp", "sdm"])
-def test_one_epoch_changes_the_backbone(synth_root, tiny_cache, tmp_path, method):
+def _live(method, ablation, settings, tokens=False, seed=0):
+    """A backbone, its head and the head's first stage on a batch of random images."""
+    cfg = FinetuneConfig(dataset="synthfood", root=".", out="x", method=method,
+                         ablation=ablation, settings={**SMALL.get(method, {}), **settings})
+    name, method_cfg = cfg.head()
+    torch.manual_seed(seed)
+    vision = build_vision(VisionSpec("test_efficientnet", "random", image_size=32))
+    vision.to_runtime(torch.device("cpu"))
+    dims = Dims(vision.dim, 12, 3)
+    heads = HeadsModel(name, method_cfg, dims)
+    g = torch.Generator().manual_seed(seed)
+    rows = 12
+    tensors = {"label": torch.arange(rows) % 3, "text": torch.randn(rows, 12, generator=g)}
+    if tokens:
+        tensors.update(text_tokens=torch.randn(rows, 5, 12, generator=g),
+                       text_mask=(torch.arange(5) < 3).repeat(rows, 1))
+    ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(seed),
+                       moving_features=True)
+    split = SplitData(tensors)
+    stage = heads.head.stages(split, SplitData({"label": tensors["label"]}), ctx)[0]
+    images = torch.randint(0, 255, (rows, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return vision, heads, stage, split, images, ctx
+
+
+@pytest.mark.parametrize("method,ablation,settings", METHOD_CASES + [("team", None, {})])
+def test_one_end_to_end_step_moves_the_backbone(method, ablation, settings):
+    vision, heads, stage, split, images, _ = _live(method, ablation, settings,
+                                                   tokens=method == "team")
+    start = {k: v.clone() for k, v in vision.model.state_dict().items()}
+    vision.model.train()
+    params = [*vision.model.parameters(), *(p for m in stage.modules for p in m.parameters())]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    net = EndToEnd(vision, heads, "fp32", 0.1)
+    loss, _ = net.step(stage, optimizer, images, torch.arange(len(images)), split)
+    assert torch.isfinite(loss)
+    moved = [k for k, v in vision.model.state_dict().items()
+             if v.is_floating_point() and not torch.equal(v, start[k])]
+    assert any(k.endswith("weight") for k in moved), "the step must train the backbone"
+
+
+class FixedFeatures:
+    """A 'backbone' whose features are given: the end-to-end path on fixed features."""
+
+    def __init__(self, features):
+        self.features_of = features
+
+    def features(self, images, precision="fp32"):
+        return self.features_of[images]
+
+
+@pytest.mark.parametrize("method,ablation,settings", METHOD_CASES)
+def test_end_to_end_loss_on_fixed_features_is_the_stage_two_loss(method, ablation, settings):
+    """The loss a fine-tune trains with is the stage-two loss of the same head: with the same
+    features, statistics and noise, the two paths give the same number."""
+    _, heads, stage, split, _, ctx = _live(method, ablation, settings)
+    feats = torch.randn(len(split), heads.norm_visual.mean.shape[0],
+                        generator=torch.Generator().manual_seed(1))
+    index = torch.arange(len(split))
+    net = EndToEnd(FixedFeatures(feats), heads, "fp32", 0.1)  # first step: batch statistics
+    ctx.generator.manual_seed(5)
+    live = stage.loss(net.batch(stage, index, index, split))[0]
+    heads.norm_visual.fit(feats)  # stage two: exact statistics of the (same) rows
+    cached = {"visual": heads.norm_visual(feats), "index": index,
+              **{k: split[k] for k in stage.fields if k != "visual"}}
+    ctx.generator.manual_seed(5)
+    assert torch.allclose(live, stage.loss(cached)[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ce", "ita", "marnet", "seda"])
+def test_finetune_trains_and_saves_a_network_that_classifies(synth_root, tiny_cache, tmp_path,
+                                                             method):
     start = build_vision(VisionSpec("test_efficientnet", "random")).model.state_dict()
     meta = finetune(_cfg(synth_root, tmp_path, method, tiny_cache), log=lambda _: None)
     tuned = load_file(str(tmp_path / f"{method}.safetensors"))
-    changed = [k for k, v in start.items() if v.is_floating_point()
-               and not torch.equal(v, tuned[f"backbone.{k}"])]
-    assert changed, "fine-tuning must move the backbone weights"
+    assert any(v.is_floating_point() and not torch.equal(v, tuned[f"backbone.{k}"])
+               for k, v in start.items())
+    assert any(k.startswith("heads.head.") for k in tuned)
     assert meta["method"] == method and len(meta["history"]) == 1
-    assert read_checkpoint_meta(tmp_path / f"{method}.safetensors")["method"] == method
+    assert 0 <= meta["val_top1"] <= 100
+    saved = read_checkpoint_meta(tmp_path / f"{method}.safetensors")
+    assert saved["head_method"] == {"ce": "visual"}.get(method, method)
+    if method == "marnet":  # the fusion stage ran on the frozen backbone, after the first stage
+        assert [r["stage"] for r in saved["head_stages"]] == ["fusion", "fusion"]
 
 
-@pytest.mark.parametrize("method", ["ita", "ita-mp", "sdm"])
-def test_alignment_loss_decreases_on_a_fixed_batch(method):
-    torch.manual_seed(0)
-    head = FinetuneHead(method, 16, 8, 3, proj_dim=8)
-    feats = torch.randn(12, 16, requires_grad=True)
-    text, labels = torch.randn(12, 8), torch.arange(12) % 3
-    head.text_norm.fit(text)
-    opt = torch.optim.Adam([feats, *head.parameters()], lr=0.05)
-    losses = []
-    for _ in range(30):
-        loss = head.align(feats, labels, text)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
-
-
-def test_resume_after_an_interrupted_run(synth_root, tmp_path, monkeypatch):
+def test_resume_after_an_interrupted_run_gives_the_uninterrupted_network(synth_root, tiny_cache,
+                                                                         tmp_path, monkeypatch):
     import marnet.pipeline.finetune as ft
 
-    cfg = _cfg(synth_root, tmp_path, "ce", epochs=2)
+    full = _cfg(synth_root, tmp_path, "marnet", tiny_cache, epochs=2, name="full")
+    finetune(full, log=lambda _: None)
+    cfg = _cfg(synth_root, tmp_path, "marnet", tiny_cache, epochs=2, name="resumed")
     real = ft._save_state
     calls = []
 
@@ -77,11 +156,66 @@ def test_resume_after_an_interrupted_run(synth_root, tmp_path, monkeypatch):
     assert calls == [1]
     assert any("resuming fine-tuning after epoch 1" in line for line in logs)
     assert [h["epoch"] for h in meta["history"]] == [1, 2]
+    resumed, uninterrupted = (load_file(str(tmp_path / f"{n}.safetensors"))
+                              for n in ("resumed", "full"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
-def test_alignment_needs_a_text_cache(synth_root, tmp_path):
-    with pytest.raises(FinetuneError, match="--text-cache"):
-        finetune(_cfg(synth_root, tmp_path, "ita"), log=lambda _: None)
+def test_a_run_with_other_settings_is_not_resumed(synth_root, tiny_cache, tmp_path, monkeypatch):
+    import marnet.pipeline.finetune as ft
+
+    monkeypatch.setattr(ft, "_later_stages", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_cfg(synth_root, tmp_path, "ita", tiny_cache), log=lambda _: None)
+    with pytest.raises(FinetuneError, match="other settings"):
+        finetune(_cfg(synth_root, tmp_path, "ita", tiny_cache, beta=0.5), log=lambda _: None)
+
+
+def test_the_checkpoint_classifies_as_its_head_does_on_its_extracted_features(
+        synth_root, tiny_cache, tmp_path, make_extract_config):
+    """``eval --finetuned`` (backbone + head from the images) equals the checkpoint's head on
+    the features ``extract --finetuned`` caches (float32, same batches): both paths agree."""
+    ckpt = tmp_path / "marnet.safetensors"
+    finetune(_cfg(synth_root, tmp_path, "marnet", tiny_cache), log=lambda _: None)
+    logits, labels, meta = finetuned_logits(ckpt, "test", device="cpu", num_workers=0,
+                                            log=lambda _: None)
+    cache = extract(make_extract_config(synth_root, tmp_path / "cache", dtype="float32",
+                                        vision=VisionSpec(finetuned=str(ckpt))),
+                    log=lambda _: None).path
+    test = FeatureCache(cache).load_split("test", ("visual", "label"))
+    _, heads, _ = load_finetuned(ckpt, torch.device("cpu"), tmp_path / "cache" / "weights")
+    cached = heads.predict(test["visual"], torch.Generator().manual_seed(meta["seed"]))
+    assert torch.equal(labels, test["label"])
+    assert torch.allclose(logits, cached, atol=1e-4)
+    assert torch.equal(logits.argmax(1), cached.argmax(1))
+
+
+def test_team_needs_token_text_features(synth_root, tiny_cache, tiny_token_cache, tmp_path):
+    with pytest.raises(FinetuneError, match="--tokens"):
+        finetune(_cfg(synth_root, tmp_path, "team", tiny_cache), log=lambda _: None)
+    meta = finetune(_cfg(synth_root, tmp_path, "team", tiny_token_cache), log=lambda _: None)
+    assert meta["head_method"] == "team" and meta["history"][0]["team"] > 0
+
+
+def test_methods_reading_text_need_a_text_cache(synth_root, tmp_path):
+    for method in ("ita", "marnet", "seda"):
+        with pytest.raises(FinetuneError, match="--text-cache"):
+            finetune(_cfg(synth_root, tmp_path, method), log=lambda _: None)
+
+
+def test_sugar_options_map_onto_the_method_settings():
+    cfg = FinetuneConfig(dataset="d", root=".", out="x", method="marnet", beta=0.5, tau=0.1)
+    name, method_cfg = cfg.head()
+    assert name == "marnet" and method_cfg.ema.weight == 0.5 and method_cfg.ema.tau == 0.1
+    name, method_cfg = FinetuneConfig(dataset="d", root=".", out="x", method="ita-mp").head()
+    assert name == "ita" and method_cfg.multi_positive
+    with pytest.raises(FinetuneError, match="--set"):
+        FinetuneConfig(dataset="d", root=".", out="x", method="seda", beta=1.0).head()
+    with pytest.raises(FinetuneError, match="ablation"):
+        FinetuneConfig(dataset="d", root=".", out="x", method="ita", ablation="ema").head()
+    with pytest.raises(FinetuneError, match="lr"):
+        FinetuneConfig(dataset="d", root=".", out="x", lr=-1)
 
 
 @pytest.mark.parametrize("model", ["test_efficientnet", "test_vit"])
@@ -108,7 +242,8 @@ def test_extract_with_a_finetuned_checkpoint_records_its_provenance(synth_root, 
     result = extract(cfg, log=lambda _: None)
     manifest = FeatureCache(result.path).manifest
     prov = manifest["inputs"]["visual"]["finetuned"]
-    assert prov["method"] == "ita" and prov["beta"] == 0.5 and prov["model"] == "test_efficientnet"
+    assert prov["method"] == "ita" and prov["method_config"]["weight"] == 0.5
+    assert prov["model"] == "test_efficientnet" and "source" not in prov
     assert manifest["inputs"]["visual"]["data_config"]["input_size"] == [3, 32, 32]
     assert result.path.name != tiny_cache.name
 
@@ -131,8 +266,11 @@ def test_without_a_val_split_selection_holds_out_train_never_test(tmp_path, writ
 
     root = write_folder(tmp_path / "f", with_val=False)
     info = load_dataset("folder", root)
-    train, val, _, how = selection_split(info, None, seed=0)
+    text = {"text": torch.arange(len(info.splits["train"]))}
+    train, val, rows, how = selection_split(info, text, seed=0)
     test_ids = {r.id for r in info.splits["test"]}
     assert val and not test_ids & {r.id for r in val}
     assert not {r.id for r in train} & {r.id for r in val}
     assert len(train) + len(val) == len(info.splits["train"]) and "held out" in how
+    ids = [r.id for r in info.splits["train"]]
+    assert [ids[i] for i in rows["text"].tolist()] == [r.id for r in train]

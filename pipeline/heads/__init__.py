@@ -33,6 +33,20 @@ def no_fields(cfg: Any) -> tuple[str, ...]:
     return ()
 
 
+def always(cfg: Any) -> bool:
+    return True
+
+
+def aligns(cfg: AlignConfig) -> bool:
+    """An aligned classifier reads text unless it has no alignment loss (the visual head)."""
+    return cfg.loss != "none"
+
+
+def seda_reads_text(cfg: SeDAConfig) -> bool:
+    """Every SeDA variant but ``dsl-only`` (stage 1 alone never reads text)."""
+    return cfg.variant != "dsl-only"
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method: its config class, the defaults it sets, its builder, a summary."""
@@ -41,32 +55,37 @@ class MethodSpec:
     build: Callable[[Any, Dims], nn.Module]
     summary: str
     fields: Callable[[Any], tuple[str, ...]] = no_fields  # extra cache fields (tokens)
+    reads_text: Callable[[Any], bool] = always  # whether training reads text features
 
 
 METHODS: dict[str, MethodSpec] = {
     "visual": MethodSpec(AlignConfig, {"loss": "none"}, AlignedClassifier,
-                         "classifier on visual features (E_v + linear), CE only: the baseline"),
+                         "classifier on visual features (E_v + linear), CE only: the baseline",
+                         reads_text=aligns),
     "ita": MethodSpec(AlignConfig, {"loss": "ita"}, AlignedClassifier,
-                      "ITA (MGCA): symmetric InfoNCE + CE; identical to MARNet's EMA"),
+                      "ITA (MGCA): symmetric InfoNCE + CE; identical to MARNet's EMA",
+                      reads_text=aligns),
     "sdm": MethodSpec(AlignConfig, {"loss": "sdm", "tau": 0.02}, AlignedClassifier,
-                      "SDM (IRRA): KL between image-text similarity and label matching"),
+                      "SDM (IRRA): KL between image-text similarity and label matching",
+                      reads_text=aligns),
     "swd": MethodSpec(SWDConfig, {}, AlignedClassifier,
                       "SWD: sliced Wasserstein distance between image and text class posteriors",
-                      alignment_fields),
+                      alignment_fields, aligns),
     "ssan": MethodSpec(SSANConfig, {}, AlignedClassifier,
                        "SSAN: shared classifier, text soft labels (ISA), triplet centroids (ESA)",
-                       alignment_fields),
+                       alignment_fields, aligns),
     "cdd": MethodSpec(CDDConfig, {}, AlignedClassifier,
                       "CDD (CAN): class-aware multi-kernel MMD, intra minus inter class",
-                      alignment_fields),
+                      alignment_fields, aligns),
     "team": MethodSpec(TEAMConfig, {}, AlignedClassifier,
                        "TEAM: token-level attention alignment scores + InfoNCE (needs --tokens)",
-                       alignment_fields),
+                       alignment_fields, aligns),
     "marnet": MethodSpec(MARNetConfig, {}, MARNet,
                          "MARNet: EMA + CDR (conditional feature diffusion) + fusion"),
     "seda": MethodSpec(SeDAConfig, {}, SeDA,
                        "SeDA (reconstructed from the abstract, METHODS §2.3 [R]): DSL toward "
-                       "visual class centres, then DST + PFIN toward the text distribution"),
+                       "visual class centres, then DST + PFIN toward the text distribution",
+                       reads_text=seda_reads_text),
 }
 
 # `--ablation` names (Table 2 rows) -> MARNet variants
@@ -105,6 +124,11 @@ def method_fields(name: str, cfg: Any) -> tuple[str, ...]:
     return METHODS[name].fields(cfg)
 
 
+def method_reads_text(name: str, cfg: Any) -> bool:
+    """Whether training method ``name`` reads text features (the visual head does not)."""
+    return METHODS[name].reads_text(cfg)
+
+
 __all__ = [
     "ABLATIONS",
     "ALIGNMENT_LOSSES",
@@ -121,5 +145,6 @@ __all__ = [
     "build_head",
     "method_config",
     "method_fields",
+    "method_reads_text",
     "resolve_overrides",
 ]

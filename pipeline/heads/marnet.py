@@ -121,14 +121,16 @@ class MARNetConfig:
         require_positive("fusion_epochs", self.fusion_epochs)
 
 
-def generate_chunked(schedule: NoiseSchedule, denoise, cond: torch.Tensor, out_dim: int,
-                     method: str, steps: int, eta: float, generator: torch.Generator,
-                     chunk_rows: int) -> torch.Tensor:
-    """Reverse-chain samples for every row of ``cond``, ``chunk_rows`` at a time."""
+def generate_chunked(schedule: NoiseSchedule, denoiser: ConditionalDenoiser, cond: torch.Tensor,
+                     out_dim: int, method: str, steps: int, eta: float,
+                     generator: torch.Generator, chunk_rows: int) -> torch.Tensor:
+    """Reverse-chain samples for every row of ``cond``, ``chunk_rows`` at a time (the
+    condition's share of the denoiser computed once per chunk:
+    :meth:`ConditionalDenoiser.conditioned`)."""
     parts = []
     for start in range(0, len(cond), chunk_rows):
         c = cond[start:start + chunk_rows]
-        parts.append(schedule.sample(lambda x, t: denoise(x, t, c), (len(c), out_dim),
+        parts.append(schedule.sample(denoiser.conditioned(c), (len(c), out_dim),
                                      cond.device, method, steps, eta, generator))
     return torch.cat(parts) if parts else cond.new_zeros(0, out_dim)
 

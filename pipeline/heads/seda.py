@@ -66,6 +66,9 @@ class DSLConfig(DiffusionConfig):
     tau_c: float = 1.0  # prototype temperature on standardised features
     lambda_h: float = 0.0  # > 0 adds variant B: MSE(P_h h_t, c_y) on the interactive feature
     epochs: int | None = None  # None: the trainer's epochs
+    # m of the running class centres c_k <- m c_k + (1 - m) mean_batch(x_v | y = k), used when
+    # the features move (a backbone trained with the head, R-1 and METHODS §3 #22)
+    centre_momentum: float = 0.9
 
 
 @dataclass
@@ -101,6 +104,15 @@ class SeDAConfig:
     dsl: DSLConfig = field(default_factory=DSLConfig)
     dst: DSTConfig = field(default_factory=DSTConfig)
     pfin: PFINConfig = field(default_factory=PFINConfig)
+    # train DSL and DST + PFIN + C_f in one stage (R-3's joint alternative): DST is conditioned
+    # on the DSL's one-step estimate z_hat_0 of the same draw, with gradients through it, so
+    # DST's text loss reaches the DSL (and, end to end, the backbone)
+    joint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.joint and self.variant not in ("full", "no-pfin"):
+            raise ValueError(f"joint applies to the variants with both stages (full, no-pfin), "
+                             f"not {self.variant!r}")
 
 
 def class_centres(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -142,6 +154,19 @@ class SemanticLearner(ScheduleOwner):
         """Exact train-split centres of the (frozen, standardised) visual features (§3 #22)."""
         self.centres.copy_(class_centres(visual, labels, len(self.centres)))
 
+    @torch.no_grad()
+    def update_centres(self, visual: torch.Tensor, labels: torch.Tensor) -> None:
+        """Running centres for moving features (R-1): ``c_k <- m c_k + (1 - m) mean_batch(x_v |
+        y = k)`` for the classes in the batch; a class seen for the first time (its centre is
+        still the zero vector it starts as) takes its batch mean."""
+        classes = len(self.centres)
+        present = torch.bincount(labels, minlength=classes) > 0
+        seen = self.centres.abs().sum(dim=1) > 0
+        batch_centres = class_centres(visual.float(), labels, classes)
+        keep = torch.where(seen, self.cfg.centre_momentum, 0.0)[:, None]
+        updated = keep * self.centres + (1 - keep) * batch_centres
+        self.centres.copy_(torch.where(present[:, None], updated, self.centres))
+
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Prototype logits of the semantic feature (the ``dsl-only`` prediction)."""
         return prototype_logits(z, self.centres, self.cfg.tau_c)
@@ -150,6 +175,13 @@ class SemanticLearner(ScheduleOwner):
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``MSE(z_hat_0, c_y) + lambda_c * CE(-||z_hat_0 - c_k||^2 / tau_c, y)``
         ``[+ lambda_h * MSE(P_h h_t, c_y)]`` (R-1, variants A and B)."""
+        total, parts, _ = self.loss_and_estimate(batch, schedule, generator)
+        return total, parts
+
+    def loss_and_estimate(self, batch: Batch, schedule: NoiseSchedule,
+                          generator: torch.Generator
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`loss` and the one-step estimate ``z_hat_0`` of the draw (with gradients)."""
         visual, labels = batch["visual"], batch["label"]
         target = self.centres[labels]
         t = schedule.sample_timesteps(len(visual), visual.device, generator)
@@ -165,7 +197,7 @@ class SemanticLearner(ScheduleOwner):
             hidden_mse = feature_mse(hidden, target)
             total = total + self.cfg.lambda_h * hidden_mse
             parts["dsl_hidden_mse"] = hidden_mse.detach()
-        return total, parts
+        return total, parts, z_hat
 
     def generate(self, visual: torch.Tensor, generator: torch.Generator | None, chunk_rows: int,
                  method: str | None = None, steps: int | None = None) -> torch.Tensor:
@@ -377,12 +409,14 @@ class SeDA(nn.Module):
                 [self.one_step], val_top1(lambda: self.one_step.predict(val["visual"]),
                                           val["label"]))})]
         stages = []
-        if self.dsl is not None:
+        if self.cfg.joint:
+            stages.append(self._joint_stage(train, val, ctx))
+        if self.dsl is not None and not self.cfg.joint:
             stages.append(self._dsl_stage(train, val, ctx))
-        if self.dst is not None:
+        if self.dst is not None and not self.cfg.joint:
             stages.append(self._dst_stage(train, val, ctx))
         if self.dst is not None and self.cfg.dst.refit_samples > 0:
-            stages.append(self._classifier_stage(val, ctx))
+            stages.append(self._classifier_stage(train, val, ctx))
         return stages
 
     def _dsl_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
@@ -394,14 +428,52 @@ class SeDA(nn.Module):
             return dsl.classify(dsl.generate(val["visual"], ctx.eval_generator(), ctx.chunk_rows,
                                              cfg.val_sampler, cfg.val_steps))
 
-        return Stage("dsl", [dsl], lambda batch: dsl.loss(batch, schedule, ctx.generator),
+        return Stage("dsl", [dsl], lambda batch: self._dsl_loss(batch, schedule, ctx)[:2],
                      {"dsl": ([dsl], val_top1(val_logits, val["label"]))}, epochs=cfg.epochs,
-                     prepare=lambda: dsl.fit_centres(train["visual"], train["label"]),
-                     fields=("visual", "label"))
+                     prepare=self._centres_preparer(train, ctx), fields=("visual", "label"))
+
+    def _centres_preparer(self, train: SplitData, ctx: TrainContext):
+        """Exact train-split centres fitted once (cached features); none when the features
+        move: :meth:`_dsl_loss` keeps running centres then."""
+        if ctx.moving_features:
+            return None
+        return lambda: self.dsl.fit_centres(train["visual"], train["label"])
+
+    def _dsl_loss(self, batch: Batch, schedule: NoiseSchedule, ctx: TrainContext):
+        """The DSL loss of one batch (running centres first when the features move)."""
+        if ctx.moving_features:
+            self.dsl.update_centres(batch["visual"].detach(), batch["label"])
+        return self.dsl.loss_and_estimate(batch, schedule, ctx.generator)
+
+    def _joint_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
+        """``joint``: ``L_DSL + L_DST`` in one stage, DST conditioned on the DSL's one-step
+        ``z_hat_0`` (gradients flow through it); selected on val top-1 of the image-only
+        prediction with the cheap chains of both stages."""
+        dsl_schedule = self.dsl.schedule_on(ctx.device)
+        dst_schedule = self.dst.schedule_on(ctx.device)
+
+        def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            dsl_loss, dsl_parts, z_hat = self._dsl_loss(batch, dsl_schedule, ctx)
+            dst_loss, dst_parts = self.dst.loss(z_hat, batch, dst_schedule, ctx.generator)
+            return dsl_loss + dst_loss, {**dsl_parts, **dst_parts}
+
+        def val_logits() -> torch.Tensor:
+            z = self.dsl.generate(val["visual"], ctx.eval_generator(), ctx.chunk_rows,
+                                  self.cfg.dsl.val_sampler, self.cfg.dsl.val_steps)
+            mapped, s_hat = self.dst.translate(z, ctx.eval_generator(), ctx.chunk_rows,
+                                               self.cfg.dst.val_sampler, self.cfg.dst.val_steps)
+            return self.dst.classify(mapped, s_hat, val["visual"])
+
+        modules = [self.dsl, self.dst]
+        return Stage("dsl+dst", modules, loss, {"seda": (modules, val_top1(val_logits,
+                                                                           val["label"]))},
+                     epochs=self.cfg.dst.epochs, prepare=self._centres_preparer(train, ctx))
 
     def _dst_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
         """Stage 2: DSL frozen, ``z`` generated once per row, then DST + PFIN + ``C_f``;
-        selected on val top-1 of the image-only prediction (a cheap chain)."""
+        selected on val top-1 of the image-only prediction (a cheap chain). Without a DSL
+        (``dst-only``) ``z`` is the batch's own ``x_v``, so the stage reads only its batch and
+        can train through a backbone."""
         dst, cfg = self.dst, self.cfg.dst
         schedule = dst.schedule_on(ctx.device)
 
@@ -411,24 +483,35 @@ class SeDA(nn.Module):
                 self._val_z = self.semantic(val["visual"], ctx.eval_generator(), ctx.chunk_rows)
 
         def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return dst.loss(self._train_z[batch["index"]], batch, schedule, ctx.generator)
+            z = batch["visual"] if self.dsl is None else self._train_z[batch["index"]]
+            return dst.loss(z, batch, schedule, ctx.generator)
 
         # a recurrent PFIN is trained on the test chain's grid: select it on that grid too
         val_chain = ((cfg.sampler, cfg.steps) if self.cfg.pfin.recurrent
                      else (cfg.val_sampler, cfg.val_steps))
 
         def val_logits() -> torch.Tensor:
-            mapped, s_hat = dst.translate(self._val_z, ctx.eval_generator(), ctx.chunk_rows,
-                                          *val_chain)
+            z = val["visual"] if self.dsl is None else self._val_z
+            mapped, s_hat = dst.translate(z, ctx.eval_generator(), ctx.chunk_rows, *val_chain)
             return dst.classify(mapped, s_hat, val["visual"])
 
-        fields = ("text", "label") if dst.visual_encoder is None else ("visual", "text", "label")
+        reads_visual = self.dsl is None or dst.visual_encoder is not None
+        fields = ("visual", "text", "label") if reads_visual else ("text", "label")
         name = "dst" if dst.pfin.update is None else "dst+pfin"
         return Stage(name, [dst], loss, {name: ([dst], val_top1(val_logits, val["label"]))},
-                     epochs=cfg.epochs, prepare=prepare, fields=fields)
+                     epochs=cfg.epochs, prepare=prepare if self.dsl is not None else None,
+                     fields=fields)
 
+    def _semantic_features(self, train: SplitData, val: SplitData, ctx: TrainContext
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z`` of the train and val rows: stage 2's own (generated in its ``prepare``), else
+        generated now (``dst-only``: ``x_v``; ``joint``: the trained DSL's chain)."""
+        if self._train_z is not None:
+            return self._train_z, self._val_z
+        return (self.semantic(train["visual"], ctx.generator, ctx.chunk_rows),
+                self.semantic(val["visual"], ctx.eval_generator(), ctx.chunk_rows))
 
-    def _classifier_stage(self, val: SplitData, ctx: TrainContext) -> Stage:
+    def _classifier_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
         """Optional stage 3 (``dst.refit_samples`` = K > 0): DST + PFIN frozen, ``C_f`` refitted
         with CE on K test-time chains per train row, i.e. on what it sees at test (as MARNet's
         fusion stage, METHODS §3 #14). Stage 2 trains ``C_f`` on ``s_hat_0`` denoised from the
@@ -439,11 +522,12 @@ class SeDA(nn.Module):
 
         def prepare() -> None:
             with torch.no_grad():
-                draws = [dst.translate(self._train_z, ctx.generator, ctx.chunk_rows)
+                train_z, val_z = self._semantic_features(train, val, ctx)
+                draws = [dst.translate(train_z, ctx.generator, ctx.chunk_rows)
                          for _ in range(cfg.refit_samples)]
                 chains["train"] = (torch.stack([m for m, _ in draws]),
                                    torch.stack([s for _, s in draws]))
-                chains["val"] = dst.translate(self._val_z, ctx.eval_generator(), ctx.chunk_rows)
+                chains["val"] = dst.translate(val_z, ctx.eval_generator(), ctx.chunk_rows)
 
         def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             index = batch["index"]
