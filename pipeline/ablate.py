@@ -20,7 +20,6 @@ from typing import Any, Callable, Sequence
 
 from .backbones import VisionSpec
 from .config import ConfigError, parse_overrides
-from .evaluate import evaluate_finetuned
 from .extract import extract, extract_config_like
 from .finetune import FinetuneConfig, finetune, finetune_settings
 from .heads import ABLATIONS, METHODS, method_config, method_fields
@@ -290,9 +289,8 @@ def _finetuned_result(run_dir: Path, cfg: FinetuneConfig, log: Callable[[str], N
         log(f"{run_dir} was fine-tuned with other settings; training it again")
         done.unlink()
         shutil.rmtree(Path(f"{cfg.out}.state"), ignore_errors=True)
-    meta = finetune(cfg, log)
-    test = evaluate_finetuned(cfg.out, "test", cfg.root, cfg.device, cfg.num_workers,
-                              cfg.weights_dir, log)
+    meta = finetune(cfg, log, evaluate=("test",))  # as `marnet eval --finetuned` computes it
+    test = meta["evaluation"]["test"]
     result = {"settings": settings, "checkpoint": str(cfg.out), "best_epoch": meta["best_epoch"],
               "val": {"top1": meta["val_top1"], "top5": meta["val_top5"]},
               "test": {k: test[k] for k in ("top1", "top5", "n", "per_class_top1")}}

@@ -16,6 +16,8 @@ on the same machine, so the ratios travel between machines better than raw speed
 - ``cache_read_vs_npy``: loading a split from the cache over ``np.load`` of the same bytes.
 - ``ddim_vs_ddpm``: CDR sampling speed-up of DDIM-k over the full DDPM chain, with the top-1
   difference between them.
+- ``finetune_marnet_vs_ce``: the rate of one end-to-end MARNet training step (backbone +
+  EMA + CDR) over a plain CE step with the same backbone and batch.
 - peak memory of extraction at two dataset sizes (must not grow with the dataset) and of
   head training.
 """
@@ -50,6 +52,7 @@ TARGETS: dict[str, dict[str, float] | None] = {
     "heads_vs_gemm": {"cuda": 0.5, "cpu": 0.5},
     "cache_read_vs_npy": {"cuda": 0.8, "cpu": 0.8},
     "ddim_vs_ddpm": {"cuda": 20.0, "cpu": 20.0},
+    "finetune_marnet_vs_ce": {"cuda": 0.85, "cpu": 0.85},
 }
 DDIM_MAX_TOP1_DROP = 0.5
 BENCH_TEXT = TextSpec("minilm", "mean", 64)  # the bundled text model, as the demo uses it
@@ -232,6 +235,45 @@ def bench_heads_vs_gemm(cfg: BenchConfig, device: torch.device, precision: str) 
     step_s, gemm_s = seconds["step"], seconds["gemm"]
     return {"ratio": gemm_s / step_s, "step_gflops": flops / step_s / 1e9,
             "gemm_gflops": flops / gemm_s / 1e9, "step_ms": 1e3 * step_s, "batch": b}
+
+
+def bench_finetune_step(cfg: BenchConfig, device: torch.device, precision: str,
+                        size: int) -> dict[str, Any]:
+    """One end-to-end MARNet training step (backbone + EMA + CDR under L_EMA + L_CDR, the
+    paper-scale 1024-wide denoiser) against a plain CE step (backbone + the visual head), same
+    backbone, batch and trained blocks as the demo (the last 3, or all for models without
+    ``.blocks``), timed interleaved; the ratio is MARNet's step rate over CE's."""
+    from .finetune import EndToEnd, prepare_backbone
+    from .train import HeadsModel
+
+    g = torch.Generator().manual_seed(0)
+    b = cfg.batch_size
+    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, cfg.classes, (b,), generator=g).to(device)
+    text = torch.randn(b, cfg.text_dim, generator=g).to(device)
+    index = torch.arange(b, device=device)
+    steps = {}
+    for name, overrides in (("ce", {}), ("marnet", cfg.head_overrides)):
+        vision = build_vision(VisionSpec(cfg.visual, "random", image_size=size))
+        blocks = "last-3" if len(getattr(vision.model, "blocks", ())) > 3 else "all"
+        prepare_backbone(vision, blocks, device)
+        vision.model.train()
+        method = "visual" if name == "ce" else "marnet"
+        heads = HeadsModel(method, method_config(method, overrides),
+                           Dims(vision.dim, cfg.text_dim, cfg.classes)).to(device)
+        ctx = TrainContext(device, torch.Generator(device=device).manual_seed(0),
+                           moving_features=True)
+        split = SplitData({"label": labels, "text": text})
+        stage = heads.head.stages(split, split, ctx)[0]
+        params = [p for m in (vision.model, *stage.modules) for p in m.parameters()
+                  if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        net = EndToEnd(vision, heads, precision, 0.1)
+        steps[name] = partial(net.step, stage, optimizer, images, index, split)
+    seconds = timed_interleaved(steps, cfg.warmup, cfg.iters, device)
+    return {"ratio": seconds["ce"] / seconds["marnet"], "ce_step_ms": 1e3 * seconds["ce"],
+            "marnet_step_ms": 1e3 * seconds["marnet"], "batch": b, "image_size": size,
+            "trained_blocks": blocks}
 
 
 def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, iters: int,
@@ -547,6 +589,8 @@ def run_bench(cfg: BenchConfig = BenchConfig(), log: Callable[[str], None] = pri
         results["cache_read_vs_npy"] = bench_cache_read(cfg, device, workdir)
         log("DDIM vs DDPM sampling")
         results["ddim_vs_ddpm"] = bench_ddim_vs_ddpm(cfg, device, precision)
+        log("end-to-end training step: MARNet vs CE")
+        results["finetune_marnet_vs_ce"] = bench_finetune_step(cfg, device, precision, size)
         log("peak memory")
         results["memory"] = bench_memory(cfg, workdir, size, images, cache)
         if scaling:

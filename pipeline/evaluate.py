@@ -17,7 +17,7 @@ import torch
 
 from .backbones import VisionSpec, build_vision, resolve_device, resolve_precision
 from .datasets import DatasetInfo, load_dataset
-from .extract import encode_images
+from .extract import encode_images, encode_records
 from .store import CacheError, FeatureCache, require_same_inputs
 from .train import HeadsModel, load_features, load_run, topk_metrics
 
@@ -72,19 +72,17 @@ def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | N
     return {"split": split, "source": "images", **settings, **metrics}
 
 
-def finetuned_logits(checkpoint: Path | str, split: str = "test",
-                     root: Path | str | None = None, device: str = "auto",
-                     num_workers: int = 2, weights_dir: Path | str = "cache/weights",
-                     log: Callable[[str], None] = print,
-                     overrides: dict[str, Any] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Logits and labels of a fine-tuned checkpoint (``marnet finetune``) on ``split``, from
-    the images alone: its backbone encodes them, its head (with its standardisers) classifies
-    them, and diffusion heads sample with the fine-tune's seed, as stage two's evaluation
-    does. Also returns the checkpoint's provenance."""
+def finetuned_features(checkpoint: Path | str, split: str = "test",
+                       root: Path | str | None = None, device: torch.device | str = "cpu",
+                       num_workers: int = 2, weights_dir: Path | str = "cache/weights",
+                       log: Callable[[str], None] = print,
+                       overrides: dict[str, Any] | None = None
+                       ) -> tuple[Any, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """A fine-tuned checkpoint's head, the raw visual features its backbone computes from the
+    images of ``split`` (readable ones), their labels, and the checkpoint's provenance."""
     from .finetune import load_finetuned
 
-    dev = resolve_device(device)
+    dev = torch.device(device)
     vision, heads, meta = load_finetuned(checkpoint, dev, weights_dir, overrides)
     source = meta["source"]
     info = load_dataset(meta["dataset"], root or source["root"], meta["template"],
@@ -97,16 +95,27 @@ def finetuned_logits(checkpoint: Path | str, split: str = "test",
         raise CacheError(f"split {split!r} is not in dataset {meta['dataset']}")
     records = info.splits[split]
     log(f"encoding {len(records):,} {split} images with the fine-tuned {meta['model']}")
-    visual, errors = encode_images(vision, [r.image for r in records], meta["batch_size"],
-                                   resolve_precision("auto", dev), "float32", num_workers,
-                                   f"{split} images")
-    keep = torch.tensor([not e for e in errors])
-    if not keep.all():
-        log(f"{int((~keep).sum())} unreadable images left out (first: "
-            f"{next(e for e in errors if e)})")
-    labels = torch.tensor([r.label for r in records])[keep].to(dev)
-    generator = torch.Generator(device=dev).manual_seed(meta["seed"])
-    return heads.predict(visual[keep].to(dev), generator), labels, meta
+    visual, labels, _ = encode_records(vision, records, meta["batch_size"],
+                                    resolve_precision(meta.get("precision", "auto"), dev),
+                                    num_workers, f"{split} images", log)
+    return heads, visual.to(dev), labels.to(dev), meta
+
+
+def finetuned_logits(checkpoint: Path | str, split: str = "test",
+                     root: Path | str | None = None, device: str = "auto",
+                     num_workers: int = 2, weights_dir: Path | str = "cache/weights",
+                     log: Callable[[str], None] = print,
+                     overrides: dict[str, Any] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Logits and labels of a fine-tuned checkpoint (``marnet finetune``) on ``split``, from
+    the images alone: its backbone encodes them, its head (with its standardisers) classifies
+    them, and diffusion heads sample with the fine-tune's seed, as stage two's evaluation
+    does. Also returns the checkpoint's provenance."""
+    heads, visual, labels, meta = finetuned_features(checkpoint, split, root,
+                                                     resolve_device(device), num_workers,
+                                                     weights_dir, log, overrides)
+    generator = torch.Generator(device=visual.device).manual_seed(meta["seed"])
+    return heads.predict(visual, generator), labels, meta
 
 
 def evaluate_finetuned(checkpoint: Path | str, split: str = "test",
@@ -159,5 +168,5 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
     return visual[keep], labels[keep]
 
 
-__all__ = ["HeadsModel", "evaluate_finetuned", "evaluate_run", "finetuned_logits", "end_to_end_features", "rebuild_vision",
+__all__ = ["HeadsModel", "evaluate_finetuned", "evaluate_run", "finetuned_features", "finetuned_logits", "end_to_end_features", "rebuild_vision",
            "require_same_dataset", "run_cache"]

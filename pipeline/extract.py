@@ -445,6 +445,21 @@ def encode_images(vision, paths: list[Path], batch_size: int, precision: str, dt
     return (torch.cat(feats) if feats else torch.empty(0, vision.dim)), errors
 
 
+def encode_records(vision, records: list, batch_size: int, precision: str, num_workers: int,
+                   description: str, log: Callable[[str], None] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 features and labels of the records' images that decode (eval mode, the
+    un-augmented preprocessing), and the mask of those records; unreadable images are left
+    out, and ``log`` says how many."""
+    feats, errors = encode_images(vision, [r.image for r in records], batch_size, precision,
+                                  "float32", num_workers, description)
+    keep = torch.tensor([not e for e in errors], dtype=torch.bool)
+    if log is not None and not keep.all():
+        log(f"{int((~keep).sum())} unreadable images left out (first: "
+            f"{next(e for e in errors if e)})")
+    return feats[keep], torch.tensor([r.label for r in records], dtype=torch.long)[keep], keep
+
+
 def cache_path_for(cfg: ExtractConfig, info: DatasetInfo, key: str) -> Path:
     return Path(cfg.cache_dir) / info.name / key
 

@@ -48,16 +48,19 @@ from torch import nn
 from .backbones import (
     VisionBackbone,
     VisionSpec,
+    FoldedPairs,
     build_vision,
-    fold_frozen_batchnorm,
+    fold_batchnorm,
+    folded_batchnorm,
     resolve_device,
     resolve_precision,
     speed_up_depthwise_backward,
+    unfold_batchnorm,
 )
 from .config import ConfigError
 from .datasets import DEFAULT_TEMPLATE, DatasetInfo, Record, load_dataset
 from .datasets.images import ImageFiles, Preprocess, TrainAugment
-from .extract import encode_images
+from .extract import encode_records
 from .heads import (
     METHODS,
     Dims,
@@ -200,6 +203,19 @@ def trainable_prefix(model: nn.Module, train_blocks: str) -> list[nn.Module]:
     return frozen_modules
 
 
+def prepare_backbone(vision: VisionBackbone, train_blocks: str,
+                     device: torch.device) -> tuple[list[nn.Module], FoldedPairs]:
+    """Freeze all but ``train_blocks``, move to ``device`` and set the training speed paths
+    (frozen batch norms folded; on CPU, the depthwise weight gradient); returns the frozen
+    modules, which stay in eval mode, and their folded norms."""
+    frozen = trainable_prefix(vision.model, train_blocks)
+    vision.to_runtime(device)
+    folds = fold_batchnorm(vision, frozen)
+    if device.type == "cpu":
+        speed_up_depthwise_backward(vision.model)
+    return frozen, folds
+
+
 def _template(cfg: FinetuneConfig) -> str:
     """The sentence template: as given, else the one the text cache was extracted with (its
     text features are what the alignment reads), else the default."""
@@ -272,7 +288,8 @@ def provenance(cfg: FinetuneConfig, info: DatasetInfo, base: dict[str, Any], met
         "crop_pct": base["data_config"]["crop_pct"], "dataset": info.name,
         "dataset_digest": info.digest(), "template": info.template, "text_cache_key": text_key,
         "dims": asdict(dims), "class_names": info.class_names,
-        "source": {"root": str(Path(info.root).resolve()), "options": cfg.dataset_options},
+        "source": {"root": str(Path(info.root).resolve()), "options": cfg.dataset_options,
+                   "text_cache": str(Path(cfg.text_cache).resolve()) if cfg.text_cache else None},
     })
 
 
@@ -321,13 +338,53 @@ class EndToEnd:
         return loss, parts
 
 
-def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+@dataclass
+class Run:
+    """One fine-tune's data and network, as :func:`finetune` builds them."""
+
+    cfg: FinetuneConfig
+    info: DatasetInfo
+    net: EndToEnd
+    frozen: list[nn.Module]
+    ctx: TrainContext
+    first: Stage  # trains with the backbone
+    later: list[Stage]  # train on the frozen backbone's features
+    train_records: list[Record]
+    val_records: list[Record]
+    train_split: SplitData
+    val_split: SplitData
+    meta: dict[str, Any]
+    frozen_folds: FoldedPairs  # the frozen part's batch norms, folded for the whole run
+
+
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print,
+             evaluate: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train backbone and head end to end; resume from ``<out>.state/`` if it holds the same
-    run; write the checkpoint and return its provenance (with the training history)."""
+    run; write the checkpoint and return its provenance (with the training history), plus
+    under ``evaluation`` the metrics of the finished network on the ``evaluate`` splits
+    (computed as ``marnet eval --finetuned`` does)."""
+    run = _build(cfg, log)
+    best, history = _train_backbone(run, log)
+    vision = run.net.vision
+    with folded_batchnorm(vision, [vision.model]):  # the whole backbone is frozen from here
+        head_history = _later_stages(run, log)
+        val_metrics = _metrics(run, run.val_records, "validate")
+    meta = {**run.meta, "best_epoch": best["epoch"], "val_top1": val_metrics["top1"],
+            "val_top5": val_metrics["top5"], "history": history, "head_stages": head_history}
+    _save_weights(Path(cfg.out), run.net, meta)
+    log(f"saved {cfg.out} (backbone: best epoch {best['epoch']}; {cfg.method} val top-1 "
+        f"{val_metrics['top1']:.2f}%)")
+    unfold_batchnorm(run.frozen_folds)  # evaluated exactly as a checkpoint loaded afresh
+    evaluation = {split: _metrics(run, run.info.splits[split], f"{split} images")
+                  for split in evaluate}
+    return {**meta, "evaluation": evaluation} if evaluate else meta
+
+
+def _build(cfg: FinetuneConfig, log: Callable[[str], None]) -> Run:
+    """Dataset, text tables, backbone (frozen part folded), head and its stages."""
     name, method_cfg = cfg.head()
-    reads_text = method_reads_text(name, method_cfg)
     token_fields = tuple(f for f in method_fields(name, method_cfg) if f in TOKEN_FIELDS)
-    if reads_text and cfg.text_cache is None:
+    if method_reads_text(name, method_cfg) and cfg.text_cache is None:
         raise FinetuneError(f"--method {cfg.method} trains with text features: pass "
                             "--text-cache CACHE_DIR (a cache of this dataset made by `marnet "
                             "extract`; its text features are read, never recomputed)")
@@ -343,18 +400,12 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[st
     dims = Dims(vision.dim, text["text"].shape[1] if text else vision.dim, info.num_classes)
     heads = HeadsModel(name, method_cfg, dims)
     meta = {**provenance(cfg, info, vision.description, name, method_cfg, dims, text_key),
-            "validation": validation}
-    frozen = trainable_prefix(vision.model, cfg.train_blocks)
-    vision.to_runtime(device)
-    fold_frozen_batchnorm(vision, frozen)
-    if device.type == "cpu":
-        speed_up_depthwise_backward(vision.model)
+            "validation": validation, "precision": precision}
+    frozen, folds = prepare_backbone(vision, cfg.train_blocks, device)
     heads.to(device)
-    train_split = SplitData({"label": torch.tensor([r.label for r in train_records],
-                                                   device=device),
+    train_split = SplitData({"label": _labels(train_records, device),
                              **_standardised_text(heads, text, device)})
-    val_labels = torch.tensor([r.label for r in val_records], device=device)
-    val_split = SplitData({"label": val_labels})
+    val_split = SplitData({"label": _labels(val_records, device)})
     ctx = TrainContext(device, torch.Generator(device=device).manual_seed(cfg.seed),
                        eval_seed=cfg.seed, moving_features=True)
     first, *later = heads.head.stages(train_split, val_split, ctx)
@@ -362,28 +413,39 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[st
         raise FinetuneError(f"--method {cfg.method}: its first training stage ({first.name}) "
                             "needs whole-split features before it starts, so it cannot train "
                             "through a backbone")
-    net = EndToEnd(vision, heads, precision, cfg.norm_momentum)
+    return Run(cfg, info, EndToEnd(vision, heads, precision, cfg.norm_momentum), frozen, ctx,
+               first, later, train_records, val_records, train_split, val_split, meta, folds)
+
+
+def _labels(records: list[Record], device: torch.device) -> torch.Tensor:
+    return torch.tensor([r.label for r in records], device=device)
+
+
+def _train_backbone(run: Run, log: Callable[[str], None]) -> tuple[dict[str, Any], list]:
+    """The first stage with the backbone, epoch by epoch (resumable), each epoch selected on
+    val; leaves the network at its best epoch and returns that epoch and the history."""
+    cfg, net, first = run.cfg, run.net, run.first
     optimizer = torch.optim.AdamW([
-        {"params": [p for p in vision.model.parameters() if p.requires_grad], "lr": cfg.lr},
+        {"params": [p for p in net.vision.model.parameters() if p.requires_grad], "lr": cfg.lr},
         {"params": [p for m in first.modules for p in m.parameters() if p.requires_grad],
          "lr": cfg.head_lr},
     ], weight_decay=cfg.weight_decay)
-    sampler = _sampler(cfg, first, train_records, epoch=0)
+    steps = _sampler(cfg, first, run.train_records, epoch=0).steps
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[cfg.lr, cfg.head_lr], total_steps=cfg.epochs * sampler.steps,
+        optimizer, max_lr=[cfg.lr, cfg.head_lr], total_steps=cfg.epochs * steps,
         pct_start=min(0.3, 1 / max(cfg.epochs, 1)))
     state_dir = Path(f"{cfg.out}.state")
-    start_epoch, best, history = _resume(state_dir, meta, net, optimizer, scheduler, ctx, log)
-    augment = (TrainAugment(vision.data_config["input_size"][-1]) if cfg.augment
-               else Preprocess.from_data_config(vision.data_config))
-    images = ImageFiles([r.image for r in train_records], augment)
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    start, best, history = _resume(state_dir, run.meta, net, optimizer, scheduler, run.ctx, log)
+    augment = (TrainAugment(net.vision.data_config["input_size"][-1]) if cfg.augment
+               else Preprocess.from_data_config(net.vision.data_config))
+    images = ImageFiles([r.image for r in run.train_records], augment)
+    for epoch in range(start, cfg.epochs + 1):
         t0 = time.perf_counter()
-        sums = _train_epoch(cfg, net, first, optimizer, scheduler, images, train_records,
-                            train_split, frozen, epoch)
-        _set_features(net, val_split, val_labels, val_records, cfg, "validate")
+        sums = _train_epoch(run, optimizer, scheduler, images, epoch)
+        with folded_batchnorm(net.vision, [net.vision.model]):  # evaluation: norms stay put
+            _set_features(run, run.val_split, run.val_records, "validate")
         scores = _select_scores(first)
-        record = {"epoch": epoch, **{k: round(float(v) / max(1, sampler.steps), 5)
+        record = {"epoch": epoch, **{k: round(float(v) / max(1, steps), 5)
                                      for k, v in sums.items()},
                   **{f"val_top1_{g}": round(100 * s, 3) for g, s in scores.items()},
                   "val_top1": round(100 * statistics.fmean(scores.values()), 3),
@@ -392,20 +454,12 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> dict[st
         log(json.dumps(record))
         if best is None or record["val_top1"] > best["val_top1"]:
             best = {"epoch": epoch, "val_top1": record["val_top1"]}
-            _save_weights(state_dir / "best.safetensors", net, meta)
-        _save_state(state_dir, epoch, best, history, meta, net, optimizer, scheduler, ctx)
+            _save_weights(state_dir / "best.safetensors", net, run.meta)
+        _save_state(state_dir, epoch, best, history, run.meta, net, optimizer, scheduler,
+                    run.ctx)
     _load_weights(state_dir / "best.safetensors", net)
-    vision.model.eval()
-    fold_frozen_batchnorm(vision, [vision.model])  # the whole backbone is frozen from here on
-    head_history = _later_stages(cfg, net, later, train_records, val_records, train_split,
-                                 val_split, ctx, log)
-    val_metrics = _final_val(net, val_records, cfg, ctx)
-    meta = {**meta, "best_epoch": best["epoch"], "val_top1": val_metrics["top1"],
-            "val_top5": val_metrics["top5"], "history": history, "head_stages": head_history}
-    _save_weights(Path(cfg.out), net, meta)
-    log(f"saved {cfg.out} (backbone: best epoch {best['epoch']}; {cfg.method} val top-1 "
-        f"{val_metrics['top1']:.2f}%)")
-    return meta
+    net.vision.model.eval()
+    return best, history
 
 
 def _standardised_text(heads: HeadsModel, text: dict[str, torch.Tensor],
@@ -432,19 +486,19 @@ def _sampler(cfg: FinetuneConfig, stage: Stage, records: list[Record], epoch: in
                         stage.sampler == "balanced", cfg.balanced_classes)
 
 
-def _train_epoch(cfg: FinetuneConfig, net: EndToEnd, stage: Stage, optimizer, scheduler,
-                 images: ImageFiles, records: list[Record], split: SplitData,
-                 frozen: list[nn.Module], epoch: int) -> dict[str, torch.Tensor]:
+def _train_epoch(run: Run, optimizer, scheduler, images: ImageFiles,
+                 epoch: int) -> dict[str, torch.Tensor]:
     """One epoch over the train images; returns the summed loss parts."""
+    cfg, net, stage = run.cfg, run.net, run.first
     epoch_seed = cfg.seed * 1000 + epoch
     torch.manual_seed(epoch_seed)  # augmentation in the main process (num_workers=0)
-    batches = [b.tolist() for b in _sampler(cfg, stage, records, epoch).epoch()]
+    batches = [b.tolist() for b in _sampler(cfg, stage, run.train_records, epoch).epoch()]
     loader = torch.utils.data.DataLoader(
         images, batch_sampler=batches, num_workers=cfg.num_workers,
         pin_memory=net.vision.device.type == "cuda",
         generator=torch.Generator().manual_seed(epoch_seed))
     net.vision.model.train()
-    for module in frozen:
+    for module in run.frozen:
         module.eval()
     for module in stage.modules:
         module.train()
@@ -455,7 +509,7 @@ def _train_epoch(cfg: FinetuneConfig, net: EndToEnd, stage: Stage, optimizer, sc
             ok = torch.tensor([not e for e in errors])
             if ok.any():
                 loss, parts = net.step(stage, optimizer, batch_images[ok],
-                                       index[ok].to(device), split)
+                                       index[ok].to(device), run.train_split)
                 for k, v in {"loss": loss, **parts}.items():
                     sums[k] = sums.get(k, 0) + v.float()
             scheduler.step()
@@ -470,39 +524,29 @@ def _select_scores(stage: Stage) -> dict[str, float]:
     return {group: metric() for group, (_, metric) in stage.select.items()}
 
 
-def _encode(vision: VisionBackbone, records: list[Record], cfg: FinetuneConfig, precision: str,
-            description: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode features of ``records``' un-augmented images and the mask of readable ones."""
-    feats, errors = encode_images(vision, [r.image for r in records], cfg.batch_size, precision,
-                                  "float32", cfg.num_workers, description)
-    keep = torch.tensor([not e for e in errors], dtype=torch.bool)
-    return feats[keep], keep
-
-
-def _set_features(net: EndToEnd, split: SplitData, labels: torch.Tensor, records: list[Record],
-                  cfg: FinetuneConfig, description: str) -> None:
+def _set_features(run: Run, split: SplitData, records: list[Record], description: str) -> None:
     """Put the current network's standardised features of ``records`` (and their labels,
-    without unreadable images) into ``split``: what its validation metrics read."""
-    feats, keep = _encode(net.vision, records, cfg, net.precision, description)
-    split.tensors["label"] = labels[keep.to(labels.device)]
-    split.tensors["visual"] = net.heads.norm_visual(feats.to(labels.device))
+    without unreadable images) into ``split``: what the stages' validation metrics read."""
+    net = run.net
+    feats, labels, _ = encode_records(net.vision, records, run.cfg.batch_size, net.precision,
+                                      run.cfg.num_workers, description)
+    device = net.vision.device
+    split.tensors = {**split.tensors, "label": labels.to(device),
+                     "visual": net.heads.norm_visual(feats.to(device))}
 
 
-def _later_stages(cfg: FinetuneConfig, net: EndToEnd, stages: list[Stage],
-                  train_records: list[Record], val_records: list[Record],
-                  train_split: SplitData, val_split: SplitData, ctx: TrainContext,
-                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _later_stages(run: Run, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """The head's later stages on the frozen backbone's features, as stage two trains them
     (un-augmented train images, standardised with the checkpoint's running statistics)."""
-    if not stages:
+    if not run.later:
         return []
-    device = net.vision.device
-    feats, keep = _encode(net.vision, train_records, cfg, net.precision, "train images")
-    keep = keep.to(device)
-    train_split.tensors = {k: v[keep] for k, v in train_split.tensors.items()}
-    train_split.tensors["visual"] = net.heads.norm_visual(feats.to(device))
-    _set_features(net, val_split, torch.tensor([r.label for r in val_records], device=device),
-                  val_records, cfg, "validate")  # the selected epoch's network
+    cfg, device = run.cfg, run.net.vision.device
+    feats, _, keep = encode_records(run.net.vision, run.train_records, cfg.batch_size,
+                                    run.net.precision, cfg.num_workers, "train images", log)
+    keep = keep.to(device)  # unreadable images leave with their text rows and labels
+    run.train_split.tensors = {**{k: v[keep] for k, v in run.train_split.tensors.items()},
+                               "visual": run.net.heads.norm_visual(feats.to(device))}
+    _set_features(run, run.val_split, run.val_records, "validate")  # the selected network
     records: list[dict[str, Any]] = []
 
     def log_metrics(record: dict) -> None:
@@ -511,19 +555,21 @@ def _later_stages(cfg: FinetuneConfig, net: EndToEnd, stages: list[Stage],
 
     train_cfg = TrainConfig(epochs=cfg.head_epochs, seed=cfg.seed, device=str(device),
                             balanced_classes=cfg.balanced_classes)
-    for stage in stages:
-        run_stage(stage, train_split, train_cfg, ctx, net.precision, log_metrics)
+    for stage in run.later:
+        run_stage(stage, run.train_split, train_cfg, run.ctx, run.net.precision, log_metrics)
     return records
 
 
-def _final_val(net: EndToEnd, records: list[Record], cfg: FinetuneConfig,
-               ctx: TrainContext) -> dict[str, Any]:
-    """Val metrics of the finished network, predicting as evaluation does (full test-time
-    chains, the run's evaluation noise)."""
-    feats, keep = _encode(net.vision, records, cfg, net.precision, "validate")
-    labels = torch.tensor([r.label for r in records])[keep].to(net.vision.device)
-    logits = net.heads.predict(feats.to(net.vision.device), ctx.eval_generator(), ctx.chunk_rows)
-    return topk_metrics(logits.float(), labels, logits.shape[1])
+def _metrics(run: Run, records: list[Record], description: str) -> dict[str, Any]:
+    """Metrics of the network on ``records``, predicting as evaluation does (full test-time
+    chains, a generator seeded with the fine-tune's seed, as ``eval --finetuned``)."""
+    net = run.net
+    feats, labels, _ = encode_records(net.vision, records, run.cfg.batch_size, net.precision,
+                                      run.cfg.num_workers, description)
+    device = net.vision.device
+    generator = torch.Generator(device=device).manual_seed(run.cfg.seed)
+    logits = net.heads.predict(feats.to(device), generator)
+    return topk_metrics(logits.float(), labels.to(device), logits.shape[1])
 
 
 def _state_tensors(net: EndToEnd) -> dict[str, torch.Tensor]:

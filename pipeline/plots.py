@@ -13,7 +13,8 @@
 - ``curves.png``: training loss and validation top-1 per stage from ``metrics.jsonl``. Data:
   ``curves.json``.
 
-:func:`plot_run` is what ``marnet plot`` and the ablation runner call.
+:func:`plot_run` is what ``marnet plot`` and the ablation runner call; :func:`plot_finetuned`
+draws the same figures for a fine-tuned checkpoint (``marnet plot --finetuned``).
 """
 
 from __future__ import annotations
@@ -201,11 +202,13 @@ def plot_confidence(logits: TensorMap, labels: torch.Tensor, out: Path,
 
 # ---------------------------------------------------------------------- training curves
 
-def read_curves(metrics_path: Path) -> dict[str, dict[str, list[float]]]:
-    """``{stage: {series: values}}`` from ``metrics.jsonl`` (loss, loss parts, val top-1)."""
+def read_curves(records: Path | list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """``{stage: {series: values}}`` from ``metrics.jsonl`` (or its records): loss, loss parts,
+    val top-1 (fractions)."""
+    if isinstance(records, Path):
+        records = [json.loads(line) for line in records.read_text().splitlines()]
     curves: dict[str, dict[str, list[float]]] = {}
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
+    for record in records:
         stage = curves.setdefault(record["stage"], {})
         for key, value in record.items():
             if key not in ("stage", "seconds", "lr") and isinstance(value, (int, float)):
@@ -213,10 +216,20 @@ def read_curves(metrics_path: Path) -> dict[str, dict[str, list[float]]]:
     return curves
 
 
-def plot_curves(metrics_path: Path, out: Path) -> dict[str, Any]:
+def checkpoint_records(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """A fine-tuned checkpoint's training history as ``metrics.jsonl`` records: the end-to-end
+    epochs (val top-1 in % there, fractions here; the selection mean left out), then the
+    stages trained on the frozen backbone."""
+    first = [{"stage": "end to end", **{k: (v / 100 if k.startswith("val_top1_") else v)
+                                        for k, v in record.items() if k != "val_top1"}}
+             for record in meta.get("history", [])]
+    return first + list(meta.get("head_stages", []))
+
+
+def plot_curves(metrics: Path | list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """Loss and validation top-1 per stage, stages laid end to end; writes PNG and JSON."""
     plt = pyplot()
-    curves = read_curves(metrics_path)
+    curves = read_curves(metrics)
     fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0
     for stage, series in curves.items():
@@ -256,7 +269,6 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None, samples: in
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
-    out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     model, config = load_run(run_dir, dev)
     if config.get("features", "visual") != "visual":
@@ -265,23 +277,61 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None, samples: in
     fc = run_cache(config, cache)
     seed = config["train"]["seed"] if seed is None else seed
     data = fc.load_split(split, ("visual", "text", "label"), dev)
-    generator = torch.Generator(device=dev).manual_seed(seed)
     log(f"plotting {run_dir} ({config['method']}) on {split}: {len(data['label']):,} rows")
-    features, logits = run_outputs(model, config["method"], data["visual"], generator,
-                                   config["train"]["chunk_rows"])
-    features["x_s (text, reference)"] = model.norm_text(data["text"])
-    labels = data["label"].cpu().numpy()
-    rows = pick_rows(labels, classes, samples, seed)
+    metrics = run_dir / "metrics.jsonl"
+    return _plot(model, config["method"], data["visual"], data["label"],
+                 model.norm_text(data["text"]), config["class_names"], out,
+                 {"run": str(run_dir), "method": config["method"],
+                  "summary": config.get("summary"), "split": split},
+                 samples, classes, seed, config["train"]["chunk_rows"],
+                 metrics if metrics.is_file() else None)
+
+
+def plot_finetuned(checkpoint: Path | str, out_dir: Path | str | None = None,
+                   samples: int = 100, classes: int = 5, split: str = "test",
+                   device: str = "cpu", seed: int | None = None, num_workers: int = 2,
+                   weights_dir: Path | str = "cache/weights",
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """:func:`plot_run` for a fine-tuned checkpoint: its backbone encodes the split's images
+    and its head makes the branches (no text reference panel: the checkpoint holds no text);
+    the curves come from its training history. Default ``out_dir``: ``<checkpoint>.plots``."""
+    from .backbones import resolve_device
+    from .evaluate import finetuned_features
+
+    checkpoint = Path(checkpoint)
+    out = Path(out_dir) if out_dir is not None else Path(f"{checkpoint}.plots")
+    dev = resolve_device(device)
+    model, visual, labels, meta = finetuned_features(checkpoint, split, None, dev, num_workers,
+                                                     weights_dir, log)
+    seed = meta["seed"] if seed is None else seed
+    log(f"plotting {checkpoint} ({meta['method']}) on {split}: {len(labels):,} rows")
+    return _plot(model, meta["head_method"], visual, labels, None, meta["class_names"], out,
+                 {"checkpoint": str(checkpoint), "method": meta["head_method"],
+                  "summary": f"fine-tuned end to end with --method {meta['method']}",
+                  "split": split},
+                 samples, classes, seed, 8192, checkpoint_records(meta))
+
+
+def _plot(model, method: str, visual: torch.Tensor, labels: torch.Tensor,
+          text: torch.Tensor | None, class_names: list[str], out: Path, about: dict[str, Any],
+          samples: int, classes: int, seed: int, chunk_rows: int,
+          curves: Path | list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The figures of a head on a split's raw visual features (``text``: the standardised
+    text features for the reference panel, or None)."""
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=visual.device).manual_seed(seed)
+    features, logits = run_outputs(model, method, visual, generator, chunk_rows)
+    if text is not None:
+        features["x_s (text, reference)"] = text
+    label_array = labels.cpu().numpy()
+    rows = pick_rows(label_array, classes, samples, seed)
     panels = {name: f[torch.as_tensor(rows, device=f.device)].float().cpu().numpy()
               for name, f in features.items()}
-    report = {
-        "run": str(run_dir), "method": config["method"], "summary": config.get("summary"),
-        "split": split, "out": str(out),
-        "tsne": plot_tsne(panels, labels[rows], rows, config["class_names"], out, seed),
-        "confidence": plot_confidence(logits, data["label"], out),
-    }
-    if (run_dir / "metrics.jsonl").is_file():
-        plot_curves(run_dir / "metrics.jsonl", out)
+    report = {**about, "out": str(out),
+              "tsne": plot_tsne(panels, label_array[rows], rows, class_names, out, seed),
+              "confidence": plot_confidence(logits, labels, out)}
+    if curves is not None:
+        plot_curves(curves, out)
     report["files"] = sorted({str(p) for p in out.iterdir() if p.is_file()}
                              | {str(out / "plots.json")})
     write_json_atomic(out / "plots.json", report)

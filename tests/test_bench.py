@@ -12,6 +12,7 @@ from marnet.pipeline.bench import (
     bench_cache_read,
     bench_ddim_vs_ddpm,
     bench_extract_vs_model,
+    bench_finetune_step,
     bench_heads_vs_gemm,
     bench_heads_vs_naive,
     timed,
@@ -75,3 +76,10 @@ def test_extraction_bench_uses_the_chosen_decode_and_counts_both_backbones(tmp_p
     # the model side is the vision forward plus the text forward, never the vision one alone
     assert res["model_images_per_s"] == pytest.approx(
         res["images"] / (res["images"] / res["vision_model_images_per_s"] + res["text_model_s"]))
+
+
+def test_finetune_step_bench_times_both_training_steps_on_the_demo_blocks():
+    res = bench_finetune_step(replace(TINY, visual="test_efficientnet", batch_size=4), CPU,
+                              "fp32", 32)
+    assert res["trained_blocks"] == "last-3" and res["batch"] == 4
+    assert res["ce_step_ms"] > 0 and res["marnet_step_ms"] > 0

@@ -110,7 +110,7 @@ def test_malformed_split_line_names_file_line_and_shape(vireo, bad):
     _edit(_ann(vireo, "TR.txt"), "/1/1_1.jpg", bad)
     with pytest.raises(DatasetError) as err:
         load_dataset("vireo172", vireo)
-    assert f"TR.txt:2: expected an image path like '/1/4_41.jpg'" in str(err.value)
+    assert "TR.txt:2: expected an image path like '/1/4_41.jpg'" in str(err.value)
     assert repr(bad) in str(err.value)
 
 

@@ -11,6 +11,7 @@ from marnet.cli import app
 from marnet.pipeline.ablate import ablate_finetune, finetune_base, parse_rows
 from marnet.pipeline.backbones import VisionSpec
 from marnet.pipeline.datasets import load_dataset
+from marnet.pipeline.evaluate import evaluate_finetuned
 from marnet.pipeline.predict import predict_images
 from marnet.pipeline.store import FeatureCache
 from marnet.pipeline.train import TrainConfig
@@ -111,6 +112,11 @@ def test_ablate_finetune_tabulates_rows_over_finetuning_seeds_and_resumes(synth_
     checkpoints = {json.loads((tmp_path / "abl" / "runs" / "fusion-marnet" / f"seed{s}" /
                                "results.json").read_text())["checkpoint"] for s in (0, 1)}
     assert len(checkpoints) == 2
+    # the table's test accuracy is what `marnet eval --finetuned` gives for the checkpoint
+    for row in (r for r in result["rows"] if r["path"] == "end to end"):
+        evaluated = evaluate_finetuned(f"{row['run']}/backbone.safetensors", device="cpu",
+                                       num_workers=0, log=lambda _: None)
+        assert (evaluated["top1"], evaluated["top5"]) == (row["top1"], row["top5"])
     logs = []
     again = ablate_finetune(base, rows, [0, 1], tmp_path / "abl", shared, heads,
                             tmp_path / "cache", log=logs.append)
@@ -129,3 +135,32 @@ def test_ablate_finetune_cli_prints_the_table(synth_root, tiny_cache, tmp_path):
     bad = runner.invoke(app, ["ablate", "--cache", str(tiny_cache), "--finetune", "--methods",
                               "visual", "--plots"])
     assert bad.exit_code == 2 and "--plots" in bad.output
+
+
+def test_plot_finetuned_draws_the_branches_and_the_training_curves(marnet_checkpoint, tmp_path):
+    out = _ok(runner.invoke(app, ["plot", "--finetuned", str(marnet_checkpoint), "--out",
+                                  str(tmp_path / "p"), "--samples", "2", "--classes", "2",
+                                  "--device", "cpu", "--num-workers", "0"]))
+    report = json.loads((tmp_path / "p" / "plots.json").read_text())
+    assert list(report["confidence"]["branches"]) == ["EMA (visual)", "CDR (diffusion)",
+                                                      "fusion (MARNet)"]
+    assert "x_CDR" in report["tsne"]["panels"] and "fusion (MARNet)" in out
+    curves = json.loads((tmp_path / "p" / "curves.json").read_text())
+    assert list(curves) == ["end to end", "fusion"]
+    assert all(0 <= v <= 1 for v in curves["end to end"]["val_top1_ema"])
+
+
+def test_diagnose_finetuned_probes_the_branch_gradients(marnet_checkpoint):
+    from marnet.pipeline.probe import branch_gradients
+
+    report = branch_gradients(marnet_checkpoint, batches=2, batch_size=4, device="cpu",
+                              num_workers=0, log=lambda _: None)
+    assert set(report["norms"]) == {"EMA: CE", "EMA: ITA", "CDR: CE", "CDR: MSE", "EMA (sum)",
+                                    "CDR (sum)"}
+    assert all(v > 0 for v in report["norms"].values())
+    assert all(-1 <= v <= 1 for v in report["cosines"].values())
+    # the sums are sums: each term's gradient points partly along its branch's total
+    assert report["cosines"]["EMA: CE | EMA (sum)"] > 0
+    out = _ok(runner.invoke(app, ["diagnose", "--finetuned", str(marnet_checkpoint),
+                                  "--batches", "1", "--device", "cpu"]))
+    assert "CDR: MSE" in out and "cosine" in out

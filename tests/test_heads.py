@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from marnet.pipeline.heads import Dims, MARNetConfig, build_head, method_config
+from marnet.pipeline.heads import Dims, build_head, method_config
 from marnet.pipeline.heads.common import ConditionalDenoiser, ProjectionEncoder
 from marnet.pipeline.heads.marnet import FusionHead
 from marnet.pipeline.losses import fuse_logits

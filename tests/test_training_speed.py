@@ -7,8 +7,9 @@ from marnet.pipeline.backbones import (
     VisionSpec,
     build_vision,
     depthwise_weight_grad,
-    fold_frozen_batchnorm,
+    fold_batchnorm,
     speed_up_depthwise_backward,
+    unfold_batchnorm,
 )
 from marnet.pipeline.finetune import trainable_prefix
 from marnet.pipeline.heads.common import ConditionalDenoiser, Standardizer
@@ -53,13 +54,18 @@ def test_folding_frozen_batch_norms_keeps_outputs_and_state_dict():
     keys = list(vision.model.state_dict())
     with torch.no_grad():
         before = vision.features(images)
-    assert fold_frozen_batchnorm(vision, frozen) > 0
+    pairs = fold_batchnorm(vision, frozen)
     with torch.no_grad():
         after = vision.features(images)
     assert torch.allclose(before, after, atol=1e-4)
     assert list(vision.model.state_dict()) == keys
     norms = [m for f in frozen for m in f.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all("forward" in vars(m) for m in norms)  # folded: the norms only act
+    assert fold_batchnorm(vision, frozen) == []  # folded once
+    unfold_batchnorm(pairs)
+    assert not any("forward" in vars(m) for m in norms)
+    with torch.no_grad():
+        assert torch.equal(vision.features(images), before)
 
 
 def test_a_conditioned_denoiser_is_the_denoiser():
