@@ -148,6 +148,14 @@ class VisionBackbone:
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std
         return self
 
+    def for_inference(self) -> "VisionBackbone":
+        """Eval mode with every batch norm folded into its convolution
+        (:func:`fold_batchnorm`): the features of eval mode, about 1.5x faster for an
+        EfficientNet on a CPU. For extraction, evaluation and prediction, never training."""
+        self.model.eval()
+        fold_batchnorm(self, [self.model])
+        return self
+
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, H, W]`` (any device) -> normalised float on the backbone's device."""
         x = images.to(self.device, non_blocking=True).float()
@@ -307,6 +315,8 @@ def fold_batchnorm(vision: "VisionBackbone", modules: list[nn.Module]) -> Folded
     inside = {id(m) for module in modules for m in module.modules()}
     pairs = [(conv, norm) for conv, norm in _conv_norm_pairs(model)
              if id(conv) in inside and id(norm) in inside and "forward" not in vars(conv)]
+    if not pairs:
+        return []
     was_training = model.training
     model.eval()
     probe = (torch.rand(2, *vision.data_config["input_size"], device=vision.device) * 255

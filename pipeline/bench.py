@@ -418,7 +418,7 @@ def bench_extract_vs_model(cfg: BenchConfig, device: torch.device, precision: st
     run = result.manifest["last_run"]
     e2e = run["images"] / (run["images_s"] + run["text_s"])
     vision = build_vision(VisionSpec(cfg.visual, "random", image_size=size)).to_runtime(device)
-    vision.model.eval()
+    vision.for_inference()  # as extraction runs it
     batch = torch.randint(0, 256, (cfg.batch_size, 3, size, size), dtype=torch.uint8)
     if device.type == "cuda":
         batch = batch.pin_memory()
@@ -459,6 +459,7 @@ def bench_ablation(cfg: BenchConfig, device: torch.device, precision: str, cache
     epochs = sum(len((Path(r["run"]) / "metrics.jsonl").read_text().splitlines()) for r in rows)
     info = load_dataset("synthfood", workdir / "synthfood")
     vision = build_vision(VisionSpec(cfg.visual, "random", image_size=size)).to_runtime(device)
+    vision.for_inference()
     paths = [r.image for s in ("train", "val") for r in info.splits[s]]
     t0 = time.perf_counter()
     encode_images(vision, paths, cfg.batch_size, precision, "float32", cfg.num_workers,

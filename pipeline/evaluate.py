@@ -40,7 +40,7 @@ def rebuild_vision(manifest: dict[str, Any], device: torch.device, weights_dir: 
     if vision.description["weights_digest"] != expected:
         raise CacheError(f"the vision weights ({spec.finetuned or spec.weights}) no longer match "
                          f"the cache (digest {vision.description['weights_digest']} != {expected})")
-    return vision.to_runtime(device, manifest["settings"]["channels_last"])
+    return vision.to_runtime(device, manifest["settings"]["channels_last"]).for_inference()
 
 
 def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | None = None,

@@ -509,7 +509,7 @@ def _extract(cfg: ExtractConfig, ranks: RankInfo, device: torch.device,
         text_row = {t: i for i, t in enumerate(texts)}
         token_tables = _text_token_tables(texts, text, device, cfg.dtype) if cfg.tokens else {}
         del text
-        vision.to_runtime(device, cfg.channels_last, cfg.compile)
+        vision.to_runtime(device, cfg.channels_last, cfg.compile).for_inference()
         plans = _split_plans(info, layouts, writer, ranks, batch)
         batches = _image_batches(plans, vision, cfg.num_workers, cfg.decode)
         images, images_s = 0, 0.0

@@ -637,10 +637,11 @@ def _resume(state_dir: Path, meta: dict, net: EndToEnd, optimizer, scheduler,
 
 
 def load_finetuned(path: Path | str, device: torch.device, weights_dir: Path | str,
-                   overrides: dict[str, Any] | None = None
+                   overrides: dict[str, Any] | None = None, inference: bool = True
                    ) -> tuple[VisionBackbone, HeadsModel, dict[str, Any]]:
-    """A checkpoint's backbone (on ``device``, eval mode), its head and its provenance;
-    ``overrides`` change test-time settings of the head (as ``eval --set``)."""
+    """A checkpoint's backbone (on ``device``, eval mode; ready for inference, its norms
+    folded, unless ``inference`` is False), its head and its provenance; ``overrides`` change
+    test-time settings of the head (as ``eval --set``)."""
     from safetensors.torch import load_file
 
     from .backbones import read_checkpoint_meta
@@ -651,6 +652,8 @@ def load_finetuned(path: Path | str, device: torch.device, weights_dir: Path | s
                             "marnet): use it with `marnet extract --finetuned` and train heads "
                             "on that cache, or fine-tune again to classify with it directly")
     vision = build_vision(VisionSpec(finetuned=str(path)), weights_dir).to_runtime(device)
+    if inference:
+        vision.for_inference()
     _, heads_state = _split_state(load_file(str(path)))
     try:
         heads, _ = rebuild_heads(meta["head_method"], meta["method_config"], meta["dims"],

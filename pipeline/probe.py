@@ -61,7 +61,7 @@ def branch_gradients(checkpoint: Path | str, batches: int = 8, batch_size: int |
     trained backbone parameters, and the cosine between every pair, averaged over
     ``batches`` augmented training batches."""
     dev = resolve_device(device)
-    vision, heads, meta = load_finetuned(checkpoint, dev, weights_dir)
+    vision, heads, meta = load_finetuned(checkpoint, dev, weights_dir, inference=False)
     if meta["head_method"] != "marnet":
         raise FinetuneError(f"{checkpoint} was trained with --method {meta['method']}; the "
                             "branch gradient probe reads MARNet's EMA and CDR terms")
