@@ -16,6 +16,8 @@ on the same machine, so the ratios travel between machines better than raw speed
 - ``cache_read_vs_npy``: loading a split from the cache over ``np.load`` of the same bytes.
 - ``ddim_vs_ddpm``: CDR sampling speed-up of DDIM-k over the full DDPM chain, with the top-1
   difference between them.
+- ``inference_fold_vs_plain``: the vision forward of extraction with batch norms folded into
+  their convolutions over the same network unfolded (and the features' largest difference).
 - ``finetune_marnet_vs_ce``: the rate of one end-to-end MARNet training step (backbone +
   EMA + CDR) over a plain CE step with the same backbone and batch.
 - peak memory of extraction at two dataset sizes (must not grow with the dataset) and of
@@ -53,6 +55,7 @@ TARGETS: dict[str, dict[str, float] | None] = {
     "cache_read_vs_npy": {"cuda": 0.8, "cpu": 0.8},
     "ddim_vs_ddpm": {"cuda": 20.0, "cpu": 20.0},
     "finetune_marnet_vs_ce": {"cuda": 0.85, "cpu": 0.85},
+    "inference_fold_vs_plain": None,
 }
 DDIM_MAX_TOP1_DROP = 0.5
 BENCH_TEXT = TextSpec("minilm", "mean", 64)  # the bundled text model, as the demo uses it
@@ -242,8 +245,10 @@ def bench_finetune_step(cfg: BenchConfig, device: torch.device, precision: str,
     """One end-to-end MARNet training step (backbone + EMA + CDR under L_EMA + L_CDR, the
     paper-scale 1024-wide denoiser) against a plain CE step (backbone + the visual head), same
     backbone, batch and trained blocks as the demo (the last 3, or all for models without
-    ``.blocks``), timed interleaved; the ratio is MARNet's step rate over CE's."""
-    from .finetune import EndToEnd, prepare_backbone
+    ``.blocks``), timed interleaved; the ratio is MARNet's step rate over CE's. A third step,
+    CE without the training speed paths (frozen norms folded, the depthwise weight gradient),
+    gives what those paths are worth (``speed_paths_vs_plain``)."""
+    from .finetune import EndToEnd, prepare_backbone, trainable_prefix
     from .train import HeadsModel
 
     g = torch.Generator().manual_seed(0)
@@ -252,13 +257,17 @@ def bench_finetune_step(cfg: BenchConfig, device: torch.device, precision: str,
     labels = torch.randint(0, cfg.classes, (b,), generator=g).to(device)
     text = torch.randn(b, cfg.text_dim, generator=g).to(device)
     index = torch.arange(b, device=device)
-    steps = {}
-    for name, overrides in (("ce", {}), ("marnet", cfg.head_overrides)):
+    steps, blocks = {}, "all"
+    for name, method, overrides in (("ce", "visual", {}), ("marnet", "marnet", cfg.head_overrides),
+                                    ("ce_plain", "visual", {})):
         vision = build_vision(VisionSpec(cfg.visual, "random", image_size=size))
         blocks = "last-3" if len(getattr(vision.model, "blocks", ())) > 3 else "all"
-        prepare_backbone(vision, blocks, device)
+        if name == "ce_plain":
+            trainable_prefix(vision.model, blocks)
+            vision.to_runtime(device)
+        else:
+            prepare_backbone(vision, blocks, device)
         vision.model.train()
-        method = "visual" if name == "ce" else "marnet"
         heads = HeadsModel(method, method_config(method, overrides),
                            Dims(vision.dim, cfg.text_dim, cfg.classes)).to(device)
         ctx = TrainContext(device, torch.Generator(device=device).manual_seed(0),
@@ -267,13 +276,15 @@ def bench_finetune_step(cfg: BenchConfig, device: torch.device, precision: str,
         stage = heads.head.stages(split, split, ctx)[0]
         params = [p for m in (vision.model, *stage.modules) for p in m.parameters()
                   if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
         net = EndToEnd(vision, heads, precision, 0.1)
-        steps[name] = partial(net.step, stage, optimizer, images, index, split)
+        steps[name] = partial(net.step, stage, torch.optim.AdamW(params, lr=1e-4), images,
+                              index, split)
     seconds = timed_interleaved(steps, cfg.warmup, cfg.iters, device)
     return {"ratio": seconds["ce"] / seconds["marnet"], "ce_step_ms": 1e3 * seconds["ce"],
-            "marnet_step_ms": 1e3 * seconds["marnet"], "batch": b, "image_size": size,
-            "trained_blocks": blocks}
+            "marnet_step_ms": 1e3 * seconds["marnet"],
+            "ce_plain_step_ms": 1e3 * seconds["ce_plain"],
+            "speed_paths_vs_plain": seconds["ce_plain"] / seconds["ce"], "batch": b,
+            "image_size": size, "trained_blocks": blocks}
 
 
 def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, iters: int,
@@ -353,8 +364,46 @@ def bench_ddim_vs_ddpm(cfg: BenchConfig, device: torch.device, precision: str) -
         top1 = 100 * (run(method, steps).argmax(1) == test["label"]).float().mean().item()
         results[name] = {"seconds": seconds[name], "steps": steps, "top1": round(top1, 2)}
     drop = results["ddpm"]["top1"] - results["ddim"]["top1"]
+
+    def unconditioned() -> None:  # the same DDPM chain with the condition re-projected per step
+        gen = torch.Generator(device=device).manual_seed(0)
+        cond = test["visual"]
+        with torch.no_grad():
+            schedule.sample(lambda x, t: head.cdr.denoiser(x, t, cond),
+                            (len(cond), cfg.text_dim), device, "ddpm", schedule.T, 0.0, gen)
+
+    split_first_layer = timed_interleaved({"conditioned": partial(run, "ddpm", schedule.T),
+                                           "per_step": unconditioned}, 1, 3, device)
     return {"ratio": results["ddpm"]["seconds"] / results["ddim"]["seconds"],
-            "top1_drop": round(drop, 2), **results}
+            "top1_drop": round(drop, 2), **results,
+            "conditioned_vs_per_step": split_first_layer["per_step"]
+            / split_first_layer["conditioned"]}
+
+
+def bench_inference_fold(cfg: BenchConfig, device: torch.device, precision: str,
+                         size: int) -> dict[str, Any]:
+    """The vision forward of extraction and evaluation with its batch norms folded into the
+    convolutions (:meth:`VisionBackbone.for_inference`) against the same network unfolded,
+    timed interleaved; also the largest difference between their features."""
+    batch = torch.randint(0, 256, (cfg.batch_size, 3, size, size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    plain = build_vision(VisionSpec(cfg.visual, "random", image_size=size)).to_runtime(device)
+    plain.model.eval()
+    folded = build_vision(VisionSpec(cfg.visual, "random", image_size=size)).to_runtime(device)
+    folded.for_inference()
+
+    def forward(vision) -> torch.Tensor:
+        with torch.inference_mode():
+            return vision.features(batch, precision)
+
+    seconds = timed_interleaved({"plain": partial(forward, plain),
+                                 "folded": partial(forward, folded)}, cfg.warmup, cfg.iters,
+                                device)
+    diff = (forward(plain) - forward(folded)).abs().max().item()
+    return {"ratio": seconds["plain"] / seconds["folded"],
+            "plain_ms_per_image": 1e3 * seconds["plain"] / cfg.batch_size,
+            "folded_ms_per_image": 1e3 * seconds["folded"] / cfg.batch_size,
+            "max_abs_difference": diff, "batch": cfg.batch_size, "image_size": size}
 
 
 def _synthfood_subset(cfg: BenchConfig, root: Path, images: int) -> None:
@@ -590,6 +639,8 @@ def run_bench(cfg: BenchConfig = BenchConfig(), log: Callable[[str], None] = pri
         results["cache_read_vs_npy"] = bench_cache_read(cfg, device, workdir)
         log("DDIM vs DDPM sampling")
         results["ddim_vs_ddpm"] = bench_ddim_vs_ddpm(cfg, device, precision)
+        log("inference forward: batch norms folded vs not")
+        results["inference_fold_vs_plain"] = bench_inference_fold(cfg, device, precision, size)
         log("end-to-end training step: MARNet vs CE")
         results["finetune_marnet_vs_ce"] = bench_finetune_step(cfg, device, precision, size)
         log("peak memory")

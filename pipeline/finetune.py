@@ -363,7 +363,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print,
     run; write the checkpoint and return its provenance (with the training history), plus
     under ``evaluation`` the metrics of the finished network on the ``evaluate`` splits
     (computed as ``marnet eval --finetuned`` does)."""
-    run = _build(cfg, log)
+    run = _build(cfg)
     best, history = _train_backbone(run, log)
     vision = run.net.vision
     with folded_batchnorm(vision, [vision.model]):  # the whole backbone is frozen from here
@@ -380,7 +380,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print,
     return {**meta, "evaluation": evaluation} if evaluate else meta
 
 
-def _build(cfg: FinetuneConfig, log: Callable[[str], None]) -> Run:
+def _build(cfg: FinetuneConfig) -> Run:
     """Dataset, text tables, backbone (frozen part folded), head and its stages."""
     name, method_cfg = cfg.head()
     token_fields = tuple(f for f in method_fields(name, method_cfg) if f in TOKEN_FIELDS)

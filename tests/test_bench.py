@@ -13,6 +13,7 @@ from marnet.pipeline.bench import (
     bench_ddim_vs_ddpm,
     bench_extract_vs_model,
     bench_finetune_step,
+    bench_inference_fold,
     bench_heads_vs_gemm,
     bench_heads_vs_naive,
     timed,
@@ -82,4 +83,10 @@ def test_finetune_step_bench_times_both_training_steps_on_the_demo_blocks():
     res = bench_finetune_step(replace(TINY, visual="test_efficientnet", batch_size=4), CPU,
                               "fp32", 32)
     assert res["trained_blocks"] == "last-3" and res["batch"] == 4
-    assert res["ce_step_ms"] > 0 and res["marnet_step_ms"] > 0
+    assert res["ce_step_ms"] > 0 and res["marnet_step_ms"] > 0 and res["ce_plain_step_ms"] > 0
+
+
+def test_inference_fold_bench_compares_equal_features():
+    res = bench_inference_fold(replace(TINY, visual="test_efficientnet", batch_size=4), CPU,
+                               "fp32", 32)
+    assert res["max_abs_difference"] < 1e-3 and res["plain_ms_per_image"] > 0
