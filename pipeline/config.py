@@ -21,9 +21,53 @@ def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def require_positive(name: str, value: int | None) -> None:
-    """``ValueError`` unless ``value`` is None or >= 1."""
+    """``ConfigError`` unless ``value`` is None or >= 1."""
     if value is not None and value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+def require_range(name: str, value: float | None, low: float | None = None,
+                  high: float | None = None, low_open: bool = False) -> None:
+    """``ConfigError`` unless ``value`` is None or within ``[low, high]`` (``(low, high]``
+    with ``low_open``); a bound of None is no bound."""
+    if value is None:
+        return
+    below = low is not None and (value <= low if low_open else value < low)
+    if below or (high is not None and value > high) or value != value:  # NaN fails too
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        raise ConfigError(f"{name} must be {' and '.join(b for b in (lo, hi) if b)}, "
+                          f"got {value:g}")
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def require_device(name: str, value: str) -> None:
+    """``ConfigError`` unless ``value`` names a device marnet runs on: auto, cpu, cuda, cuda:N
+    (whether a GPU is present is checked when the device is used)."""
+    kind, _, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return
+    raise ConfigError(f"{name} {value!r} is not a device marnet runs on; choose "
+                      f"{', '.join(DEVICES)}")
+
+
+TEMPLATE_FIELDS = {"ingredients": "salt, pepper", "n": 2}
+
+
+def require_template(name: str, template: str) -> None:
+    """``ConfigError`` unless ``template`` formats with the fields a text template gets:
+    ``{ingredients}`` (the comma-joined list) and ``{n}`` (their number)."""
+    try:
+        template.format(**TEMPLATE_FIELDS)
+    except KeyError as exc:
+        raise ConfigError(f"{name} {template!r} uses the field {{{exc.args[0]}}}; a template "
+                          f"may use {{ingredients}} and {{n}} (write {{{{ and }}}} for "
+                          "literal braces)") from None
+    except (IndexError, ValueError) as exc:
+        raise ConfigError(f"{name} {template!r} is not a valid template ({exc}); it may use "
+                          "{ingredients} and {n} (write {{ and }} for literal braces)") from None
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -63,25 +107,58 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def set_field(cfg: Any, key: str, value: Any) -> Any:
-    """Return a copy of dataclass ``cfg`` with the dotted field ``key`` set to ``value``."""
-    head, _, rest = key.partition(".")
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    if head not in fields:
-        raise ConfigError(f"unknown setting {key!r}; known here: {', '.join(sorted(fields))}")
+def set_fields(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
+    """A copy of dataclass ``cfg`` with every dotted field of ``overrides`` set to its value.
+
+    All the settings of one config change in a single step, so its ``__post_init__`` checks
+    the combination asked for (``sampler=ddim`` with ``steps=5``), whatever their order.
+    """
+    fields = {f.name for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
-    if rest:
+    direct: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in fields:
+            raise ConfigError(f"unknown setting {prefix + key!r}; known here: "
+                              f"{', '.join(sorted(fields))}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = _coerce(value, hints[head], prefix + key)
+    for head, children in nested.items():
         child = getattr(cfg, head)
         if not dataclasses.is_dataclass(child):
-            raise ConfigError(f"{head!r} has no sub-settings (asked for {key!r})")
-        return dataclasses.replace(cfg, **{head: set_field(child, rest, value)})
-    return dataclasses.replace(cfg, **{head: _coerce(value, hints[head], key)})
+            raise ConfigError(f"{prefix + head!r} has no sub-settings (asked for "
+                              f"{prefix + head}.{next(iter(children))})")
+        direct[head] = set_fields(child, children, f"{prefix}{head}.")
+    return dataclasses.replace(cfg, **direct)
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    for key, value in overrides.items():
-        cfg = set_field(cfg, key, value)
+    """``cfg`` with every dotted ``KEY: VALUE`` of ``overrides`` set; a key that would have no
+    effect under the resulting settings (a config's ``REQUIRES``) is refused."""
+    cfg = set_fields(cfg, overrides)
+    for key in overrides:
+        require_effective(cfg, key)
     return cfg
+
+
+def require_effective(cfg: Any, key: str) -> None:
+    """``ConfigError`` when the dotted setting ``key`` of ``cfg`` only acts together with
+    another setting that does not hold: a dataclass declares these as
+    ``REQUIRES = {field: (other field, value it must have)}``."""
+    prefix, _, leaf = key.rpartition(".")
+    owner = cfg
+    for part in prefix.split(".") if prefix else ():
+        owner = getattr(owner, part)
+    needed = getattr(type(owner), "REQUIRES", {}).get(leaf)
+    if needed is None or getattr(owner, needed[0]) == needed[1]:
+        return
+    other = f"{prefix}.{needed[0]}" if prefix else needed[0]
+    raise ConfigError(f"{key} has no effect while {other} is {getattr(owner, needed[0])!r}: "
+                      f"it applies with {other}={needed[1]} (add --set {other}={needed[1]}), "
+                      f"or leave {key} out")
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:

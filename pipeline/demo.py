@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from .ablate import TABLE2_ROWS, TEXT_CEILING, run_finetune_matrix, run_matrix
 from .backbones import TextSpec, VisionSpec
+from .config import require_device, require_positive, require_range
 from .datasets.synthfood import SynthFoodConfig, ensure_synthfood, is_generated, total_images
 from .extract import ExtractConfig, ExtractResult, extract
 from .finetune import FinetuneConfig, finetune, finetune_settings
@@ -63,6 +64,13 @@ class DemoConfig:
     head_epochs: int = 30
     device: str = "auto"
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        """Refuse a bad option before anything is generated or trained."""
+        for name in ("finetune_epochs", "head_epochs"):
+            require_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        require_range("--beta", self.finetune_beta, 0.0)
+        require_device("--device", self.device)
 
 
 def prepare_dataset(cfg: DemoConfig, log: Callable[[str], None]) -> None:

@@ -31,6 +31,7 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from .backbones import (
-    POOLINGS,
+    PRECISIONS,
     TextSpec,
     VisionSpec,
     build_text,
@@ -49,7 +50,13 @@ from .backbones import (
     resolve_device,
     resolve_precision,
 )
-from .config import require_choice
+from .config import (
+    require_choice,
+    require_device,
+    require_positive,
+    require_range,
+    require_template,
+)
 from .datasets import DEFAULT_TEMPLATE, SPLITS, DatasetInfo, load_dataset, resolved_options
 from .datasets.base import portable_path
 from .datasets.device_decode import DECODE_MODES, device_image_batches
@@ -104,12 +111,18 @@ class ExtractConfig:
     decode: str = "workers"  # workers (PIL in DataLoader workers) | device (nvJPEG on CUDA)
 
     def __post_init__(self) -> None:
-        """Refuse an unknown choice now, before a dataset is read or a model is built."""
+        """Refuse a bad option now, before a dataset is read or a model is built."""
         require_choice("--dtype", self.dtype, tuple(STORAGE_DTYPES))
         require_choice("--format", self.format, FORMATS)
-        require_choice("--pooling", self.text.pooling, POOLINGS)
         require_choice("--on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
         require_choice("--decode", self.decode, DECODE_MODES)
+        require_choice("--precision", self.precision, PRECISIONS)
+        require_device("--device", self.device)
+        require_template("--template", self.template)
+        for name in ("batch_size", "shard_rows"):
+            require_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        require_range("--num-workers", self.num_workers, 0)
+        require_range("--rank-timeout", self.rank_timeout_s, 0.0, low_open=True)
 
 
 def extract_config_like(manifest: dict[str, Any], vision: VisionSpec, cache_dir: Path,
@@ -489,8 +502,11 @@ def _extract(cfg: ExtractConfig, ranks: RankInfo, device: torch.device,
     key = content_key(inputs)
     path = cache_path_for(cfg, info, key)
     if (path / "manifest.json").is_file() and read_manifest(path).get("status") == "complete":
+        manifest = read_manifest(path)
         log(f"cache {path} is complete for these settings (key {key}); reusing it")
-        return ExtractResult(path, read_manifest(path), reused=True)
+        if manifest.get("skipped"):
+            log(skipped_summary(manifest["skipped"]))
+        return ExtractResult(path, manifest, reused=True)
 
     batch, shard_rows = _geometry(cfg, path, log)
     token_shapes = ({"visual_tokens": vision.token_shape(),
@@ -575,7 +591,20 @@ def _finish(writer: CacheWriter, ranks: RankInfo, cfg: ExtractConfig, extra: dic
         wait_for_shards(writer, cfg.rank_timeout_s, log)
     manifest = writer.finalise(extra)
     log(f"cache complete: {writer.root}")
+    if manifest.get("skipped"):
+        log(skipped_summary(manifest["skipped"]))
     return manifest
+
+
+def skipped_summary(skipped: list[dict[str, Any]], shown: int = 5) -> str:
+    """One line: how many unreadable images were left out, per split and per class."""
+    splits = Counter(s["split"] for s in skipped)
+    classes = Counter(s.get("class", "?") for s in skipped)
+    per_class = ", ".join(f"{name} {n}" for name, n in classes.most_common(shown))
+    more = f" and {len(classes) - shown} more classes" if len(classes) > shown else ""
+    return (f"skipped {len(skipped):,} unreadable image(s), left out of the cache "
+            f"({', '.join(f'{split} {n}' for split, n in splits.items())}; by class: "
+            f"{per_class}{more}); `marnet cache info` lists each with its reason")
 
 
 def _encode_text_table(path: Path, texts: list[str], text, device: torch.device,
@@ -688,7 +717,7 @@ def _submit_shard(thread: ShardWriterThread, current: dict[str, Any], split: str
         valid[row - first] = 0
         visual[row - first] = 0
         skipped.append({"split": split, "id": records[row].id, "path": str(records[row].image),
-                        "reason": err})
+                        "class": info.class_names[records[row].label], "reason": err})
     text_index = [text_row[r.text] for r in recs]
     text_rows = text_table[text_index]
     dtype = thread.writer.manifest["dtype"]

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .backbones import (
+    PRECISIONS,
     VisionBackbone,
     VisionSpec,
     FoldedPairs,
@@ -57,7 +58,14 @@ from .backbones import (
     speed_up_depthwise_backward,
     unfold_batchnorm,
 )
-from .config import ConfigError
+from .config import (
+    ConfigError,
+    require_choice,
+    require_device,
+    require_positive,
+    require_range,
+    require_template,
+)
 from .datasets import DEFAULT_TEMPLATE, DatasetInfo, Record, load_dataset
 from .datasets.images import ImageFiles, Preprocess, TrainAugment
 from .extract import encode_records
@@ -136,16 +144,20 @@ class FinetuneConfig:
         if self.method not in FINETUNE_METHODS:
             raise FinetuneError(f"unknown method {self.method!r}; choose "
                                 f"{', '.join(FINETUNE_METHODS)}")
-        for name in ("epochs", "batch_size", "head_epochs", "balanced_classes"):
-            if getattr(self, name) < 1:
-                raise FinetuneError(f"{name.replace('_', '-')} must be >= 1, got "
-                                    f"{getattr(self, name)}")
-        for name in ("lr", "head_lr"):
-            if not getattr(self, name) > 0:
-                raise FinetuneError(f"--{name.replace('_', '-')} must be > 0, got "
-                                    f"{getattr(self, name)}")
-        if not 0 < self.norm_momentum <= 1:
-            raise FinetuneError(f"norm-momentum must be in (0, 1], got {self.norm_momentum}")
+        for name in ("epochs", "batch_size", "head_epochs", "balanced_classes", "proj_dim"):
+            require_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        require_range("--tau", self.tau, 0.0, low_open=True)
+        for name in ("lr", "head_lr", "weight_decay", "beta", "num_workers"):
+            require_range(f"--{name.replace('_', '-')}", getattr(self, name), 0.0)
+        require_range("--norm-momentum", self.norm_momentum, 0.0, 1.0, low_open=True)
+        require_device("--device", self.device)
+        require_choice("--precision", self.precision, PRECISIONS)
+        if self.template is not None:
+            require_template("--template", self.template)
+        blocks = self.train_blocks
+        if blocks != "all" and not (blocks.startswith("last-") and blocks[5:].isdigit()
+                                    and int(blocks[5:]) >= 1):
+            raise ConfigError(f"--train-blocks expects all or last-K with K >= 1, got {blocks!r}")
 
     def head(self) -> tuple[str, Any]:
         """The registered method this fine-tune trains and its resolved config."""

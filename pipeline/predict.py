@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .backbones import resolve_device, resolve_precision
+from .config import require_positive
 from .datasets.images import BadImageError, load_rgb
 from .evaluate import rebuild_vision, run_cache
 from .extract import encode_images
@@ -44,6 +45,7 @@ def predict_images(run_dir: Path | str | None, images: Sequence[Path | str], top
     """``[{"image": path, "predictions": [{rank, class, index, probability}, ...]}, ...]``
     with a trained run (its cache's backbone) or a fine-tuned checkpoint (``finetuned``: its
     own backbone and head)."""
+    require_positive("--topk", topk)
     paths = [Path(p) for p in images]
     if not paths:
         raise BadImageError("no images given")

@@ -19,8 +19,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .backbones import resolve_device, resolve_precision
-from .config import ConfigError, apply_overrides, from_dict
+from .backbones import PRECISIONS, resolve_device, resolve_precision
+from .config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    require_choice,
+    require_device,
+    require_positive,
+    require_range,
+)
 from .heads import (
     METHODS,
     Dims,
@@ -54,11 +62,17 @@ class TrainConfig:
     chunk_rows: int = 8192  # rows per chunk when sampling diffusion chains
 
     def __post_init__(self) -> None:
+        """Refuse a bad option now, before a cache is read."""
         for name in ("epochs", "batch_size", "balanced_classes", "chunk_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            require_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        require_range("--lr", self.lr, 0.0)  # 0 is allowed: the heads stay at their init
+        require_range("weight_decay", self.weight_decay, 0.0)
+        require_range("warmup_epochs", self.warmup_epochs, 0)
+        require_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True)
+        if self.val_fraction == 1:
+            raise ConfigError("val_fraction must be < 1 (some rows must stay for training)")
+        require_device("--device", self.device)
+        require_choice("--precision", self.precision, PRECISIONS)
 
 
 class HeadsModel(nn.Module):
@@ -257,16 +271,63 @@ def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
             "n": int(len(labels)), "per_class_top1": per_class}
 
 
+def run_differs(run_dir: Path, method: str, method_cfg: Any, cfg: TrainConfig, cache_key: str,
+                features: str = "visual") -> str | None:
+    """The first setting in which the run recorded in ``run_dir`` differs from the one asked
+    for (method, its settings, training settings but the device, cache key, features); None
+    when equal."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return "config.json is missing"
+    try:
+        done = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return "config.json is unreadable"
+    wanted = {"method": method, "method_config": asdict(method_cfg),
+              "train": {k: v for k, v in asdict(cfg).items() if k != "device"},
+              "cache": cache_key, "features": features}
+    have = {"method": done.get("method"), "method_config": done.get("method_config"),
+            "train": {k: v for k, v in done.get("train", {}).items() if k != "device"},
+            "cache": done.get("cache", {}).get("key"),
+            "features": done.get("features", "visual")}
+    wanted = json.loads(json.dumps(wanted, default=str))
+    return next((key for key, value in wanted.items() if have[key] != value), None)
+
+
+def _previous_run(out: Path, method: str, method_cfg: Any, cfg: TrainConfig, cache_key: str,
+                  features: str, overwrite: bool) -> dict[str, Any] | None:
+    """The results of a finished run in ``out`` with these very settings (reused), None when
+    ``out`` is free (absent, empty, an unfinished run of these settings) or ``overwrite``;
+    otherwise a ``FileExistsError`` saying what is there."""
+    if overwrite or not out.exists():
+        return None
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a run directory; choose another path")
+    if not any(out.iterdir()):
+        return None
+    differs = run_differs(out, method, method_cfg, cfg, cache_key, features)
+    if differs is None and (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    if differs is None:  # an unfinished run of the same settings: train it again
+        return None
+    what = ("holds files that are not a marnet run" if differs == "config.json is missing"
+            else f"holds a run trained with another {differs}")
+    raise FileExistsError(f"--out {out} {what}; choose a new --out, or pass --overwrite to "
+                          "replace it")
+
+
 def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
                 overrides: dict[str, Any] | None = None, cfg: TrainConfig = TrainConfig(),
                 log: Callable[[str], None] = print, features: str = "visual",
-                expect: dict[str, str] | None = None) -> dict[str, Any]:
+                expect: dict[str, str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train ``method`` on the cache at ``cache_path``; write and return the run's results.
 
     The cache must be complete, and match ``expect`` (dotted key inputs such as
     ``visual.model`` or ``dtype``, or ``key``, mapped to their expected values).
     ``features="text"`` classifies text features instead of visual ones: the text-only
     ceiling of a dataset (it reads text at test time, so it is a reference, not a method).
+    A finished run in ``out_dir`` with the same settings is reused (its results returned);
+    a different one is refused unless ``overwrite``.
     """
     if features not in ("visual", "text"):
         raise ValueError(f"features must be visual or text, got {features!r}")
@@ -279,8 +340,13 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     precision = resolve_precision(cfg.precision, device)
     extra_fields = method_fields(method, method_cfg)
     require_fields(cache, method, extra_fields)
-    seed_everything(cfg.seed)
     out = Path(out_dir)
+    previous = _previous_run(out, method, method_cfg, cfg, cache.key, features, overwrite)
+    if previous is not None:
+        log(f"{out} holds this run, finished with the same settings: its results are reused "
+            "(pass --overwrite to train it again)")
+        return previous
+    seed_everything(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     train_raw, val_raw, val_source = load_training_data(cache, cfg, device, features,
                                                         extra_fields)

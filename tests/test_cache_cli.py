@@ -62,7 +62,11 @@ def test_cache_ls_info_verify_export_and_rm(tiny_cache, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[7] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    assert "val shard 0/text: checksum mismatch" in _run("cache", "verify", copy, code=1)
+    out = _run("cache", "verify", copy, code=1)
+    assert f"shard 0 of val/text ({shard}) does not match the checksum" in out
+    assert f"marnet cache verify {copy} --repair" in out
+    assert "does not match the checksum" in _run("cache", "export", copy, "--npy",
+                                                 tmp_path / "e2", code=2)
 
     _run("cache", "rm", tmp_path, "--yes", code=2)  # not a cache: refused
     assert "removed" in _run("cache", "rm", copy, "--yes")
@@ -113,7 +117,7 @@ def test_verify_repair_drops_damaged_shards_and_extract_rewrites_only_those(
     records = {str(p.relative_to(copy)): p.read_text() for p in (copy / "shards").rglob("*.json")}
 
     out = _run("cache", "verify", copy, code=1)
-    assert "train shard 1/visual: checksum mismatch" in out
+    assert "shard 1 of train/visual" in out and "does not match the checksum" in out
     out = _run("cache", "verify", copy, "--repair", code=1)
     assert "dropped 1 damaged shards (train/1)" in out and "marnet extract" in out
     assert not FeatureCache(copy).complete

@@ -47,8 +47,10 @@ def test_eval_finetuned_classifies_the_test_images(marnet_checkpoint, tmp_path):
     # a test-time setting changes the chain (and is recorded); a trained one is refused
     _ok(runner.invoke(app, ["eval", "--finetuned", str(marnet_checkpoint), "--device", "cpu",
                             "--num-workers", "0", "--set", "diffusion.sampler=ddim",
+                            "--set", "diffusion.steps=5",
                             "--json", str(report)]))
-    assert json.loads(report.read_text())["overrides"] == {"diffusion.sampler": "ddim"}
+    assert json.loads(report.read_text())["overrides"] == {"diffusion.sampler": "ddim",
+                                                           "diffusion.steps": "5"}
     refused = runner.invoke(app, ["eval", "--finetuned", str(marnet_checkpoint),
                                   "--set", "diffusion.hidden=64"])
     assert refused.exit_code == 2 and "new training run" in refused.output

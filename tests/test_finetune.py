@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from marnet.pipeline.backbones import VisionSpec, build_vision, read_checkpoint_meta
+from marnet.pipeline.config import ConfigError
 from marnet.pipeline.evaluate import finetuned_logits
 from marnet.pipeline.extract import extract
 from marnet.pipeline.finetune import (
@@ -214,7 +215,7 @@ def test_sugar_options_map_onto_the_method_settings():
         FinetuneConfig(dataset="d", root=".", out="x", method="seda", beta=1.0).head()
     with pytest.raises(FinetuneError, match="ablation"):
         FinetuneConfig(dataset="d", root=".", out="x", method="ita", ablation="ema").head()
-    with pytest.raises(FinetuneError, match="lr"):
+    with pytest.raises(ConfigError, match="--lr must be >= 0, got -1"):
         FinetuneConfig(dataset="d", root=".", out="x", lr=-1)
 
 

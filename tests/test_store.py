@@ -122,7 +122,10 @@ def test_verify_detects_a_changed_shard(tmp_path, fmt):
         with h5py.File(target, "r+") as f:
             f["visual"][0, 0] = 123.0
     problems = cache.verify()
-    assert any("checksum mismatch" in p for p in problems), problems
+    assert any("does not match the checksum" in p for p in problems), problems
+    with pytest.raises(CacheError, match=r"shard \d of train/visual \(.*\) does not match the "
+                       r"checksum.*cache verify .* --repair"):
+        cache.load_split("train")
 
 
 def test_partial_write_is_incomplete_and_resumes(tmp_path):
@@ -260,7 +263,8 @@ def test_verify_checks_the_committed_shards_of_an_incomplete_cache(tmp_path):
     target.write_bytes(bytes(raw))
     problems = FeatureCache(tmp_path).verify()
     assert problems[0].startswith("incomplete: 2 of 3 shards committed")
-    assert problems[1:] == ["train shard 2/visual: checksum mismatch"]
+    assert problems[1:] == [f"shard 2 of train/visual ({target}) does not match the checksum "
+                            "recorded when it was written"]
 
 
 def test_hdf5_reads_refuse_missing_rows(tmp_path):

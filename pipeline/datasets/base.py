@@ -37,6 +37,14 @@ def warn(message: str) -> None:
     warnings.warn(message, DatasetWarning, stacklevel=3)
 
 
+def case_only_groups(names: Sequence[str]) -> list[list[str]]:
+    """Groups of distinct names that differ only in letter case (e.g. ``Temple`` / ``temple``)."""
+    by_lower: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        by_lower.setdefault(name.lower(), []).append(name)
+    return [group for group in by_lower.values() if len(group) > 1]
+
+
 def warn_on_unofficial_counts(name: str, found: dict[str, int], official: dict[str, int]) -> None:
     """One warning listing every count in ``found`` that differs from the official release's."""
     differ = [f"{key} {found[key]:,} (official {expected:,})"
@@ -73,6 +81,7 @@ class DatasetInfo:
     source_files: list[Path] = field(default_factory=list)
     template: str = DEFAULT_TEMPLATE
     extra: dict[str, object] = field(default_factory=dict)
+    _digest: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -83,25 +92,64 @@ class DatasetInfo:
         return bool(self.ingredients)
 
     def digest(self) -> str:
-        """SHA-256 over the annotation files and the resolved records (ids, images, labels, texts).
+        """SHA-256 over the annotation files and the resolved records (ids, images, labels,
+        texts) and a fingerprint of every image file (:func:`image_fingerprint`).
 
-        Any change to a split file, a label file, the text template or where the images are read
-        from changes the digest, and so the cache key. Image bytes are not hashed (110k files);
-        their paths are, relative to :attr:`root` when inside it (moving or copying the whole
-        dataset root keeps the digest) and absolute otherwise (another images folder, e.g.
-        ingredient101's ``--images-root``, changes it).
+        Any change to a split file, a label file, the text template, where the images are read
+        from or an image file's content changes the digest, and so the cache key. Image paths
+        are hashed relative to :attr:`root` when inside it (moving or copying the whole dataset
+        root keeps the digest) and absolute otherwise (another images folder, e.g.
+        ingredient101's ``--images-root``, changes it). Computed once per dataset description.
         """
-        h = hashlib.sha256()
-        for path in sorted(self.source_files):
-            h.update(path.name.encode())
-            h.update(hashlib.sha256(path.read_bytes()).digest())
-        root = os.path.abspath(self.root)
-        for split in sorted(self.splits):
-            h.update(split.encode())
-            for rec in self.splits[split]:
-                image = portable_path(rec.image, root)
-                h.update(f"{rec.id}\t{image}\t{rec.label}\t{rec.text}\n".encode())
-        return h.hexdigest()
+        if self._digest is None:
+            h = hashlib.sha256()
+            for path in sorted(self.source_files):
+                h.update(path.name.encode())
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+            root = os.path.abspath(self.root)
+            for split in sorted(self.splits):
+                records = self.splits[split]
+                h.update(split.encode())
+                for rec, print_ in zip(records, image_fingerprints([r.image for r in records])):
+                    image = portable_path(rec.image, root)
+                    h.update(f"{rec.id}\t{image}\t{rec.label}\t{rec.text}\t{print_}\n".encode())
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+FINGERPRINT_BYTES = 4096
+
+
+def image_fingerprint(path: Path | str) -> str:
+    """``<size>:<BLAKE2b of the first and last 4 KiB>`` of a file (the whole file when it is
+    shorter than 8 KiB), or ``missing``.
+
+    A content fingerprint, unlike the size and modification time make and rsync use: copying a
+    dataset (``cp -r`` resets modification times) keeps it, while re-encoding, editing or
+    replacing an image changes it (an encoded image's bytes change from its first entropy-coded
+    block on, which lies within the first 4 KiB of a JPEG or PNG). It reads 8 KiB per image:
+    ``marnet bench`` measures its cost against decoding the images.
+    """
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            h = hashlib.blake2b(fh.read(FINGERPRINT_BYTES), digest_size=16)
+            if size > FINGERPRINT_BYTES:
+                fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                h.update(fh.read(FINGERPRINT_BYTES))
+    except OSError:
+        return "missing"
+    return f"{size}:{h.hexdigest()}"
+
+
+def image_fingerprints(paths: Sequence[Path | str], workers: int = 16) -> list[str]:
+    """:func:`image_fingerprint` of each path, in order (threads: the work is file I/O)."""
+    if len(paths) < 64:
+        return [image_fingerprint(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(image_fingerprint, paths, chunksize=256))
 
 
 def portable_path(path: Path | str, root: str) -> str:

@@ -20,6 +20,7 @@ Layout::
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from .base import (
     Record,
     UniqueIds,
     at_line,
+    case_only_groups,
     read_lines,
     read_text,
     read_names,
@@ -48,6 +50,7 @@ LABEL_FILES = ("labels.csv", "labels.jsonl")
 CLASSES_FILE = "classes.txt"
 REQUIRED_COLUMNS = ("path", "label", "split")
 TEXT_COLUMNS = ("text", "ingredients")
+KNOWN_COLUMNS = REQUIRED_COLUMNS + TEXT_COLUMNS
 REQUIRED_SPLITS = ("train", "test")
 
 LAYOUT_HELP = (
@@ -129,10 +132,24 @@ def _require_columns(path: Path, line_no: int, names: list[str]) -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise at_line(path, line_no, f"column {repeated[0]!r} is named twice; name each once")
+    for name in names:
+        close = difflib.get_close_matches(name, KNOWN_COLUMNS, n=1, cutoff=0.75)
+        if name not in KNOWN_COLUMNS and close and close[0] not in names:
+            raise at_line(path, line_no, f"column {name!r} is not one marnet reads; did you mean "
+                          f"{close[0]!r}? Rename it (columns: {', '.join(KNOWN_COLUMNS)}; others "
+                          "are ignored)")
     missing = [name for name in REQUIRED_COLUMNS if name not in names]
     if missing or not any(name in names for name in TEXT_COLUMNS):
         raise at_line(path, line_no, f"expected the columns {', '.join(REQUIRED_COLUMNS)} and "
                       f"text and/or ingredients, found {', '.join(names) or 'none'}")
+
+
+def _warn_extra_columns(path: Path, names: set[str]) -> None:
+    """One warning naming the columns the table has and marnet does not read."""
+    extra = sorted(names - set(KNOWN_COLUMNS))
+    if extra:
+        warn(f"{path}: column(s) {', '.join(map(repr, extra))} are not read (marnet reads "
+             f"{', '.join(KNOWN_COLUMNS)})")
 
 
 def _string(path: Path, line_no: int, row: dict[str, Any], key: str) -> str:
@@ -185,11 +202,13 @@ def parse_row(path: Path, line_no: int, row: dict[str, Any]) -> Row:
 def read_rows(path: Path) -> list[Row]:
     """All rows of ``labels.csv`` / ``labels.jsonl``, validated, ids unique."""
     parsed = _csv_rows(path) if path.suffix == ".csv" else _jsonl_rows(path)
-    rows, ids = [], UniqueIds()
+    rows, ids, columns = [], UniqueIds(), set()
     for line_no, raw in parsed:
         row = parse_row(path, line_no, raw)
         ids.claim(row.path, path, row.line_no)
         rows.append(row)
+        columns.update(raw)
+    _warn_extra_columns(path, columns)
     return rows
 
 
@@ -249,12 +268,20 @@ def class_index(root: Path, label_file: Path, rows: list[Row]) -> ClassIndex:
     by_index = _labels_by_index(label_file, rows)
     classes_file = root / CLASSES_FILE
     if classes_file.is_file():
-        return ClassIndex(read_names(classes_file, "class names"), by_index, CLASSES_FILE)
-    if by_index:
+        index = ClassIndex(read_names(classes_file, "class names"), by_index, CLASSES_FILE)
+    elif by_index:
         count = max(int(row.label) for row in rows) + 1
         _warn_unused_indices(rows, count)
-        return ClassIndex([str(i) for i in range(count)], True, "integer labels")
-    return ClassIndex(sorted({row.label for row in rows}), False, "sorted label names")
+        index = ClassIndex([str(i) for i in range(count)], True, "integer labels")
+    else:
+        index = ClassIndex(sorted({row.label for row in rows}), False, "sorted label names")
+    groups = case_only_groups(index.names)
+    if groups:
+        where = classes_file if index.order == CLASSES_FILE else label_file
+        warn(f"{where}: {len(groups)} group(s) of class names differ only in case and are "
+             f"separate classes (e.g. {' / '.join(groups[0])}); if they are one class, write "
+             "its name one way")
+    return index
 
 
 def load_folder(root: Path, template: str = DEFAULT_TEMPLATE) -> DatasetInfo:

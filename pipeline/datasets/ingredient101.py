@@ -20,7 +20,6 @@ line is cross-checked: ``classes[label] == image_line.split('/')[0]``.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from pathlib import Path
 
 from .base import (
@@ -31,6 +30,7 @@ from .base import (
     Record,
     UniqueIds,
     at_line,
+    case_only_groups,
     read_lines,
     read_names,
     render_text,
@@ -107,10 +107,7 @@ def build_vocabulary(per_class: list[list[str]], path: Path, official: int) -> l
     if len(vocabulary) != official:
         warn(f"{path}: {len(vocabulary):,} unique ingredients, the official release has "
              f"{official:,} (fine for a partial copy; check the download otherwise)")
-    by_lower: dict[str, list[str]] = defaultdict(list)
-    for name in vocabulary:
-        by_lower[name.lower()].append(name)
-    merged = [group for group in by_lower.values() if len(group) > 1]
+    merged = case_only_groups(vocabulary)
     if merged:
         warn(f"{path}: {len(merged)} group(s) of ingredient names differ only in case and are "
              f"kept apart (e.g. {' / '.join(merged[0])}); lowercasing would merge them")

@@ -18,12 +18,13 @@ trains fusion in stage (a) on the one-step ``x0_hat`` instead (the option the pa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import require_choice, require_positive
+from ..config import ConfigError, require_choice, require_positive, require_range
 from ..losses import (
     FEATURE_FUSIONS,
     FUSIONS,
@@ -74,11 +75,24 @@ class DiffusionConfig:
     val_sampler: str = "ddim"
     val_steps: int = 10
 
+    # settings that act only with another one (checked for every --set, config.apply_overrides)
+    REQUIRES: ClassVar[dict[str, tuple[str, str]]] = {
+        "steps": ("sampler", "ddim"), "eta": ("sampler", "ddim"),
+        "val_steps": ("val_sampler", "ddim")}
+
     def __post_init__(self) -> None:
         require_choice("diffusion.sampler", self.sampler, SAMPLERS)
         require_choice("diffusion.val_sampler", self.val_sampler, SAMPLERS)
         for name in ("hidden", "layers", "t_dim", "steps", "test_samples", "val_steps"):
             require_positive(f"diffusion.{name}", getattr(self, name))
+        require_positive("diffusion.schedule.steps", self.schedule.steps)
+        for name, sampler in (("steps", self.sampler), ("val_steps", self.val_sampler)):
+            if sampler == "ddim" and getattr(self, name) > self.schedule.steps:
+                raise ConfigError(f"diffusion.{name} = {getattr(self, name)} exceeds the noise "
+                                  f"schedule's T = {self.schedule.steps} "
+                                  "(diffusion.schedule.steps): a DDIM chain visits at most T "
+                                  f"steps; set diffusion.{name} to {self.schedule.steps} or less")
+        require_range("diffusion.eta", self.eta, 0.0, 1.0)
 
 
 @dataclass

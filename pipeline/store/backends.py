@@ -45,6 +45,10 @@ class Backend(Protocol):
 
     def read(self, split: str, field: str, start: int = 0, stop: int | None = None) -> np.ndarray: ...
 
+    def shard_file(self, split: str, field: str, index: int, row_ndim: int) -> str:
+        """The file that holds shard ``index`` of ``field`` (rows of ``row_ndim`` dims)."""
+        ...
+
 
 def _np_dtype(spec: FieldSpec):
     return str if spec.dtype == "str" else np.dtype(spec.dtype)
@@ -85,6 +89,9 @@ class ZarrBackend:
             group[name][start:start + len(values)] = values
         for name in arrays:  # the data must be durable before its commit record is
             _fsync_tree(Path(self.path) / split / name / "c" / str(index))
+
+    def shard_file(self, split: str, field: str, index: int, row_ndim: int) -> str:
+        return str(join(self.path, split, field, "c", str(index), *["0"] * row_ndim))
 
     def read(self, split: str, field: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         direct = self._direct_read(split, field, start, stop)
@@ -247,6 +254,9 @@ class HDF5Backend:
 
     def _shard_path(self, split: str, index: int) -> Path:
         return self.path / split / f"shard-{index:05d}.h5"
+
+    def shard_file(self, split: str, field: str, index: int, row_ndim: int) -> str:
+        return str(self._shard_path(split, index))
 
     def create(self, split: str, rows: int, shard_rows: int, fields: list[FieldSpec]) -> None:
         (self.path / split).mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,12 @@ from .lock import CacheLock
 
 
 def list_caches(root: Path | str) -> list[Path | str]:
-    """Every cache directory (one holding a manifest) below ``root`` (a path or a URL)."""
+    """Every cache directory (one holding a manifest) below ``root`` (a path or a URL); a
+    local ``root`` that is not a folder is an error (a typo would otherwise list 0 caches)."""
+    if not is_url(root) and not Path(root).is_dir():
+        what = "is a file" if Path(root).exists() else "does not exist"
+        raise CacheError(f"cache root {root} {what}; pass the folder caches are written to "
+                         "(`marnet extract --cache-dir`; default $MARNET_CACHE or cache)")
     return find(root, MANIFEST)
 
 
@@ -128,41 +133,37 @@ def export_npy(path: Path | str, out: Path | str,
     return index
 
 
-def _shard_ranges(meta: dict[str, Any]) -> list[tuple[int, int]]:
-    step = meta["shard_rows"]
-    return [(i * step, min((i + 1) * step, meta["rows"])) for i in range(meta["num_shards"])]
-
-
 def _export_field(cache: FeatureCache, split: str, field: str, meta: dict[str, Any],
                   folder: Path) -> dict[str, Any]:
     spec = meta["fields"][field]
     if spec["dtype"] == "str":
-        return _export_text(cache, split, field, meta, folder / f"{field}.txt")
+        return _export_text(cache, split, field, folder / f"{field}.txt")
     feature_bf16 = is_feature(field) and cache.dtype == "bfloat16"
     dtype = np.dtype("float32") if feature_bf16 else np.dtype(spec["dtype"])
     shape = (meta["rows"], *spec["shape"])
     target = np.lib.format.open_memmap(folder / f"{field}.npy", mode="w+", dtype=dtype,
                                        shape=shape)
-    for start, stop in _shard_ranges(meta):
-        values = cache.backend.read(split, field, start, stop)
-        target[start:stop] = from_storage(values, "bfloat16").float().numpy() \
+    for shard in cache.shard_list(split):
+        start = shard["index"] * meta["shard_rows"]
+        values = cache.read_shard(split, field, shard)
+        target[start:start + len(values)] = from_storage(values, "bfloat16").float().numpy() \
             if feature_bf16 else values
     target.flush()
     del target
     return {"file": f"{split}/{field}.npy", "dtype": dtype.name, "shape": list(shape)}
 
 
-def _export_text(cache: FeatureCache, split: str, field: str, meta: dict[str, Any],
-                 target: Path) -> dict[str, Any]:
+def _export_text(cache: FeatureCache, split: str, field: str, target: Path) -> dict[str, Any]:
     with open(target, "w", encoding="utf-8") as fh:
-        for start, stop in _shard_ranges(meta):
-            for value in cache.backend.read(split, field, start, stop):
+        for shard in cache.shard_list(split):
+            for value in cache.read_shard(split, field, shard):
                 text = str(value)
                 if "\n" in text:
                     raise CacheError(f"{split}/{field} holds a value with a newline ({text!r}); "
                                      "it cannot be exported one per line")
                 fh.write(text + "\n")
-    return {"file": f"{split}/{target.name}", "dtype": "str", "shape": [meta["rows"]]}
+    return {"file": f"{split}/{target.name}", "dtype": "str",
+            "shape": [cache.manifest["splits"][split]["rows"]]}
 
 
 __all__ = ["cache_info", "export_npy", "list_caches", "remove_cache"]
