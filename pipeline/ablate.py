@@ -274,7 +274,9 @@ def _finetuned_result(run_dir: Path, cfg: FinetuneConfig, log: Callable[[str], N
         log(f"{run_dir} was fine-tuned with other settings; training it again")
         done.unlink()
         shutil.rmtree(Path(f"{cfg.out}.state"), ignore_errors=True)
-    meta = finetune(cfg, log, evaluate=("test",))  # as `marnet eval --finetuned` computes it
+    # evaluated as `marnet eval --finetuned` does; the checkpoint of a run whose results were
+    # not written is trained again (resumed from its state when it holds these settings)
+    meta = finetune(replace(cfg, overwrite=True), log, evaluate=("test",))
     test = meta["evaluation"]["test"]
     result = {"settings": settings, "checkpoint": str(cfg.out), "best_epoch": meta["best_epoch"],
               "val": {"top1": meta["val_top1"], "top5": meta["val_top5"]},

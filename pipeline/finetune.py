@@ -47,12 +47,14 @@ from torch import nn
 
 from .backbones import (
     PRECISIONS,
+    BackboneError,
     VisionBackbone,
     VisionSpec,
     FoldedPairs,
     build_vision,
     fold_batchnorm,
     folded_batchnorm,
+    read_checkpoint_meta,
     resolve_device,
     resolve_precision,
     speed_up_depthwise_backward,
@@ -139,6 +141,7 @@ class FinetuneConfig:
     norm_momentum: float = 0.1  # running statistics of the visual standardiser
     head_epochs: int = 30  # epochs of the stages trained on the frozen backbone
     balanced_classes: int = 32  # classes per batch for methods using class statistics
+    overwrite: bool = False  # replace a checkpoint at ``out`` made with other settings
 
     def __post_init__(self) -> None:
         if self.method not in FINETUNE_METHODS:
@@ -181,7 +184,8 @@ class FinetuneConfig:
 
 # FinetuneConfig fields that do not change what a fine-tune computes (where it runs and
 # writes) or that are checked otherwise (the dataset by its digest)
-RUNTIME_FIELDS = ("out", "root", "device", "num_workers", "weights_dir", "text_cache")
+RUNTIME_FIELDS = ("out", "root", "device", "num_workers", "weights_dir", "text_cache",
+                  "overwrite")
 
 
 def finetune_settings(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -376,6 +380,11 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print,
     under ``evaluation`` the metrics of the finished network on the ``evaluate`` splits
     (computed as ``marnet eval --finetuned`` does)."""
     run = _build(cfg)
+    previous = _previous_checkpoint(cfg, run.meta)
+    if previous is not None and not evaluate:
+        log(f"{cfg.out} holds this fine-tune, finished with the same settings: reusing it "
+            "(pass --overwrite to train it again)")
+        return previous
     best, history = _train_backbone(run, log)
     vision = run.net.vision
     with folded_batchnorm(vision, [vision.model]):  # the whole backbone is frozen from here
@@ -390,6 +399,25 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print,
     evaluation = {split: _metrics(run, run.info.splits[split], f"{split} images")
                   for split in evaluate}
     return {**meta, "evaluation": evaluation} if evaluate else meta
+
+
+def _previous_checkpoint(cfg: FinetuneConfig, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The provenance of the checkpoint at ``cfg.out`` when it was made with these settings
+    (``meta``), None when there is none or ``cfg.overwrite``; any other file is refused."""
+    out = Path(cfg.out)
+    if cfg.overwrite or not out.exists():
+        return None
+    try:
+        previous = read_checkpoint_meta(out)
+    except BackboneError:
+        raise FinetuneError(f"--out {out} exists and is not a marnet checkpoint; choose another "
+                            "--out, or pass --overwrite to replace it") from None
+    differs = next((key for key, value in meta.items()
+                    if key != "source" and previous.get(key) != value), None)  # source: where
+    if differs is None:  # the data was read from, not how the weights were made
+        return previous
+    raise FinetuneError(f"--out {out} holds a fine-tune made with another {differs}; choose a "
+                        "new --out, or pass --overwrite to replace it")
 
 
 def _build(cfg: FinetuneConfig) -> Run:

@@ -347,9 +347,9 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
             "(pass --overwrite to train it again)")
         return previous
     seed_everything(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
     train_raw, val_raw, val_source = load_training_data(cache, cfg, device, features,
                                                         extra_fields)
+    out.mkdir(parents=True, exist_ok=True)  # only once the cache has read back intact
     dims = Dims(cache.dim(features), cache.dim("text"), len(cache.class_names))
     model = HeadsModel(method, method_cfg, dims).to(device)
     model.norm_visual.fit(train_raw["visual"])

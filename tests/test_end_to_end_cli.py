@@ -26,16 +26,30 @@ def _ok(result):
     return result.output
 
 
+def _marnet_finetune_args(synth_root, tiny_cache, out):
+    return ["finetune", "--dataset", "synthfood", "--root", str(synth_root), "--out", str(out),
+            *TINY_VISION, "--method", "marnet", "--ablation", "fusion", "--text-cache",
+            str(tiny_cache), "--epochs", "1", "--head-epochs", "1", "--batch-size", "8",
+            "--num-workers", "0", "--device", "cpu", "--set", "diffusion.hidden=32",
+            "--set", "diffusion.schedule.steps=10", "--set", "fusion_samples=1"]
+
+
 @pytest.fixture(scope="module")
 def marnet_checkpoint(synth_root, tiny_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "marnet.safetensors"
-    _ok(runner.invoke(app, [
-        "finetune", "--dataset", "synthfood", "--root", str(synth_root), "--out", str(out),
-        *TINY_VISION, "--method", "marnet", "--ablation", "fusion", "--text-cache",
-        str(tiny_cache), "--epochs", "1", "--head-epochs", "1", "--batch-size", "8",
-        "--num-workers", "0", "--device", "cpu", "--set", "diffusion.hidden=32",
-        "--set", "diffusion.schedule.steps=10", "--set", "fusion_samples=1"]))
+    _ok(runner.invoke(app, _marnet_finetune_args(synth_root, tiny_cache, out)))
     return out
+
+
+def test_finetune_never_overwrites_a_checkpoint_silently(marnet_checkpoint, synth_root,
+                                                         tiny_cache):
+    args = _marnet_finetune_args(synth_root, tiny_cache, marnet_checkpoint)
+    before = marnet_checkpoint.read_bytes()
+    assert "finished with the same settings: reusing it" in _ok(runner.invoke(app, args))
+    assert marnet_checkpoint.read_bytes() == before
+    other = runner.invoke(app, [*args, "--seed", "1"])
+    assert other.exit_code == 2 and "holds a fine-tune made with another seed" in other.output
+    assert "--overwrite" in other.output and marnet_checkpoint.read_bytes() == before
 
 
 def test_eval_finetuned_classifies_the_test_images(marnet_checkpoint, tmp_path):
