@@ -88,6 +88,13 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _require_file_target(path: Optional[Path], option: str) -> None:
+    """Refuse an output file path that cannot be written as a file, before any work."""
+    if path is not None and path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder; give a file path, e.g. "
+                                f"{path / 'metrics.json'}")
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from .pipeline.backbones import BackboneError
     from .pipeline.config import ConfigError
@@ -303,6 +310,7 @@ def evaluate(
     from .pipeline.evaluate import evaluate_finetuned, evaluate_run
 
     try:
+        _require_file_target(json_out, "--json")
         if (run is None) == (finetuned is None):
             raise ValueError("pass either --run RUN or --finetuned CKPT")
         if finetuned is not None:
@@ -320,8 +328,11 @@ def evaluate(
         _fail(exc)
     console.print(_metrics_table(str(run or finetuned), [{"what": metrics["source"], **metrics}]))
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(metrics, indent=2) + "\n")
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(metrics, indent=2) + "\n")
+        except OSError as exc:
+            _fail(exc)
 
 
 @app.command()
@@ -569,8 +580,8 @@ def plot(
     run: Optional[Path] = typer.Option(None, help="Run directory from `marnet train-heads` (or give --finetuned)."),
     finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`: its backbone encodes the split's images and its head makes the branches."),
     out: Optional[Path] = typer.Option(None, help="Where the figures and their data go (default: <run>/plots, or <checkpoint>.plots)."),
-    samples: int = typer.Option(100, help="t-SNE: samples per class (the papers use 100)."),
-    classes: int = typer.Option(5, help="t-SNE: number of classes (the papers use 5), chosen at random with the seed."),
+    samples: int = typer.Option(100, min=2, help="t-SNE: samples per class (the papers use 100)."),
+    classes: int = typer.Option(5, min=1, help="t-SNE: number of classes (the papers use 5), chosen at random with the seed."),
     split: str = typer.Option("test", help="Split to plot."),
     seed: Optional[int] = typer.Option(None, help="Seed for the class/sample choice, t-SNE and diffusion noise (default: the run's)."),
     cache: Optional[Path] = typer.Option(None, help="Cache to read (default: the one the run was trained on)."),
@@ -628,6 +639,7 @@ def bench(
     from .pipeline.bench import BenchConfig, run_bench, write_json
 
     try:
+        _require_file_target(json_out, "--json")
         report = run_bench(BenchConfig(device=device, visual=visual, image_size=image_size,
                                        images=images, batch_size=batch_size,
                                        head_rows=head_rows, num_workers=num_workers,
@@ -714,7 +726,7 @@ def datasets_check(
     ingredients: Optional[str] = _ingredients_option(),
     template: str = typer.Option("Ingredients: {ingredients}.", help="Sentence built from the ingredient list ({ingredients}, {n})."),
     images: bool = typer.Option(True, "--images/--no-images", help="Open every image to find missing and unreadable ones (--no-images: annotation files only)."),
-    workers: Optional[int] = typer.Option(None, help="Threads decoding images (default: one per CPU core)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Threads decoding images (default: one per CPU core)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
     """Validate a dataset root without running any model; exit 1 if images are missing or unreadable."""

@@ -521,6 +521,9 @@ def _extract(cfg: ExtractConfig, ranks: RankInfo, device: torch.device,
         barrier(ranks, path / "manifest.json", cfg.rank_timeout_s)
         texts = sorted({rec.text for recs in info.splits.values() for rec in recs})
         log(f"writing cache {path} (key {key}); {len(texts):,} unique texts")
+        if len(texts) == 1 and info.num_classes > 1:
+            log(f"warning: every record has the same text ({texts[0]!r}): it tells the classes "
+                "nothing; check --template (does it use {ingredients}?) and the text column")
         text_table = _encode_text_table(path, texts, text, device, ranks, cfg.rank_timeout_s)
         text_row = {t: i for i, t in enumerate(texts)}
         token_tables = _text_token_tables(texts, text, device, cfg.dtype) if cfg.tokens else {}

@@ -157,6 +157,9 @@ class FinetuneConfig:
         require_choice("--precision", self.precision, PRECISIONS)
         if self.template is not None:
             require_template("--template", self.template)
+        if Path(self.out).suffix != ".safetensors" or Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out}: give a .safetensors file path for the "
+                              "checkpoint (its resumable state goes next to it)")
         blocks = self.train_blocks
         if blocks != "all" and not (blocks.startswith("last-") and blocks[5:].isdigit()
                                     and int(blocks[5:]) >= 1):
@@ -339,8 +342,8 @@ class EndToEnd:
                                     f"its pooled features {pooled.shape[-1]}; token methods "
                                     "share the encoder between them")
             batch["visual_tokens"] = norm(tokens)
-        for name in stage.fields:
-            if name not in batch:
+        for name in stage.fields:  # a method that reads no text trains without a text cache
+            if name not in batch and name in split.tensors:
                 batch[name] = split[name][index]
         return batch
 

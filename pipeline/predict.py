@@ -25,6 +25,8 @@ from .train import load_run
 def check_images(paths: Sequence[Path]) -> None:
     """Decode every image once; the first unreadable one raises, naming the file and why."""
     for path in paths:
+        if path.is_dir():
+            raise BadImageError(f"{path} is a folder; pass image files (e.g. {path}/*.jpg)")
         load_rgb(path)
 
 

@@ -455,14 +455,15 @@ def rebuild_heads(method: str, method_config: dict[str, Any], dims: dict[str, in
     (:func:`is_test_time_setting`); returns the model (eval mode) and its resolved config."""
     if method not in METHODS:
         raise ConfigError(f"{where}: unknown method {method!r}")
+    saved = from_dict(METHODS[method].config, method_config)
+    apply_overrides(saved, overrides or {})  # unknown keys and bad values are named first
     trained = [key for key in overrides or {} if not is_test_time_setting(key)]
     if trained:
         raise ConfigError(f"{where}: --set {', '.join(trained)} changes the trained heads "
                           "(what the weights were fitted to), so it needs a new training run; "
                           "only test-time settings of the sampling chains ("
                           f"{', '.join(sorted(TEST_TIME_SETTINGS))}) can change after training")
-    method_cfg = apply_overrides(from_dict(METHODS[method].config, method_config),
-                                 overrides or {})
+    method_cfg = apply_overrides(saved, overrides or {})
     model = HeadsModel(method, method_cfg, Dims(**dims))
     model.load_state_dict(state)
     return model.eval(), method_cfg

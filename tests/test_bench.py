@@ -49,7 +49,18 @@ def test_head_benches_report_consistent_ratios(tmp_path):
 
 def test_cache_read_bench_reads_both_formats(tmp_path):
     res = bench_cache_read(TINY, CPU, tmp_path)
-    assert res["ratio"] == res["zarr_vs_npy"] and res["hdf5_vs_npy"] > 0
+    assert res["ratio"] == res["zarr_unchecked_vs_npy"]
+    assert {"npy_mb_per_s", "zarr_mb_per_s", "zarr_unchecked_mb_per_s", "hdf5_mb_per_s",
+            "check_cost", "check_ms_per_100mb"} <= set(res)
+
+
+def test_fingerprint_bench_times_the_images_of_the_extraction_bench(tmp_path):
+    from marnet.pipeline.bench import _synthfood_subset, bench_fingerprint
+
+    _synthfood_subset(TINY, tmp_path / "synthfood", 40)
+    res = bench_fingerprint(tmp_path)
+    assert res["images"] == len(list((tmp_path / "synthfood").rglob("*.jpg"))) >= 40
+    assert res["ratio"] == pytest.approx(res["decode_ms_per_img"] / res["fingerprint_ms_per_img"])
 
 
 def test_ddim_vs_ddpm_compares_step_counts_and_accuracy():

@@ -199,6 +199,12 @@ def test_team_needs_token_text_features(synth_root, tiny_cache, tiny_token_cache
     assert meta["head_method"] == "team" and meta["history"][0]["team"] > 0
 
 
+def test_ce_trains_without_a_text_cache(synth_root, tmp_path):
+    meta = finetune(_cfg(synth_root, tmp_path, "ce", head_epochs=1), log=lambda _: None)
+    assert meta["text_cache_key"] is None and len(meta["history"]) == 1
+    assert (tmp_path / "ce.safetensors").is_file()
+
+
 def test_methods_reading_text_need_a_text_cache(synth_root, tmp_path):
     for method in ("ita", "marnet", "seda"):
         with pytest.raises(FinetuneError, match="--text-cache"):

@@ -173,6 +173,14 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def require_root(root: Path, hint: str) -> Path:
+    """Return ``root`` if it is a folder; else say whether it is missing or a file."""
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"dataset root {root} {what}. {hint}")
+    return root
+
+
 def require_dir(path: Path, what: str, hint: str = "") -> Path:
     """Return ``path`` if it is a folder, else raise an error that says what belongs there."""
     if not path.is_dir():

@@ -42,6 +42,7 @@ from .base import (
     read_names,
     render_text,
     require_dir,
+    require_root,
     warn,
 )
 
@@ -73,8 +74,7 @@ class Row:
 
 def find_label_file(root: Path) -> Path:
     """``labels.csv`` or ``labels.jsonl`` at ``root`` (exactly one of them)."""
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist. {LAYOUT_HELP}")
+    require_root(root, LAYOUT_HELP)
     found = [root / name for name in LABEL_FILES if (root / name).is_file()]
     if not found:
         raise DatasetError(f"missing label table: expected {root / LABEL_FILES[0]} or "

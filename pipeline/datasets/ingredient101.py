@@ -35,6 +35,7 @@ from .base import (
     read_names,
     render_text,
     require_dir,
+    require_root,
     require_file,
     warn,
     warn_on_unofficial_counts,
@@ -56,8 +57,7 @@ LAYOUT_HELP = (
 
 def find_annotations(root: Path) -> Path:
     """The ``Annotations`` folder of ``root``, matched case-insensitively."""
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist. {LAYOUT_HELP}")
+    require_root(root, LAYOUT_HELP)
     found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() == "annotations")
     if not found:
         raise DatasetError(f"missing annotation folder: expected {root / ANNOTATION_DIR} "

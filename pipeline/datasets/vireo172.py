@@ -27,6 +27,7 @@ from .base import (
     read_names,
     render_text,
     require_dir,
+    require_root,
     require_file,
     warn,
     warn_on_unofficial_counts,
@@ -118,8 +119,7 @@ def read_vireo_layout(root: Path, name: str = "vireo172", template: str = DEFAUL
                       expected_counts: dict[str, int] | None = OFFICIAL_COUNTS) -> DatasetInfo:
     """Read a VIREO Food-172 root (or any dataset written in its layout, like the demo)."""
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist. {LAYOUT_HELP}")
+    require_root(root, LAYOUT_HELP)
     ann = require_dir(root / ANNOTATION_DIR, "annotation folder", LAYOUT_HELP)
     class_names = read_names(ann / "FoodList.txt", "dish list (FoodList.txt)", "warn")
     ingredient_names = read_names(ann / "IngredientList.txt",

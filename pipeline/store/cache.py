@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -65,7 +66,7 @@ def field_checksum(values: np.ndarray) -> str:
     else:
         arr = np.ascontiguousarray(values)
         h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes())
+        h.update(memoryview(arr.reshape(-1)).cast("B"))  # the raw bytes, without a copy
     return h.hexdigest()
 
 
@@ -249,8 +250,8 @@ class CacheWriter:
         total = sum(layout.num_shards for layout in self.layouts.values())
         return CacheError(f"{action} the cache {self.root} failed: {describe_os_error(exc)}. "
                           f"{done} of {total} "
-                          "shards are committed and intact; fix the cause (free disk space, "
-                          "check permissions) and run the same command again to resume")
+                          "shards are committed and intact; once fixed, run the same command "
+                          "again to resume")
 
     def committed(self, split: str) -> set[int]:
         """Indices of the shards of ``split`` that have a commit record."""
@@ -364,8 +365,12 @@ def read_manifest(root: Path | str) -> dict[str, Any]:
     try:
         text = read_text(root, MANIFEST)
     except (FileNotFoundError, NotADirectoryError):
-        raise CacheError(f"no cache at {root}: {MANIFEST} is missing "
-                         "(run `marnet extract`)") from None
+        below = sorted(Path(root).glob(f"*/*/{MANIFEST}"))[:3] \
+            if not is_url(root) and Path(root).is_dir() else []
+        hint = ("; it holds caches below it, pass one of them: "
+                + ", ".join(str(p.parent) for p in below)) if below else \
+            " (run `marnet extract`; `marnet cache ls` lists the caches of a root)"
+        raise CacheError(f"no cache at {root}: {MANIFEST} is missing{hint}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -476,9 +481,19 @@ class FeatureCache:
     def _check_rows(self, split: str, field: str, values: np.ndarray) -> None:
         """Compare each shard's slice of a whole field with its recorded checksum."""
         shard_rows = self.manifest["splits"][split]["shard_rows"]
-        for shard in self.shard_list(split):
+
+        def check(shard: dict) -> None:
             start = shard["index"] * shard_rows
             self._check_shard(split, field, shard, values[start:start + shard["rows"]])
+
+        shards = self.shard_list(split)
+        workers = min(len(shards), os.cpu_count() or 1)
+        if workers < 2:
+            for shard in shards:
+                check(shard)
+            return
+        with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL: shards hash in
+            list(pool.map(check, shards))  # parallel; the first damaged one (in order) raises
 
     def _unreadable_shard(self, split: str, field: str) -> int | None:
         """The first shard of ``field`` that fails to read on its own (None if each reads)."""
