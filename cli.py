@@ -788,7 +788,10 @@ def _info_summary(info: dict) -> str:
     lock = info["locked_by"]
     held = (f"\nlocked by pid {lock.get('pid')} on {lock.get('host')}"
             + (" (stale: that process is gone)" if lock["stale"] else "") if lock else "")
-    return f"{state} · {info['format']} · {info['dtype']} · dims {info['dims']}{size}{held}"
+    check = " (the manifest's view; `marnet cache verify` re-reads the shard files)" \
+        if info["complete"] else ""
+    return (f"{state}{check} · {info['format']} · {info['dtype']} · dims {info['dims']}"
+            f"{size}{held}")
 
 
 def _info_tables(info: dict) -> list[Table]:

@@ -102,6 +102,8 @@ def resolve_overrides(method: str, ablation: str | None = None, fusion: str | No
             raise ValueError(f"--ablation takes {', '.join(ABLATIONS)} with --method marnet")
         overrides["variant"] = ABLATIONS[ablation]
     if fusion is not None:
+        if method != "marnet":
+            raise ValueError(f"--fusion sets MARNet's fusion; --method {method} has none")
         overrides["fusion"] = fusion
     return overrides
 
