@@ -255,7 +255,7 @@ def finetune_base(cache: FeatureCache, vision: VisionSpec | None = None,
                               "--visual/--visual-weights for the backbone to start from")
         vision = VisionSpec(**spec)
     ds = cache.manifest["dataset"]
-    return FinetuneConfig(dataset=ds["name"], root=Path(ds["root"]), out=Path("row.safetensors"),
+    return FinetuneConfig(dataset=ds["name"], root=Path(ds["root"]), out=Path("unset"),
                           vision=vision, text_cache=cache.root, template=ds["template"],
                           dataset_options=dict(ds.get("options", {})), **settings)
 

@@ -157,9 +157,9 @@ class FinetuneConfig:
         require_choice("--precision", self.precision, PRECISIONS)
         if self.template is not None:
             require_template("--template", self.template)
-        if Path(self.out).suffix != ".safetensors" or Path(self.out).is_dir():
-            raise ConfigError(f"--out {self.out}: give a .safetensors file path for the "
-                              "checkpoint (its resumable state goes next to it)")
+        if Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out} is a folder: give the checkpoint's file path, "
+                              f"e.g. {Path(self.out) / 'backbone.safetensors'}")
         blocks = self.train_blocks
         if blocks != "all" and not (blocks.startswith("last-") and blocks[5:].isdigit()
                                     and int(blocks[5:]) >= 1):
