@@ -249,6 +249,18 @@ def test_commands_refuse_bad_values(tiny_cache, visual_run, tmp_path):
         (["bench", "--images", "0"], "--images must be >= 1, got 0"),
         (["eval", "--run", visual_run, "--device", "tpu"], "--device 'tpu'"),
         (["eval", "--run", tmp_path], "is not a finished run"),
+        (["eval", "--run", visual_run, "--json", tmp_path], "is a folder; give a file path"),
+        (["diagnose", "--cache", tmp_path / "none"], "manifest.json is missing"),
+        (["diagnose", "--cache", tiny_cache, "--split", "nope"], "split 'nope' is not in"),
+        (["plot", "--run", visual_run, "--samples", "1"], "'--samples'"),
+        (["datasets", "check", "--dataset", "nope"], "nope"),
+        (["datasets", "check", "--dataset", "synthfood", "--workers", "0"], "'--workers'"),
+        (["cache", "info", tmp_path / "none"], "manifest.json is missing"),
+        (["cache", "verify", tmp_path / "none"], "manifest.json is missing"),
+        (["cache", "rm", tmp_path, "--yes"], "manifest.json is missing"),
+        (["cache", "export", tmp_path / "none", "--npy", tmp_path / "npy"],
+         "manifest.json is missing"),
+        (["cache", "ls", image], "is a file"),
     ]
     for args, message in cases:
         assert message in _run(*args, code=2), args
