@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   creates .venv, installs marnet with the offline demo extras, runs the demo
-#   make test   creates .venv if missing, installs, runs the test suite
+#   make test   creates .venv if missing, installs, lints (ruff), runs the test suite
 #
 # torch==2.14.1 / torchvision==0.29.1 are pinned in pyproject.toml as an exact matching pair:
 # timm imports torchvision, and a torchvision only loads beside the torch it was built for.
@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/marnet demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	MARNET_PROGRESS=0 $(PY) -m pytest -q
 
 clean:

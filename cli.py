@@ -172,7 +172,8 @@ def extract(
 ) -> None:
     """Stage one: run the backbones once and write the feature cache (resumes if interrupted)."""
     from .pipeline.backbones import TextSpec, VisionSpec
-    from .pipeline.extract import ExtractConfig, extract as run
+    from .pipeline.extract import ExtractConfig
+    from .pipeline.extract import extract as run
     from .pipeline.store.location import require_local
 
     try:
@@ -231,7 +232,8 @@ def finetune(
     """Train the vision backbone end to end with a method's head and objective (from images)."""
     from .pipeline.backbones import VisionSpec
     from .pipeline.config import parse_overrides
-    from .pipeline.finetune import FinetuneConfig, finetune as run
+    from .pipeline.finetune import FinetuneConfig
+    from .pipeline.finetune import finetune as run
 
     try:
         meta = run(FinetuneConfig(
@@ -274,7 +276,8 @@ def train_heads(
     from .pipeline.config import parse_overrides
     from .pipeline.heads import resolve_overrides
     from .pipeline.store import parse_expectations
-    from .pipeline.train import TrainConfig, train_heads as run
+    from .pipeline.train import TrainConfig
+    from .pipeline.train import train_heads as run
 
     try:
         expectations = parse_expectations(expect)
@@ -366,6 +369,8 @@ def ablate(
     and write the table (mean +- std over seeds)."""
     from .pipeline.ablate import (
         ablate as run,
+    )
+    from .pipeline.ablate import (
         ablate_finetune,
         finetune_base,
         parse_method_overrides,
@@ -741,7 +746,7 @@ def datasets_check(
     except DatasetError as exc:
         if json_out:
             typer.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         _fail(exc)
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))

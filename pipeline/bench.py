@@ -351,6 +351,16 @@ def bench_cache_read(cfg: BenchConfig, device: torch.device, workdir: Path) -> d
     return out
 
 
+def _head_epoch(train: SplitData, stage: Any, optimizer: torch.optim.Optimizer,
+                generator: torch.Generator, batch_size: int, precision: str,
+                device: torch.device) -> None:
+    """One epoch of in-memory index batches through ``stage`` (the scaling bench's unit)."""
+    perm = torch.randperm(len(train), device=device, generator=generator)
+    for index in perm.split(batch_size):
+        batch = {**{k: train[k][index] for k in ("visual", "text", "label")}, "index": index}
+        train_step(stage, optimizer, batch, precision, device.type)
+
+
 def bench_fingerprint(workdir: Path) -> dict[str, Any]:
     """The image fingerprints the cache key hashes vs decoding the same images once (what
     extraction does anyway): the key's cost as a fraction of the decode."""
@@ -621,15 +631,8 @@ def bench_scaling(cfg: BenchConfig, device: torch.device, precision: str, workdi
         train = _split(clustered_features(rows, cfg), device)
         _, stage, optimizer, _ = _marnet_stage_a(cfg, device, train)
         g = torch.Generator(device=device).manual_seed(0)
-
-        def epoch() -> None:
-            perm = torch.randperm(len(train), device=device, generator=g)
-            for index in perm.split(cfg.head_batch):
-                batch = {**{k: train[k][index] for k in ("visual", "text", "label")},
-                         "index": index}
-                train_step(stage, optimizer, batch, precision, device.type)
-
-        seconds = timed(epoch, 1, 2, device)
+        seconds = timed(partial(_head_epoch, train, stage, optimizer, g, cfg.head_batch,
+                                precision, device), 1, 2, device)
         heads.append({"rows": rows, "epoch_s": round(seconds, 6),
                       "samples_per_s": round(rows / seconds, 1)})
     extraction = []

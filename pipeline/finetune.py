@@ -48,9 +48,9 @@ from torch import nn
 from .backbones import (
     PRECISIONS,
     BackboneError,
+    FoldedPairs,
     VisionBackbone,
     VisionSpec,
-    FoldedPairs,
     build_vision,
     fold_batchnorm,
     folded_batchnorm,
@@ -82,7 +82,7 @@ from .heads import (
     method_reads_text,
     resolve_overrides,
 )
-from .heads.alignment import AlignConfig, TOKEN_FIELDS
+from .heads.alignment import TOKEN_FIELDS, AlignConfig
 from .progress import progress_bar
 from .splits import held_out_split
 from .store import CacheError, FeatureCache

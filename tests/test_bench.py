@@ -13,9 +13,9 @@ from marnet.pipeline.bench import (
     bench_ddim_vs_ddpm,
     bench_extract_vs_model,
     bench_finetune_step,
-    bench_inference_fold,
     bench_heads_vs_gemm,
     bench_heads_vs_naive,
+    bench_inference_fold,
     timed,
 )
 from marnet.pipeline.store import FeatureCache

@@ -8,9 +8,17 @@ import pytest
 from typer.testing import CliRunner
 
 from marnet.cli import app
-from marnet.pipeline.diagnose import (cosine_matrix, cosine_matrix_correlation, diagnose,
-                                      feature_summary, frechet_distance, linear_cka,
-                                      rotation_invariant_frechet, standardise, variance_ratio)
+from marnet.pipeline.diagnose import (
+    cosine_matrix,
+    cosine_matrix_correlation,
+    diagnose,
+    feature_summary,
+    frechet_distance,
+    linear_cka,
+    rotation_invariant_frechet,
+    standardise,
+    variance_ratio,
+)
 from marnet.pipeline.store import FeatureCache
 
 

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from marnet.pipeline.datasets.synthfood import SynthFoodConfig, generate
 from marnet.pipeline.config import ConfigError
+from marnet.pipeline.datasets.synthfood import SynthFoodConfig, generate
 from marnet.pipeline.evaluate import end_to_end_features, evaluate_run
 from marnet.pipeline.store import CacheError, FeatureCache
 from marnet.pipeline.train import TrainConfig, load_run, train_heads

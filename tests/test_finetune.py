@@ -12,8 +12,8 @@ from marnet.pipeline.config import ConfigError
 from marnet.pipeline.evaluate import finetuned_logits
 from marnet.pipeline.extract import extract
 from marnet.pipeline.finetune import (
-    EndToEnd,
     FINETUNE_METHODS,
+    EndToEnd,
     FinetuneConfig,
     FinetuneError,
     finetune,

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from marnet.pipeline.heads import Dims, SplitData, TrainContext, build_head, method_config
-from marnet.pipeline.heads.seda import (PFIN, DSTConfig, PFINConfig, class_centres,
-                                        prototype_logits)
+from marnet.pipeline.heads.seda import PFIN, DSTConfig, PFINConfig, class_centres, prototype_logits
 from marnet.pipeline.store import FeatureCache
 from marnet.pipeline.train import HeadsModel, TrainConfig, load_run, run_stage, train_heads
 

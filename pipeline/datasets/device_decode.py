@@ -99,7 +99,7 @@ class DeviceDecoder:
         decoded = dict(zip(jpegs, self._decode([samples[i] for i in jpegs])))
         size = self.preprocess.size
         images = []
-        for i, (payload, _, error) in enumerate(samples):
+        for i, (payload, _, _error) in enumerate(samples):
             image = decoded.get(i) if payload.ndim == 1 else payload.to(self.device,
                                                                        non_blocking=True)
             if isinstance(image, str):

@@ -27,8 +27,8 @@ from .base import (
     read_names,
     render_text,
     require_dir,
-    require_root,
     require_file,
+    require_root,
     warn,
     warn_on_unofficial_counts,
 )
