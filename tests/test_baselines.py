@@ -16,6 +16,7 @@ from marnet.pipeline.backbones import (
     resolve_text_model,
 )
 from marnet.pipeline.datasets import load_dataset
+from marnet.pipeline.evaluate import evaluate_run
 from marnet.pipeline.heads import Dims, SplitData, TrainContext, build_head, method_config
 from marnet.pipeline.heads.alignment import AlignConfig, AlignedClassifier
 from marnet.pipeline.losses import (
@@ -92,7 +93,9 @@ def test_each_baseline_trains_and_classifies_from_visual_features(
     (record,) = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert parts | {"ce", "loss"} <= set(record)
     assert all(torch.isfinite(torch.tensor(record[k])) for k in parts)
-    assert 0 <= results["test"]["top1"] <= results["test"]["top5"] <= 100
+    reloaded = evaluate_run(out, "test", device="cpu", log=lambda _: None)
+    assert (reloaded["top1"], reloaded["top5"]) == (results["test"]["top1"],
+                                                    results["test"]["top5"])  # what was saved
     model, config = load_run(out)
     assert config["method_config"]["loss"] == method
     visual = FeatureCache(cache).load_split("test", ("visual",))["visual"]

@@ -26,9 +26,14 @@ TINY = BenchConfig(device="cpu", head_rows=512, head_batch=32, visual_dim=16, te
 CPU = torch.device("cpu")
 
 
-def test_timed_returns_the_median():
+def test_timed_returns_the_median(monkeypatch):
+    import marnet.pipeline.bench as bench
+
     calls = []
-    assert timed(lambda: calls.append(1), 2, 5, CPU) >= 0
+    # a scripted clock: the five timed runs take 3, 1, 9, 2 and 5 s (the warm-ups read none)
+    ticks = iter([0, 3, 10, 11, 20, 29, 30, 32, 40, 45])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    assert timed(lambda: calls.append(1), 2, 5, CPU) == 3
     assert len(calls) == 7
 
 

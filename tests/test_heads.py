@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from marnet.pipeline.evaluate import evaluate_run
 from marnet.pipeline.heads import Dims, build_head, method_config
 from marnet.pipeline.heads.common import ConditionalDenoiser, ProjectionEncoder
 from marnet.pipeline.heads.marnet import FusionHead
@@ -39,8 +40,17 @@ def test_add_and_mul_fusion_need_equal_dims():
 def test_predict_uses_visual_features_only():
     dims = Dims(visual=6, text=4, classes=3)
     head = build_head("marnet", method_config("marnet", SMALL), dims)
-    logits = head.predict(torch.randn(5, 6), torch.Generator().manual_seed(0))
+    visual = torch.randn(5, 6)
+    logits = head.predict(visual, torch.Generator().manual_seed(0))
     assert logits.shape == (5, 3)
+    with torch.no_grad():  # the text side (E_s) is trained, never used at test time
+        for param in head.ema.text_encoder.parameters():
+            param.add_(torch.randn_like(param))
+    assert torch.equal(head.predict(visual, torch.Generator().manual_seed(0)), logits)
+    with torch.no_grad():  # while the visual side is
+        for param in head.ema.visual_encoder.parameters():
+            param.add_(torch.randn_like(param))
+    assert not torch.equal(head.predict(visual, torch.Generator().manual_seed(0)), logits)
     # the same noise gives the same prediction; the chain is stochastic otherwise
     a = head.predict(torch.ones(2, 6), torch.Generator().manual_seed(1))
     b = head.predict(torch.ones(2, 6), torch.Generator().manual_seed(1))
@@ -73,7 +83,9 @@ def test_each_variant_trains_and_writes_a_run(tiny_cache, tmp_path, method, over
     assert all(any(k.startswith("val_top1") for k in l) for l in lines)
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["validation"] == "val split"
-    assert 0 <= results["test"]["top1"] <= results["test"]["top5"] <= 100
+    reloaded = evaluate_run(out, "test", device="cpu", log=lambda _: None)
+    assert (reloaded["top1"], reloaded["top5"]) == (results["test"]["top1"],
+                                                    results["test"]["top5"])  # what was saved
     model, _ = load_run(out)
     assert model.predict(torch.randn(3, config["dims"]["visual"])).shape == (3, 4)
 
