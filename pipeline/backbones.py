@@ -27,9 +27,7 @@ import torch
 from torch import nn
 
 from .config import require_choice, require_device, require_positive, require_range
-
-DEFAULT_VISUAL = "vit_base_patch16_224"
-DEFAULT_TEXT = "bert-base-uncased"
+from .defaults import DEFAULT_TEXT, DEFAULT_VISUAL
 
 
 class BackboneError(RuntimeError):

@@ -167,3 +167,41 @@ def test_finetune_study_tabulates_backbones_heads_and_the_text_ceiling(tmp_path)
     assert all(c.complete for c in caches)
     provenance = [c.manifest["inputs"]["visual"]["finetuned"] for c in caches]
     assert sorted(p["method"] if p else "frozen" for p in provenance) == ["frozen", "ita"]
+
+
+def test_cli_defaults_are_the_configs_defaults():
+    """Every option that fills a config field defaults to that field's default (one source);
+    options whose default is None resolve it elsewhere (an environment variable, a study)."""
+    import dataclasses
+
+    from typer.main import get_command
+
+    from marnet.pipeline.backbones import TextSpec, VisionSpec
+    from marnet.pipeline.bench import BenchConfig
+    from marnet.pipeline.demo import DemoConfig
+    from marnet.pipeline.extract import ExtractConfig
+    from marnet.pipeline.finetune import FinetuneConfig
+    from marnet.pipeline.train import TrainConfig
+
+    def defaults(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+
+    renamed = {VisionSpec: {"visual": "model", "visual_weights": "weights"},  # option -> field
+               TextSpec: {"text": "model"}, DemoConfig: {"beta": "finetune_beta"}}
+    configs = {"extract": (ExtractConfig, VisionSpec, TextSpec), "train-heads": (TrainConfig,),
+               "finetune": (FinetuneConfig, VisionSpec), "bench": (BenchConfig,),
+               "demo": (DemoConfig,)}
+    commands, compared = get_command(app).commands, 0
+    for command, classes in configs.items():
+        for param in commands[command].params:
+            if param.default in (None, ""):
+                continue
+            for cls in classes:
+                field_default = defaults(cls).get(renamed.get(cls, {}).get(param.name,
+                                                                           param.name))
+                if field_default is None or dataclasses.is_dataclass(field_default):
+                    continue
+                compared += 1
+                assert str(param.default) == str(field_default), (command, param.name, cls)
+    assert compared >= 40

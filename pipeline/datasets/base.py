@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..defaults import DEFAULT_TEMPLATE
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
-DEFAULT_TEMPLATE = "Ingredients: {ingredients}."
 
 
 class DatasetError(ValueError):
