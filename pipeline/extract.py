@@ -670,22 +670,9 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, plan: SplitPlan, batch
                     _submit_shard(thread, current, split, records, info, text_table, text_row,
                                   token_tables)
                     current = {}
-                if not current:
-                    current = {"index": shard, "rows": [], "feats": [], "errors": [],
-                               "timing": {"read_s": 0.0, "model_s": 0.0}}
-                current["timing"]["read_s"] += read_s
-                current["timing"]["model_s"] += model_s
-                current["rows"] += rows
-                current["feats"].append(feats)
-                if tokens is not None:
-                    current.setdefault("tokens", []).append(to_storage(tokens, cfg.dtype))
-                for row, err in zip(rows, errors):
-                    if err:
-                        if cfg.on_bad_image == "fail":
-                            raise CacheError(f"unreadable image for {records[row].id!r}: {err}. "
-                                             "Fix or remove the file, or pass "
-                                             "--on-bad-image skip to record and skip it")
-                        current["errors"].append((row, err))
+                current = current or {"index": shard, "rows": [], "feats": [], "errors": [],
+                                      "timing": {"read_s": 0.0, "model_s": 0.0}}
+                _add_batch(current, rows, feats, tokens, errors, (read_s, model_s), cfg, records)
                 done += len(rows)
                 advance(len(rows), info=_timing_line(timing, thread.write_seconds, done))
                 t_read = time.perf_counter()
@@ -696,6 +683,25 @@ def _extract_split(cfg: ExtractConfig, info: DatasetInfo, plan: SplitPlan, batch
         thread.close()
     log(f"{split}: {rows_total:,} rows; {_timing_line(timing, thread.write_seconds, rows_total)}")
     return rows_total, time.perf_counter() - t_start
+
+
+def _add_batch(current: dict[str, Any], rows: list[int], feats: np.ndarray,
+               tokens: torch.Tensor | None, errors: list[str], seconds: tuple[float, float],
+               cfg: ExtractConfig, records: list) -> None:
+    """Append one encoded batch to the shard being filled; an unreadable image stops the run
+    under ``--on-bad-image fail`` and is recorded for the shard under ``skip``."""
+    current["timing"]["read_s"] += seconds[0]
+    current["timing"]["model_s"] += seconds[1]
+    current["rows"] += rows
+    current["feats"].append(feats)
+    if tokens is not None:
+        current.setdefault("tokens", []).append(to_storage(tokens, cfg.dtype))
+    for row, err in zip(rows, errors):
+        if err and cfg.on_bad_image == "fail":
+            raise CacheError(f"unreadable image for {records[row].id!r}: {err}. Fix or remove "
+                             "the file, or pass --on-bad-image skip to record and skip it")
+        if err:
+            current["errors"].append((row, err))
 
 
 def _timing_line(timing: dict[str, float], write_s: float, rows: int) -> str:

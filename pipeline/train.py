@@ -329,10 +329,7 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     A finished run in ``out_dir`` with the same settings is reused (its results returned);
     a different one is refused unless ``overwrite``.
     """
-    if features not in ("visual", "text"):
-        raise ValueError(f"features must be visual or text, got {features!r}")
-    if features == "text" and method != "visual":
-        raise ValueError("the text-only ceiling trains the plain classifier: use --method visual")
+    _require_features(method, features)
     cache = FeatureCache(cache_path).require_complete()
     require_expected(cache.manifest, expect or {}, str(cache.root))
     method_cfg = method_config(method, overrides)
@@ -358,24 +355,14 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     val = SplitData(_standardise(model, val_raw))
     ctx = TrainContext(device, torch.Generator(device=device).manual_seed(cfg.seed),
                        eval_seed=cfg.seed, chunk_rows=cfg.chunk_rows)
-    config = {
+    write_json_atomic(out / "config.json", {
         "method": method, "method_config": asdict(method_cfg), "train": asdict(cfg),
-        "summary": METHODS[method].summary,
-        "cache": {"path": canonical(cache.root), "key": cache.key,
-                  "dataset": cache.manifest["dataset"]["name"],
-                  "visual": cache.manifest["inputs"]["visual"]["model"],
-                  "text": cache.manifest["inputs"]["text"]["model"],
-                  "inputs": cache.manifest["inputs"]},
+        "summary": METHODS[method].summary, "cache": _cache_record(cache),
         "dims": asdict(dims), "class_names": cache.class_names, "validation": val_source,
-        "features": features,
-        "device": str(device), "precision": precision,
-    }
-    write_json_atomic(out / "config.json", config)
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
+        "features": features, "device": str(device), "precision": precision})
     log(f"training {method} on {cache.root} ({len(train):,} train rows, validation: {val_source})")
     t0 = time.perf_counter()
-    with open(metrics_path, "a") as metrics_file:
+    with open(out / "metrics.jsonl", "w") as metrics_file:
         def log_metrics(record: dict) -> None:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -385,12 +372,35 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     train_seconds = time.perf_counter() - t0
     save_heads(model, out / "heads.safetensors")
     results = {"method": method, "seed": cfg.seed, "train_seconds": round(train_seconds, 2),
-               "val": evaluate_features(model, val_raw["visual"], val_raw["label"], dims.classes, ctx)}
-    if "test" in cache.splits:
-        test = load_features(cache, "test", device, features, ("visual", "label"))
-        results["test"] = evaluate_features(model, test["visual"], test["label"], dims.classes, ctx)
+               **_split_metrics(model, cache, val_raw, features, ctx)}
     write_json_atomic(out / "results.json", results)
     return results
+
+
+def _require_features(method: str, features: str) -> None:
+    if features not in ("visual", "text"):
+        raise ValueError(f"features must be visual or text, got {features!r}")
+    if features == "text" and method != "visual":
+        raise ValueError("the text-only ceiling trains the plain classifier: use --method visual")
+
+
+def _split_metrics(model: HeadsModel, cache: FeatureCache, val: dict[str, torch.Tensor],
+                   features: str, ctx: TrainContext) -> dict[str, dict[str, Any]]:
+    """Val (the rows model selection used) and, when the cache has it, test metrics."""
+    classes = len(cache.class_names)
+    metrics = {"val": evaluate_features(model, val["visual"], val["label"], classes, ctx)}
+    if "test" in cache.splits:
+        test = load_features(cache, "test", ctx.device, features, ("visual", "label"))
+        metrics["test"] = evaluate_features(model, test["visual"], test["label"], classes, ctx)
+    return metrics
+
+
+def _cache_record(cache: FeatureCache) -> dict[str, Any]:
+    """What a run records of the cache it was trained on (``eval`` checks it again)."""
+    inputs = cache.manifest["inputs"]
+    return {"path": canonical(cache.root), "key": cache.key,
+            "dataset": cache.manifest["dataset"]["name"], "visual": inputs["visual"]["model"],
+            "text": inputs["text"]["model"], "inputs": inputs}
 
 
 def _standardise(model: HeadsModel, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
