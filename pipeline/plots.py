@@ -44,22 +44,18 @@ def pyplot():
 
 # ---------------------------------------------------------------------- what a run produces
 
+MARNET_FEATURES = {"mlp_map": "MLP map", "x_cdr": "x_CDR"}
+MARNET_LOGITS = {"ema_logits": "EMA (visual)", "mlp_logits": "MLP (visual)",
+                 "cdr_logits": "CDR (diffusion)", "fusion_logits": "fusion (MARNet)"}
+
+
 def _marnet_outputs(head, visual: torch.Tensor, generator: torch.Generator,
                     chunk_rows: int) -> tuple[TensorMap, TensorMap]:
-    """MARNet (§1): ``x_CDR`` and the EMA / CDR / fusion logits the variant has."""
-    features, logits = {}, {}
-    if head.ema is not None:
-        logits["EMA (visual)"] = head.ema.predict(visual)
-    if head.mlp is not None:
-        features["MLP map"] = head.mlp.mlp(visual)
-        logits["MLP (visual)"] = head.mlp.classifier(features["MLP map"])
-    if head.cdr is not None:
-        x_cdr = head.cdr.generate(visual, head.schedule_on(visual.device), generator, chunk_rows)
-        features["x_CDR"] = x_cdr
-        logits["CDR (diffusion)"] = head.cdr.classifier(x_cdr)
-        if head.fusion is not None:
-            logits["fusion (MARNet)"] = head.fusion(head.ema.embed(visual), x_cdr)
-    return features, logits
+    """MARNet (§1): ``x_CDR`` and the EMA / CDR / fusion logits the variant has, from the
+    head's own :meth:`MARNet.representations`, under the figures' names."""
+    rep = head.representations(visual, generator, chunk_rows)
+    return ({MARNET_FEATURES[k]: v for k, v in rep.items() if k in MARNET_FEATURES},
+            {MARNET_LOGITS[k]: v for k, v in rep.items() if k in MARNET_LOGITS})
 
 
 def _seda_outputs(head, visual: torch.Tensor, generator: torch.Generator,

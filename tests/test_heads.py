@@ -156,3 +156,17 @@ def test_marnet_fusion_stage_starts_from_its_trained_branches(tiny_cache, tmp_pa
     assert torch.equal(weight[:, d:], head.cdr.classifier.weight)
     assert torch.equal(head.fusion.classifier.bias,
                        head.ema.classifier.bias + head.cdr.classifier.bias)
+
+
+@pytest.mark.parametrize("variant, names", [
+    ("full", {"ema_logits", "x_cdr", "cdr_logits", "fusion_logits"}),
+    ("cdr", {"x_cdr", "cdr_logits"}), ("mlp", {"mlp_map", "mlp_logits"}), ("ema", {"ema_logits"})])
+def test_marnet_representations_are_its_prediction_branch_by_branch(variant, names):
+    head = build_head("marnet", method_config("marnet", {**SMALL, "variant": variant}),
+                      Dims(visual=6, text=4, classes=3))
+    visual = torch.randn(5, 6)
+    rep = head.representations(visual, torch.Generator().manual_seed(3))
+    assert set(rep) == names
+    prediction = {"full": "fusion_logits", "cdr": "cdr_logits", "mlp": "mlp_logits",
+                  "ema": "ema_logits"}[variant]
+    assert torch.allclose(rep[prediction], head.predict(visual, torch.Generator().manual_seed(3)))

@@ -281,6 +281,26 @@ class MARNet(ScheduleOwner):
             logits = logits + self._logits_from(visual, x_cdr)
         return logits / samples
 
+    def representations(self, visual: torch.Tensor, generator: torch.Generator | None = None,
+                        chunk_rows: int = 8192) -> dict[str, torch.Tensor]:
+        """One image-only pass through every branch the variant has (one ``x_CDR`` chain):
+        features ``mlp_map`` and ``x_cdr``, logits ``ema_logits`` (Eq. 13's classifier on
+        ``x_EMA``), ``mlp_logits``, ``cdr_logits`` and ``fusion_logits`` (the prediction of the
+        full model), each present when the variant has the branch (figures, diagnostics)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.ema is not None:
+            out["ema_logits"] = self.ema.predict(visual)
+        if self.mlp is not None:
+            out["mlp_map"] = self.mlp.mlp(visual)
+            out["mlp_logits"] = self.mlp.classifier(out["mlp_map"])
+        if self.cdr is not None:
+            out["x_cdr"] = self.cdr.generate(visual, self.schedule_on(visual.device), generator,
+                                             chunk_rows)
+            out["cdr_logits"] = self.cdr.classifier(out["x_cdr"])
+            if self.fusion is not None:
+                out["fusion_logits"] = self.fusion(self.ema.embed(visual), out["x_cdr"])
+        return out
+
     def _logits_from(self, visual: torch.Tensor, x_cdr: torch.Tensor) -> torch.Tensor:
         if self.cfg.variant == "cdr":
             return self.cdr.classifier(x_cdr)
