@@ -25,7 +25,8 @@ from .alignment import (
     alignment_fields,
 )
 from .common import Dims, SplitData, Stage, Standardizer, TrainContext
-from .marnet import VARIANTS, DiffusionConfig, MARNet, MARNetConfig
+from .diffusion import DiffusionConfig
+from .marnet import VARIANTS, MARNet, MARNetConfig
 from .seda import SeDA, SeDAConfig
 
 

@@ -18,13 +18,12 @@ trains fusion in stage (a) on the one-step ``x0_hat`` instead (the option the pa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, require_choice, require_positive, require_range
+from ..config import require_choice, require_positive
 from ..losses import (
     FEATURE_FUSIONS,
     FUSIONS,
@@ -33,10 +32,9 @@ from ..losses import (
     fuse_features,
     fuse_logits,
 )
-from ..schedule import NoiseSchedule, ScheduleConfig
+from ..schedule import NoiseSchedule
 from .alignment import AlignConfig, AlignedClassifier
 from .common import (
-    MLP,
     Batch,
     ConditionalDenoiser,
     Dims,
@@ -46,53 +44,9 @@ from .common import (
     TrainContext,
     val_top1,
 )
+from .diffusion import DiffusionConfig, MLPControl, generate_chunked
 
 VARIANTS = ("ema", "mlp", "cdr", "full")
-
-
-SAMPLERS = ("ddpm", "ddim")
-
-
-@dataclass
-class DiffusionConfig:
-    """The conditional diffusion shared by CDR and SeDA's stages (METHODS §3 #5, #8-10).
-
-    ``hidden``/``layers``/``t_dim``: the x0-denoiser MLP (width, linear layers, sinusoidal
-    time-embedding size). ``schedule``: T and the beta schedule. ``sampler``: the test-time
-    reverse chain, ``ddpm`` (full ancestral chain, the paper's) or ``ddim`` with ``steps``
-    jumps and stochasticity ``eta``. ``test_samples``: average the logits of S chains.
-    ``val_sampler``/``val_steps``: the cheaper chain used for per-epoch model selection.
-    """
-
-    hidden: int = 1024
-    layers: int = 4
-    t_dim: int = 128
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    sampler: str = "ddpm"
-    steps: int = 20
-    eta: float = 0.0
-    test_samples: int = 1
-    val_sampler: str = "ddim"
-    val_steps: int = 10
-
-    # settings that act only with another one (checked for every --set, config.apply_overrides)
-    REQUIRES: ClassVar[dict[str, tuple[str, str]]] = {
-        "steps": ("sampler", "ddim"), "eta": ("sampler", "ddim"),
-        "val_steps": ("val_sampler", "ddim")}
-
-    def __post_init__(self) -> None:
-        require_choice("diffusion.sampler", self.sampler, SAMPLERS)
-        require_choice("diffusion.val_sampler", self.val_sampler, SAMPLERS)
-        for name in ("hidden", "layers", "t_dim", "steps", "test_samples", "val_steps"):
-            require_positive(f"diffusion.{name}", getattr(self, name))
-        require_positive("diffusion.schedule.steps", self.schedule.steps)
-        for name, sampler in (("steps", self.sampler), ("val_steps", self.val_sampler)):
-            if sampler == "ddim" and getattr(self, name) > self.schedule.steps:
-                raise ConfigError(f"diffusion.{name} = {getattr(self, name)} exceeds the noise "
-                                  f"schedule's T = {self.schedule.steps} "
-                                  "(diffusion.schedule.steps): a DDIM chain visits at most T "
-                                  f"steps; set diffusion.{name} to {self.schedule.steps} or less")
-        require_range("diffusion.eta", self.eta, 0.0, 1.0)
 
 
 @dataclass
@@ -135,20 +89,6 @@ class MARNetConfig:
         require_positive("fusion_epochs", self.fusion_epochs)
 
 
-def generate_chunked(schedule: NoiseSchedule, denoiser: ConditionalDenoiser, cond: torch.Tensor,
-                     out_dim: int, method: str, steps: int, eta: float,
-                     generator: torch.Generator, chunk_rows: int) -> torch.Tensor:
-    """Reverse-chain samples for every row of ``cond``, ``chunk_rows`` at a time (the
-    condition's share of the denoiser computed once per chunk:
-    :meth:`ConditionalDenoiser.conditioned`)."""
-    parts = []
-    for start in range(0, len(cond), chunk_rows):
-        c = cond[start:start + chunk_rows]
-        parts.append(schedule.sample(denoiser.conditioned(c), (len(c), out_dim),
-                                     cond.device, method, steps, eta, generator))
-    return torch.cat(parts) if parts else cond.new_zeros(0, out_dim)
-
-
 class CDRBranch(nn.Module):
     """Cross-modal Diffusion Reconstruction: ``X_theta(x_s^t, t, x_v)`` plus ``Classifier_CDR``."""
 
@@ -184,26 +124,6 @@ class CDRBranch(nn.Module):
         return generate_chunked(schedule, self.denoiser, visual, self.text_dim,
                                 method or d.sampler, steps or d.steps, d.eta, generator,
                                 chunk_rows)
-
-
-class MLPControl(nn.Module):
-    """The +MLP row: the same 4-layer MLP maps ``x_v`` to the text space, no diffusion (§3 #15)."""
-
-    def __init__(self, cfg: MARNetConfig, dims: Dims):
-        super().__init__()
-        self.cfg = cfg
-        self.mlp = MLP(dims.visual, cfg.diffusion.hidden, dims.text, cfg.diffusion.layers)
-        self.classifier = nn.Linear(dims.text, dims.classes)
-
-    def predict(self, visual: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.mlp(visual))
-
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mapped = self.mlp(batch["visual"])
-        ce = F.cross_entropy(self.classifier(mapped), batch["label"])
-        mse = feature_mse(mapped, batch["text"])
-        return self.cfg.alpha2 * ce + self.cfg.gamma * mse, {"mlp_ce": ce.detach(),
-                                                             "mse": mse.detach()}
 
 
 class FusionHead(nn.Module):
@@ -254,7 +174,8 @@ class MARNet(ScheduleOwner):
         uses = {"ema": cfg.variant in ("ema", "full"), "cdr": cfg.variant in ("cdr", "full")}
         self.ema = AlignedClassifier(cfg.ema, dims) if uses["ema"] else None
         self.cdr = CDRBranch(cfg, dims) if uses["cdr"] else None
-        self.mlp = MLPControl(cfg, dims) if cfg.variant == "mlp" else None
+        self.mlp = MLPControl(dims, cfg.diffusion.hidden, cfg.diffusion.layers, cfg.alpha2,
+                              cfg.gamma) if cfg.variant == "mlp" else None
         self.fusion = FusionHead(cfg.fusion, self.ema.d, dims.text, dims.classes) \
             if cfg.variant == "full" else None
         # stage (b)'s inputs, made once by its prepare(): K sampled x_CDR per train row, one

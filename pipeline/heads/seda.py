@@ -51,7 +51,7 @@ from .common import (
     sinusoidal_embedding,
     val_top1,
 )
-from .marnet import DiffusionConfig, MARNetConfig, MLPControl, generate_chunked
+from .diffusion import DiffusionConfig, MLPControl, generate_chunked
 
 VARIANTS = ("full", "one-step", "dst-only", "dsl-only", "no-pfin")
 CLASSIFIER_INPUTS = ("m+s", "v+m+s", "s")  # C_f input (METHODS §3 #24)
@@ -362,8 +362,8 @@ class SeDA(nn.Module):
         self.dsl = SemanticLearner(cfg.dsl, dims) if uses_dsl else None
         self.dst = SemanticTranslator(cfg, dims, interact=cfg.variant != "no-pfin") \
             if uses_dst else None
-        self.one_step = MLPControl(MARNetConfig(diffusion=cfg.dsl, alpha2=cfg.dst.lambda_s),
-                                   dims) if cfg.variant == "one-step" else None
+        self.one_step = MLPControl(dims, cfg.dsl.hidden, cfg.dsl.layers, cfg.dst.lambda_s) \
+            if cfg.variant == "one-step" else None
         self._train_z: torch.Tensor | None = None
         self._val_z: torch.Tensor | None = None
 
