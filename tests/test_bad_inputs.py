@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from marnet import cli
 from marnet.cli import app
 from marnet.pipeline.datasets.base import image_fingerprint
-from marnet.pipeline.store import FeatureCache
+from marnet.pipeline.store import CacheError, FeatureCache
 
 runner = CliRunner()
 
@@ -63,11 +63,18 @@ def test_a_truncated_shard_names_its_file_and_the_repair(tiny_cache, tmp_path):
     assert f"to repair: `marnet cache verify {copy} --repair`" in out
 
 
-def test_shard_checks_pass_an_intact_cache_and_can_be_skipped(tiny_cache):
+def test_shard_checks_pass_an_intact_cache_and_can_be_skipped(tiny_cache, tmp_path):
     cache = FeatureCache(tiny_cache)
     checked = cache.load_split("train", ("visual", "label"))
     unchecked = cache.load_split("train", ("visual", "label"), check=False)
     assert checked["visual"].equal(unchecked["visual"])
+    copy = shutil.copytree(tiny_cache, tmp_path / "flipped")
+    _flip_bytes(copy / "features.zarr" / "train" / "visual" / "c" / "0" / "0")
+    damaged = FeatureCache(copy)
+    with pytest.raises(CacheError, match="does not match the checksum"):
+        damaged.load_split("train", ("visual", "label"))
+    flipped = damaged.load_split("train", ("visual", "label"), check=False)["visual"]
+    assert not flipped.equal(checked["visual"])  # skipping the check reads the damage as is
 
 
 def test_an_image_changed_under_the_same_labels_makes_a_new_cache(

@@ -194,12 +194,11 @@ class MARNet(ScheduleOwner):
             return self.ema.predict(visual)
         if self.cfg.variant == "mlp":
             return self.mlp.predict(visual)
-        schedule = self.schedule_on(visual.device)
+        name = "cdr_logits" if self.cfg.variant == "cdr" else "fusion_logits"
         logits = 0.0
         samples = max(1, self.cfg.diffusion.test_samples)
         for _ in range(samples):
-            x_cdr = self.cdr.generate(visual, schedule, generator, chunk_rows)
-            logits = logits + self._logits_from(visual, x_cdr)
+            logits = logits + self.representations(visual, generator, chunk_rows)[name]
         return logits / samples
 
     def representations(self, visual: torch.Tensor, generator: torch.Generator | None = None,
@@ -221,11 +220,6 @@ class MARNet(ScheduleOwner):
             if self.fusion is not None:
                 out["fusion_logits"] = self.fusion(self.ema.embed(visual), out["x_cdr"])
         return out
-
-    def _logits_from(self, visual: torch.Tensor, x_cdr: torch.Tensor) -> torch.Tensor:
-        if self.cfg.variant == "cdr":
-            return self.cdr.classifier(x_cdr)
-        return self.fusion(self.ema.embed(visual), x_cdr)
 
     # ------------------------------------------------------------------ training
 
