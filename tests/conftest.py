@@ -17,9 +17,9 @@ os.environ.setdefault("MARNET_PROGRESS", "0")
 
 import torch  # noqa: E402
 
-from marnet.pipeline.backbones import TextSpec, VisionSpec  # noqa: E402
 from marnet.pipeline.datasets.synthfood import SynthFoodConfig, generate  # noqa: E402
-from marnet.pipeline.extract import ExtractConfig, extract  # noqa: E402
+from marnet.pipeline.engine.backbones import TextSpec, VisionSpec  # noqa: E402
+from marnet.pipeline.stage1.extract import ExtractConfig, extract  # noqa: E402
 
 TINY_SYNTH = SynthFoodConfig(num_classes=4, train_per_class=8, val_per_class=3,
                              test_per_class=4, image_size=40, seed=3)

@@ -24,7 +24,7 @@ import transformers  # noqa: F401
 import zarr  # noqa: F401
 from transformers.models.bert import modeling_bert  # noqa: F401 - the MiniLM text model's code
 
-import marnet.pipeline.extract  # noqa: F401
+import marnet.pipeline.stage1.extract  # noqa: F401
 from marnet.cli import app
 from marnet.pipeline.store import cache as store_cache
 from marnet.pipeline.store.backends import ZarrBackend

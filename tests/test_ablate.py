@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from marnet.cli import app
-from marnet.pipeline.ablate import ablate, parse_method_overrides, parse_rows, run_matrix
-from marnet.pipeline.config import ConfigError
+from marnet.pipeline.core.config import ConfigError
+from marnet.pipeline.stage2.train import TrainConfig
 from marnet.pipeline.store import CacheError
-from marnet.pipeline.train import TrainConfig
+from marnet.pipeline.tools.ablate import ablate, parse_method_overrides, parse_rows, run_matrix
 
 TINY = TrainConfig(epochs=1, batch_size=8, device="cpu", balanced_classes=4)
 
@@ -96,7 +96,7 @@ def test_rows_are_checked_before_anything_trains(tiny_cache, tmp_path):
 
 def test_plots_flag_calls_the_plots_module_or_says_it_is_missing(tiny_cache, tmp_path,
                                                                  monkeypatch):
-    monkeypatch.setitem(sys.modules, "marnet.pipeline.plots", None)
+    monkeypatch.setitem(sys.modules, "marnet.pipeline.tools.plots", None)
     with pytest.raises(ConfigError, match="--plots"):
         ablate(tiny_cache, parse_rows("visual"), [0], tmp_path / "a", TINY, plots=True, log=quiet)
     calls = []
@@ -105,7 +105,7 @@ def test_plots_flag_calls_the_plots_module_or_says_it_is_missing(tiny_cache, tmp
         calls.append(run_dir)
         out_dir.mkdir(parents=True)
 
-    monkeypatch.setitem(sys.modules, "marnet.pipeline.plots",
+    monkeypatch.setitem(sys.modules, "marnet.pipeline.tools.plots",
                         types.SimpleNamespace(plot_run=plot_run))
     ablate(tiny_cache, parse_rows("visual"), [0, 1], tmp_path / "b", TINY, plots=True, log=quiet)
     assert [p.name for p in calls] == ["seed0", "seed1"]

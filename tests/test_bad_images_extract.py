@@ -2,7 +2,7 @@
 
 import pytest
 
-from marnet.pipeline.extract import extract
+from marnet.pipeline.stage1.extract import extract
 from marnet.pipeline.store import CacheError, FeatureCache
 
 pytestmark = pytest.mark.filterwarnings("ignore::marnet.pipeline.datasets.base.DatasetWarning")

@@ -81,7 +81,7 @@ def test_an_image_changed_under_the_same_labels_makes_a_new_cache(
         synth_root, tiny_cache, make_extract_config, tmp_path):
     from PIL import Image
 
-    from marnet.pipeline.extract import extract
+    from marnet.pipeline.stage1.extract import extract
 
     root = shutil.copytree(synth_root, tmp_path / "synth")
     same = extract(make_extract_config(root, tiny_cache.parent.parent), log=lambda _: None)
@@ -155,7 +155,7 @@ def test_ablate_refuses_repeated_seeds(tiny_cache):
 
 def test_skipped_images_are_counted_per_split_and_class(tiny_cache, synth_root,
                                                        make_extract_config, tmp_path):
-    from marnet.pipeline.extract import extract
+    from marnet.pipeline.stage1.extract import extract
 
     root = shutil.copytree(synth_root, tmp_path / "synth")
     broken = sorted((root / "ready_chinese_food").rglob("*.jpg"))[:2]

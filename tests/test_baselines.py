@@ -8,18 +8,17 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from marnet.cli import app
-from marnet.pipeline.backbones import (
+from marnet.pipeline.datasets import load_dataset
+from marnet.pipeline.engine.backbones import (
     VisionSpec,
     build_vision,
     feature_tokens,
     pool_tokens,
     resolve_text_model,
 )
-from marnet.pipeline.datasets import load_dataset
-from marnet.pipeline.evaluate import evaluate_run
-from marnet.pipeline.heads import Dims, SplitData, TrainContext, build_head, method_config
-from marnet.pipeline.heads.alignment import AlignConfig, AlignedClassifier
-from marnet.pipeline.losses import (
+from marnet.pipeline.models.heads import Dims, SplitData, TrainContext, build_head, method_config
+from marnet.pipeline.models.heads.alignment import AlignConfig, AlignedClassifier
+from marnet.pipeline.models.losses import (
     cdd_loss,
     ita_loss,
     random_directions,
@@ -27,8 +26,9 @@ from marnet.pipeline.losses import (
     ssan_esa_loss,
     ssan_isa_loss,
 )
+from marnet.pipeline.stage2.evaluate import evaluate_run
+from marnet.pipeline.stage2.train import TrainConfig, load_run, train_heads
 from marnet.pipeline.store import CacheError, FeatureCache
-from marnet.pipeline.train import TrainConfig, load_run, train_heads
 
 DIMS = Dims(visual=6, text=5, classes=3)
 

@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from marnet.pipeline.bench import (
+from marnet.pipeline.store import FeatureCache
+from marnet.pipeline.tools.bench import (
     BenchConfig,
     _status,
     bench_cache_read,
@@ -18,7 +19,6 @@ from marnet.pipeline.bench import (
     bench_inference_fold,
     timed,
 )
-from marnet.pipeline.store import FeatureCache
 
 TINY = BenchConfig(device="cpu", head_rows=512, head_batch=32, visual_dim=16, text_dim=8,
                    classes=3, read_rows=2000, warmup=1, iters=2, num_workers=0, sample_rows=40,
@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 
 
 def test_timed_returns_the_median(monkeypatch):
-    import marnet.pipeline.bench as bench
+    import marnet.pipeline.tools.bench as bench
 
     calls = []
     # a scripted clock: the five timed runs take 3, 1, 9, 2 and 5 s (the warm-ups read none)
@@ -60,7 +60,7 @@ def test_cache_read_bench_reads_both_formats(tmp_path):
 
 
 def test_fingerprint_bench_times_the_images_of_the_extraction_bench(tmp_path):
-    from marnet.pipeline.bench import _synthfood_subset, bench_fingerprint
+    from marnet.pipeline.tools.bench import _synthfood_subset, bench_fingerprint
 
     _synthfood_subset(TINY, tmp_path / "synthfood", 40)
     res = bench_fingerprint(tmp_path)
@@ -75,7 +75,7 @@ def test_ddim_vs_ddpm_compares_step_counts_and_accuracy():
 
 
 def test_scaling_reports_throughput_per_size(tmp_path):
-    from marnet.pipeline.bench import bench_scaling
+    from marnet.pipeline.tools.bench import bench_scaling
 
     res = bench_scaling(TINY, CPU, "fp32", tmp_path, size=32, head_rows=(64, 128), images=())
     assert [r["rows"] for r in res["heads"]] == [64, 128]

@@ -107,7 +107,7 @@ def test_stage_two_refuses_incomplete_mismatched_and_unexpected_caches(tiny_cach
 
 def test_verify_repair_drops_damaged_shards_and_extract_rewrites_only_those(
         tiny_cache, synth_root, make_extract_config, tmp_path):
-    from marnet.pipeline.extract import extract
+    from marnet.pipeline.stage1.extract import extract
 
     copy = _copy(tiny_cache, tmp_path / "cache" / "synthfood" / tiny_cache.name)
     shard = copy / "features.zarr" / "train" / "visual" / "c" / "1" / "0"

@@ -7,10 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from marnet.cli import app
-from marnet.pipeline import demo as demo_module
 from marnet.pipeline.datasets.synthfood import SynthFoodConfig
-from marnet.pipeline.demo import DemoConfig, run_demo, run_finetune_study
 from marnet.pipeline.store import FeatureCache
+from marnet.pipeline.tools import demo as demo_module
+from marnet.pipeline.tools.demo import DemoConfig, run_demo, run_finetune_study
 
 runner = CliRunner()
 
@@ -98,7 +98,7 @@ def test_user_errors_are_one_clear_line(tmp_path):
 
 
 def test_extract_refuses_unknown_choices_before_reading_data_or_models(tmp_path, monkeypatch):
-    from marnet.pipeline import extract
+    from marnet.pipeline.stage1 import extract
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the options were not checked first")
@@ -176,12 +176,12 @@ def test_cli_defaults_are_the_configs_defaults():
 
     from typer.main import get_command
 
-    from marnet.pipeline.backbones import TextSpec, VisionSpec
-    from marnet.pipeline.bench import BenchConfig
-    from marnet.pipeline.demo import DemoConfig
-    from marnet.pipeline.extract import ExtractConfig
-    from marnet.pipeline.finetune import FinetuneConfig
-    from marnet.pipeline.train import TrainConfig
+    from marnet.pipeline.engine.backbones import TextSpec, VisionSpec
+    from marnet.pipeline.stage1.extract import ExtractConfig
+    from marnet.pipeline.stage1.finetune import FinetuneConfig
+    from marnet.pipeline.stage2.train import TrainConfig
+    from marnet.pipeline.tools.bench import BenchConfig
+    from marnet.pipeline.tools.demo import DemoConfig
 
     def defaults(cls):
         return {f.name: f.default for f in dataclasses.fields(cls)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from marnet.pipeline.backbones import build_vision
 from marnet.pipeline.datasets import device_decode, load_dataset
 from marnet.pipeline.datasets.device_decode import (
     DeviceDecoder,
@@ -16,8 +15,9 @@ from marnet.pipeline.datasets.device_decode import (
     device_image_batches,
 )
 from marnet.pipeline.datasets.images import ImageFiles, Preprocess
-from marnet.pipeline.evaluate import end_to_end_features
-from marnet.pipeline.extract import ExtractConfig, encode_images, extract
+from marnet.pipeline.engine.backbones import build_vision
+from marnet.pipeline.stage1.extract import ExtractConfig, encode_images, extract
+from marnet.pipeline.stage2.evaluate import end_to_end_features
 from marnet.pipeline.store import FeatureCache
 
 CPU = torch.device("cpu")

@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from marnet.cli import app
-from marnet.pipeline.diagnose import (
+from marnet.pipeline.store import FeatureCache
+from marnet.pipeline.tools.diagnose import (
     cosine_matrix,
     cosine_matrix_correlation,
     diagnose,
@@ -19,7 +20,6 @@ from marnet.pipeline.diagnose import (
     standardise,
     variance_ratio,
 )
-from marnet.pipeline.store import FeatureCache
 
 
 def _rotation(dim: int, rng: np.random.Generator) -> np.ndarray:

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from marnet.pipeline.extract import extract
+from marnet.pipeline.stage1.extract import extract
 from marnet.pipeline.store import CacheError, FeatureCache
 from marnet.pipeline.store.cache import read_records
 

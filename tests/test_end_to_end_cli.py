@@ -8,13 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from marnet.cli import app
-from marnet.pipeline.ablate import ablate_finetune, finetune_base, parse_rows
-from marnet.pipeline.backbones import VisionSpec
 from marnet.pipeline.datasets import load_dataset
-from marnet.pipeline.evaluate import evaluate_finetuned
-from marnet.pipeline.predict import predict_images
+from marnet.pipeline.engine.backbones import VisionSpec
+from marnet.pipeline.stage2.evaluate import evaluate_finetuned
+from marnet.pipeline.stage2.predict import predict_images
+from marnet.pipeline.stage2.train import TrainConfig
 from marnet.pipeline.store import FeatureCache
-from marnet.pipeline.train import TrainConfig
+from marnet.pipeline.tools.ablate import ablate_finetune, finetune_base, parse_rows
 
 runner = CliRunner()
 TINY_VISION = ["--visual", "test_efficientnet", "--visual-weights", "random", "--image-size",
@@ -73,8 +73,8 @@ def test_eval_finetuned_classifies_the_test_images(marnet_checkpoint, tmp_path):
 
 
 def test_predict_finetuned_gives_the_probabilities_of_eval(synth_root, tiny_cache, tmp_path):
-    from marnet.pipeline.evaluate import finetuned_logits
-    from marnet.pipeline.finetune import FinetuneConfig, finetune
+    from marnet.pipeline.stage1.finetune import FinetuneConfig, finetune
+    from marnet.pipeline.stage2.evaluate import finetuned_logits
 
     ckpt = tmp_path / "ce.safetensors"
     finetune(FinetuneConfig(dataset="synthfood", root=synth_root, out=ckpt, text_cache=tiny_cache,
@@ -167,7 +167,7 @@ def test_plot_finetuned_draws_the_branches_and_the_training_curves(marnet_checkp
 
 
 def test_diagnose_finetuned_probes_the_branch_gradients(marnet_checkpoint):
-    from marnet.pipeline.probe import branch_gradients
+    from marnet.pipeline.stage1.probe import branch_gradients
 
     report = branch_gradients(marnet_checkpoint, batches=2, batch_size=4, device="cpu",
                               num_workers=0, log=lambda _: None)

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from marnet.pipeline.config import ConfigError
+from marnet.pipeline.core.config import ConfigError
 from marnet.pipeline.datasets.synthfood import SynthFoodConfig, generate
-from marnet.pipeline.evaluate import end_to_end_features, evaluate_run
+from marnet.pipeline.stage2.evaluate import end_to_end_features, evaluate_run
+from marnet.pipeline.stage2.train import TrainConfig, load_run, train_heads
 from marnet.pipeline.store import CacheError, FeatureCache
-from marnet.pipeline.train import TrainConfig, load_run, train_heads
 
 
 def _features(cache, root, tmp_path):

@@ -13,9 +13,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from marnet.pipeline.backbones import VisionSpec, build_text, build_vision
 from marnet.pipeline.datasets import load_dataset
-from marnet.pipeline.extract import _timing_line, extract, key_inputs
+from marnet.pipeline.engine.backbones import VisionSpec, build_text, build_vision
+from marnet.pipeline.stage1.extract import _timing_line, extract, key_inputs
 from marnet.pipeline.store import CacheError, FeatureCache, LockError, content_key
 from marnet.pipeline.store.backends import ZarrBackend
 

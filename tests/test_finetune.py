@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from marnet.pipeline.backbones import VisionSpec, build_vision, read_checkpoint_meta
-from marnet.pipeline.config import ConfigError
-from marnet.pipeline.evaluate import finetuned_logits
-from marnet.pipeline.extract import extract
-from marnet.pipeline.finetune import (
+from marnet.pipeline.core.config import ConfigError
+from marnet.pipeline.engine.backbones import VisionSpec, build_vision, read_checkpoint_meta
+from marnet.pipeline.models.heads import Dims, SplitData, TrainContext
+from marnet.pipeline.stage1.extract import extract
+from marnet.pipeline.stage1.finetune import (
     FINETUNE_METHODS,
     EndToEnd,
     FinetuneConfig,
@@ -20,9 +20,9 @@ from marnet.pipeline.finetune import (
     load_finetuned,
     trainable_prefix,
 )
-from marnet.pipeline.heads import Dims, SplitData, TrainContext
+from marnet.pipeline.stage2.evaluate import finetuned_logits
+from marnet.pipeline.stage2.train import HeadsModel
 from marnet.pipeline.store import FeatureCache
-from marnet.pipeline.train import HeadsModel
 
 SMALL = {"marnet": {"diffusion.hidden": 32, "diffusion.schedule.steps": 10,
                     "fusion_samples": 1},
@@ -135,7 +135,7 @@ def test_finetune_trains_and_saves_a_network_that_classifies(synth_root, tiny_ca
 
 def test_resume_after_an_interrupted_run_gives_the_uninterrupted_network(synth_root, tiny_cache,
                                                                          tmp_path, monkeypatch):
-    import marnet.pipeline.finetune as ft
+    import marnet.pipeline.stage1.finetune as ft
 
     full = _cfg(synth_root, tmp_path, "marnet", tiny_cache, epochs=2, name="full")
     finetune(full, log=lambda _: None)
@@ -164,7 +164,7 @@ def test_resume_after_an_interrupted_run_gives_the_uninterrupted_network(synth_r
 
 
 def test_a_run_with_other_settings_is_not_resumed(synth_root, tiny_cache, tmp_path, monkeypatch):
-    import marnet.pipeline.finetune as ft
+    import marnet.pipeline.stage1.finetune as ft
 
     monkeypatch.setattr(ft, "_later_stages", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -269,7 +269,7 @@ def test_extract_with_a_finetuned_checkpoint_records_its_provenance(synth_root, 
 def test_without_a_val_split_selection_holds_out_train_never_test(tmp_path, write_folder):
     """A folder dataset with train and test only: validation comes from train."""
     from marnet.pipeline.datasets import load_dataset
-    from marnet.pipeline.finetune import selection_split
+    from marnet.pipeline.stage1.finetune import selection_split
 
     root = write_folder(tmp_path / "f", with_val=False)
     info = load_dataset("folder", root)

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from marnet.pipeline.evaluate import evaluate_run
-from marnet.pipeline.heads import Dims, build_head, method_config
-from marnet.pipeline.heads.common import ConditionalDenoiser, ProjectionEncoder
-from marnet.pipeline.heads.marnet import FusionHead
-from marnet.pipeline.losses import fuse_logits
-from marnet.pipeline.splits import held_out_split
-from marnet.pipeline.train import TrainConfig, load_run, train_heads
+from marnet.pipeline.engine.splits import held_out_split
+from marnet.pipeline.models.heads import Dims, build_head, method_config
+from marnet.pipeline.models.heads.common import ConditionalDenoiser, ProjectionEncoder
+from marnet.pipeline.models.heads.marnet import FusionHead
+from marnet.pipeline.models.losses import fuse_logits
+from marnet.pipeline.stage2.evaluate import evaluate_run
+from marnet.pipeline.stage2.train import TrainConfig, load_run, train_heads
 
 SMALL = {"diffusion.hidden": 32, "diffusion.schedule.steps": 20, "fusion_samples": 2}
 
@@ -93,9 +93,9 @@ def test_each_variant_trains_and_writes_a_run(tiny_cache, tmp_path, method, over
 def test_fusion_stage_never_reads_text(tiny_cache):
     """Stage (b) trains on x_CDR sampled from noise given x_v, as at test: poisoning the text
     after stage (a) must not reach it."""
-    from marnet.pipeline.heads import SplitData, TrainContext
+    from marnet.pipeline.models.heads import SplitData, TrainContext
+    from marnet.pipeline.stage2.train import HeadsModel, run_stage
     from marnet.pipeline.store import FeatureCache
-    from marnet.pipeline.train import HeadsModel, run_stage
 
     cache = FeatureCache(tiny_cache)
     train = cache.load_split("train")
@@ -120,7 +120,7 @@ def test_fusion_stage_never_reads_text(tiny_cache):
 
 
 def test_standardizer_floors_dims_that_are_constant_on_train():
-    from marnet.pipeline.heads import Standardizer
+    from marnet.pipeline.models.heads import Standardizer
 
     train = torch.randn(100, 4)
     train[:, 3] = 0.0  # a ReLU unit dead on the train split

@@ -5,8 +5,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from marnet.pipeline import losses
-from marnet.pipeline.losses import (
+from marnet.pipeline.models import losses
+from marnet.pipeline.models.losses import (
     cdd_loss,
     fuse_features,
     fuse_logits,

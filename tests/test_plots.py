@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from marnet.cli import app
-from marnet.pipeline.plots import pick_rows, plot_run, read_curves
-from marnet.pipeline.train import TrainConfig, train_heads
+from marnet.pipeline.stage2.train import TrainConfig, train_heads
+from marnet.pipeline.tools.plots import pick_rows, plot_run, read_curves
 
 MARNET_SMALL = {"diffusion.hidden": 32, "diffusion.schedule.steps": 20, "fusion_samples": 2}
 SEDA_SMALL = {"dsl.hidden": 32, "dst.hidden": 32, "dsl.schedule.steps": 20,
@@ -73,8 +73,8 @@ def test_plot_cli(tiny_cache, tmp_path):
 
 
 def test_a_text_ceiling_run_is_refused_with_a_message(tiny_cache, tmp_path):
-    from marnet.pipeline.plots import plot_run
-    from marnet.pipeline.train import TrainConfig, train_heads
+    from marnet.pipeline.stage2.train import TrainConfig, train_heads
+    from marnet.pipeline.tools.plots import plot_run
 
     run = tmp_path / "ceiling"
     train_heads(tiny_cache, "visual", run, {}, TrainConfig(epochs=1, batch_size=8, device="cpu"),

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from marnet.cli import app
 from marnet.pipeline.datasets import load_dataset
-from marnet.pipeline.predict import predict_images, top_classes
+from marnet.pipeline.stage2.predict import predict_images, top_classes
+from marnet.pipeline.stage2.train import TrainConfig, load_run, train_heads
 from marnet.pipeline.store import FeatureCache
-from marnet.pipeline.train import TrainConfig, load_run, train_heads
 
 
 @pytest.fixture(scope="module")

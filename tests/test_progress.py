@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from marnet.pipeline import progress
+from marnet.pipeline.core import progress
 
 
 class _Stderr(io.StringIO):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marnet.pipeline.extract import extract
+from marnet.pipeline.stage1.extract import extract
 from marnet.pipeline.store import FeatureCache, cache_info, stale_temp_files
 
 CRASH = Path(__file__).with_name("crash_extract.py")

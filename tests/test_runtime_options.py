@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from marnet.pipeline.backbones import VisionSpec, build_vision
+from marnet.pipeline.engine.backbones import VisionSpec, build_vision
 
 CPU = torch.device("cpu")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from marnet.pipeline.schedule import NoiseSchedule, ScheduleConfig
+from marnet.pipeline.models.schedule import NoiseSchedule, ScheduleConfig
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])

@@ -6,11 +6,17 @@ import json
 import pytest
 import torch
 
-from marnet.pipeline.evaluate import evaluate_run
-from marnet.pipeline.heads import Dims, SplitData, TrainContext, build_head, method_config
-from marnet.pipeline.heads.seda import PFIN, DSTConfig, PFINConfig, class_centres, prototype_logits
+from marnet.pipeline.models.heads import Dims, SplitData, TrainContext, build_head, method_config
+from marnet.pipeline.models.heads.seda import (
+    PFIN,
+    DSTConfig,
+    PFINConfig,
+    class_centres,
+    prototype_logits,
+)
+from marnet.pipeline.stage2.evaluate import evaluate_run
+from marnet.pipeline.stage2.train import HeadsModel, TrainConfig, load_run, run_stage, train_heads
 from marnet.pipeline.store import FeatureCache
-from marnet.pipeline.train import HeadsModel, TrainConfig, load_run, run_stage, train_heads
 
 SMALL = {"dsl.hidden": 32, "dst.hidden": 32, "dsl.schedule.steps": 20,
          "dst.schedule.steps": 20, "dsl.steps": 5, "dst.steps": 5, "dsl.val_steps": 3,

@@ -3,10 +3,10 @@
 import numpy as np
 import torch
 
-from marnet.pipeline.heads import Stage, TrainContext
-from marnet.pipeline.heads.common import SplitData
+from marnet.pipeline.models.heads import Stage, TrainContext
+from marnet.pipeline.models.heads.common import SplitData
+from marnet.pipeline.stage2.train import BatchSampler, TrainConfig, run_stage, train_heads
 from marnet.pipeline.store import CacheWriter, FieldSpec, SplitLayout, to_storage
-from marnet.pipeline.train import BatchSampler, TrainConfig, run_stage, train_heads
 
 
 def test_each_group_keeps_its_best_validation_epoch_not_the_last():
@@ -79,7 +79,7 @@ def test_methods_learn_separable_classes(tmp_path):
 
 
 def test_ablation_without_a_test_split_says_it_reports_validation(tmp_path):
-    from marnet.pipeline.ablate import RowSpec, run_matrix
+    from marnet.pipeline.tools.ablate import RowSpec, run_matrix
 
     cache = _separable_cache(tmp_path / "cache", rows={"train": 200, "val": 40})
     rows = run_matrix(cache, [RowSpec("Baseline (visual)", "visual")], [0], tmp_path / "ab",

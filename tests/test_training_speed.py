@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from marnet.pipeline.backbones import (
+from marnet.pipeline.engine.backbones import (
     VisionSpec,
     build_vision,
     depthwise_weight_grad,
@@ -11,8 +11,8 @@ from marnet.pipeline.backbones import (
     speed_up_depthwise_backward,
     unfold_batchnorm,
 )
-from marnet.pipeline.finetune import trainable_prefix
-from marnet.pipeline.heads.common import ConditionalDenoiser, Standardizer
+from marnet.pipeline.models.heads.common import ConditionalDenoiser, Standardizer
+from marnet.pipeline.stage1.finetune import trainable_prefix
 
 
 def test_depthwise_weight_gradient_equals_autograd():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..defaults import DEFAULT_TEMPLATE
+from ..core.defaults import DEFAULT_TEMPLATE
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 

@@ -41,12 +41,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .backbones import TextSpec, VisionSpec, build_vision, resolve_device, resolve_precision
-from .config import ConfigError, require_choice, require_device, require_positive, require_range
-from .datasets.device_decode import DECODE_MODES
-from .heads import Dims, SplitData, Standardizer, TrainContext, build_head, method_config
-from .store import CacheWriter, FeatureCache, FieldSpec, SplitLayout, to_storage
-from .train import train_step
+from ..core.config import (
+    ConfigError,
+    require_choice,
+    require_device,
+    require_positive,
+    require_range,
+)
+from ..datasets.device_decode import DECODE_MODES
+from ..engine.backbones import TextSpec, VisionSpec, build_vision, resolve_device, resolve_precision
+from ..models.heads import Dims, SplitData, Standardizer, TrainContext, build_head, method_config
+from ..stage2.train import train_step
+from ..store import CacheWriter, FeatureCache, FieldSpec, SplitLayout, to_storage
 
 # ratio -> target per device type (None: reported, no target)
 TARGETS: dict[str, dict[str, float] | None] = {
@@ -262,8 +268,8 @@ def bench_finetune_step(cfg: BenchConfig, device: torch.device, precision: str,
     ``.blocks``), timed interleaved; the ratio is MARNet's step rate over CE's. A third step,
     CE without the training speed paths (frozen norms folded, the depthwise weight gradient),
     gives what those paths are worth (``speed_paths_vs_plain``)."""
-    from .finetune import EndToEnd, prepare_backbone, trainable_prefix
-    from .train import HeadsModel
+    from ..stage1.finetune import EndToEnd, prepare_backbone, trainable_prefix
+    from ..stage2.train import HeadsModel
 
     g = torch.Generator().manual_seed(0)
     b = cfg.batch_size
@@ -364,8 +370,8 @@ def _head_epoch(train: SplitData, stage: Any, optimizer: torch.optim.Optimizer,
 def bench_fingerprint(workdir: Path) -> dict[str, Any]:
     """The image fingerprints the cache key hashes vs decoding the same images once (what
     extraction does anyway): the key's cost as a fraction of the decode."""
-    from .datasets.base import image_fingerprints
-    from .datasets.images import load_rgb
+    from ..datasets.base import image_fingerprints
+    from ..datasets.images import load_rgb
 
     paths = sorted((workdir / "synthfood").rglob("*.jpg"))
     fingerprint_s = timed(partial(image_fingerprints, paths), 1, 3, torch.device("cpu"))
@@ -451,7 +457,7 @@ def bench_inference_fold(cfg: BenchConfig, device: torch.device, precision: str,
 
 
 def _synthfood_subset(cfg: BenchConfig, root: Path, images: int) -> None:
-    from .datasets.synthfood import SynthFoodConfig, ensure_synthfood
+    from ..datasets.synthfood import SynthFoodConfig, ensure_synthfood
 
     classes = 8
     per_class = max(2, images // classes)
@@ -462,7 +468,7 @@ def _synthfood_subset(cfg: BenchConfig, root: Path, images: int) -> None:
 
 
 def _extract_cfg(cfg: BenchConfig, root: Path, cache_dir: Path, size: int):
-    from .extract import ExtractConfig
+    from ..stage1.extract import ExtractConfig
 
     return ExtractConfig(dataset="synthfood", root=root, cache_dir=cache_dir,
                          vision=VisionSpec(cfg.visual, "random", image_size=size, crop_pct=1.0),
@@ -474,9 +480,9 @@ def _extract_cfg(cfg: BenchConfig, root: Path, cache_dir: Path, size: int):
 def _text_model_seconds(cfg: BenchConfig, device: torch.device, root: Path) -> float:
     """Forward time of the text backbone alone over the subset's unique texts, tokenized
     beforehand, in extraction's batches (the text half of the model-only time)."""
-    from .backbones import build_text
-    from .datasets import load_dataset
-    from .extract import TEXT_BATCH
+    from ..datasets import load_dataset
+    from ..engine.backbones import build_text
+    from ..stage1.extract import TEXT_BATCH
 
     info = load_dataset("synthfood", root)
     texts = sorted({rec.text for recs in info.splits.values() for rec in recs})
@@ -503,7 +509,7 @@ def bench_extract_vs_model(cfg: BenchConfig, device: torch.device, precision: st
     is therefore the share of extraction time the model itself takes: what decode, tokenize,
     writes and orchestration cost on top shows as the gap to 1.
     """
-    from .extract import extract
+    from ..stage1.extract import extract
 
     root = workdir / "synthfood"
     _synthfood_subset(cfg, root, images)
@@ -537,11 +543,11 @@ def bench_extract_vs_model(cfg: BenchConfig, device: torch.device, precision: st
 def bench_ablation(cfg: BenchConfig, device: torch.device, precision: str, cache: Path,
                    workdir: Path, size: int) -> dict[str, Any]:
     """Table-2 rows x 3 seeds on the cache vs the same epochs with a backbone pass each."""
+    from ..datasets import load_dataset
+    from ..stage1.extract import encode_images
+    from ..stage2.train import TrainConfig
     from .ablate import TABLE2_ROWS, run_matrix
-    from .datasets import load_dataset
     from .demo import DEMO_HEAD_OVERRIDES
-    from .extract import encode_images
-    from .train import TrainConfig
 
     out = workdir / "ablation"
     t0 = time.perf_counter()
@@ -593,12 +599,12 @@ def bench_memory(cfg: BenchConfig, workdir: Path, size: int, images: int,
         root = workdir / f"mem-{n}"
         _synthfood_subset(cfg, root, n)
         ext = _extract_cfg(cfg, root, workdir / f"mem-cache-{n}", size)
-        code = ("from pathlib import Path\nfrom marnet.pipeline.extract import extract, ExtractConfig\n"
-                "from marnet.pipeline.backbones import VisionSpec, TextSpec\n"
+        code = ("from pathlib import Path\nfrom marnet.pipeline.stage1.extract import extract, ExtractConfig\n"
+                "from marnet.pipeline.engine.backbones import VisionSpec, TextSpec\n"
                 f"cfg = ExtractConfig(**{_cfg_literal(ext)})\n"
                 "extract(cfg, log=lambda _: None)")
         out[f"extract_{n}_images_peak_mb"] = round(_peak_rss_mb_of(code), 1)
-    code = ("from marnet.pipeline.train import train_heads, TrainConfig\n"
+    code = ("from marnet.pipeline.stage2.train import train_heads, TrainConfig\n"
             f"train_heads({str(cache)!r}, 'marnet', {str(workdir / 'mem-run')!r}, "
             "{'diffusion.hidden': 512, 'fusion_samples': 2}, TrainConfig(epochs=2, device="
             f"{cfg.device!r}), log=lambda _: None)")
@@ -624,7 +630,7 @@ def bench_scaling(cfg: BenchConfig, device: torch.device, precision: str, workdi
     Heads: one epoch of MARNet's first stage (EMA + CDR) over synthetic features of each size,
     in-memory index batches. Extraction: end-to-end images/s of fresh caches of each size.
     """
-    from .extract import extract
+    from ..stage1.extract import extract
 
     heads = []
     for rows in head_rows:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, require_choice, require_positive, require_range
+from ...core.config import ConfigError, require_choice, require_positive, require_range
 from ..losses import feature_mse
 from ..schedule import NoiseSchedule, ScheduleConfig
 from .common import MLP, Batch, ConditionalDenoiser, Dims

@@ -18,15 +18,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .backbones import VisionSpec
-from .config import ConfigError, parse_overrides
-from .extract import extract, extract_config_like
-from .finetune import FinetuneConfig, finetune, finetune_settings
-from .heads import ABLATIONS, METHODS, method_config, method_fields
-from .losses import FUSIONS
+from ..core.config import ConfigError, parse_overrides
+from ..engine.backbones import VisionSpec
+from ..models.heads import ABLATIONS, METHODS, method_config, method_fields
+from ..models.losses import FUSIONS
+from ..stage1.extract import extract, extract_config_like
+from ..stage1.finetune import FinetuneConfig, finetune, finetune_settings
+from ..stage2.train import TrainConfig, require_fields, run_differs, train_heads
+from ..store import FeatureCache
 from .report import write_tables
-from .store import FeatureCache
-from .train import TrainConfig, require_fields, run_differs, train_heads
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def load_plotter() -> Callable[[Path], None]:
     try:
         from .plots import plot_run
     except ImportError as exc:
-        raise ConfigError("--plots needs the plots module (marnet.pipeline.plots, as used by "
+        raise ConfigError("--plots needs the plots module (marnet.pipeline.tools.plots, as used by "
                           f"`marnet plot`), which this installation lacks ({exc}); run the "
                           "ablation without --plots") from exc
 

@@ -41,7 +41,19 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .backbones import (
+from ..core.config import (
+    require_choice,
+    require_device,
+    require_positive,
+    require_range,
+    require_template,
+)
+from ..core.progress import progress_bar
+from ..datasets import DEFAULT_TEMPLATE, SPLITS, DatasetInfo, load_dataset, resolved_options
+from ..datasets.base import portable_path
+from ..datasets.device_decode import DECODE_MODES, device_image_batches
+from ..datasets.images import ImageFiles, Preprocess
+from ..engine.backbones import (
     PRECISIONS,
     TextSpec,
     VisionSpec,
@@ -50,19 +62,7 @@ from .backbones import (
     resolve_device,
     resolve_precision,
 )
-from .config import (
-    require_choice,
-    require_device,
-    require_positive,
-    require_range,
-    require_template,
-)
-from .datasets import DEFAULT_TEMPLATE, SPLITS, DatasetInfo, load_dataset, resolved_options
-from .datasets.base import portable_path
-from .datasets.device_decode import DECODE_MODES, device_image_batches
-from .datasets.images import ImageFiles, Preprocess
-from .progress import progress_bar
-from .store import (
+from ..store import (
     FORMATS,
     STORAGE_DTYPES,
     CacheError,
@@ -76,8 +76,8 @@ from .store import (
     to_storage,
     write_json_atomic,
 )
-from .store.cache import SCHEMA_VERSION
-from .store.location import require_local
+from ..store.cache import SCHEMA_VERSION
+from ..store.location import require_local
 
 TEXT_TABLE = "text_table.npy"
 BAD_IMAGE_POLICIES = ("fail", "skip")

@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import torch
 
-from .backbones import VisionSpec, build_vision, resolve_device, resolve_precision
-from .datasets import DatasetInfo, load_dataset
-from .extract import encode_images, encode_records
-from .store import CacheError, FeatureCache, require_same_inputs
+from ..datasets import DatasetInfo, load_dataset
+from ..engine.backbones import VisionSpec, build_vision, resolve_device, resolve_precision
+from ..stage1.extract import encode_images, encode_records
+from ..store import CacheError, FeatureCache, require_same_inputs
 from .train import HeadsModel, load_features, load_run, topk_metrics
 
 
@@ -80,7 +80,7 @@ def finetuned_features(checkpoint: Path | str, split: str = "test",
                        ) -> tuple[Any, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """A fine-tuned checkpoint's head, the raw visual features its backbone computes from the
     images of ``split`` (readable ones), their labels, and the checkpoint's provenance."""
-    from .finetune import load_finetuned
+    from ..stage1.finetune import load_finetuned
 
     dev = torch.device(device)
     vision, heads, meta = load_finetuned(checkpoint, dev, weights_dir, overrides)

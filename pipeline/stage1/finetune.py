@@ -45,7 +45,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .backbones import (
+from ..core.config import (
+    ConfigError,
+    require_choice,
+    require_device,
+    require_positive,
+    require_range,
+    require_template,
+)
+from ..core.progress import progress_bar
+from ..datasets import DEFAULT_TEMPLATE, DatasetInfo, Record, load_dataset
+from ..datasets.images import ImageFiles, Preprocess, TrainAugment
+from ..engine.backbones import (
     PRECISIONS,
     BackboneError,
     FoldedPairs,
@@ -60,18 +71,8 @@ from .backbones import (
     speed_up_depthwise_backward,
     unfold_batchnorm,
 )
-from .config import (
-    ConfigError,
-    require_choice,
-    require_device,
-    require_positive,
-    require_range,
-    require_template,
-)
-from .datasets import DEFAULT_TEMPLATE, DatasetInfo, Record, load_dataset
-from .datasets.images import ImageFiles, Preprocess, TrainAugment
-from .extract import encode_records
-from .heads import (
+from ..engine.splits import held_out_split
+from ..models.heads import (
     METHODS,
     Dims,
     SplitData,
@@ -82,11 +83,8 @@ from .heads import (
     method_reads_text,
     resolve_overrides,
 )
-from .heads.alignment import TOKEN_FIELDS, AlignConfig
-from .progress import progress_bar
-from .splits import held_out_split
-from .store import CacheError, FeatureCache
-from .train import (
+from ..models.heads.alignment import TOKEN_FIELDS, AlignConfig
+from ..stage2.train import (
     BatchSampler,
     HeadsModel,
     TrainConfig,
@@ -96,6 +94,8 @@ from .train import (
     topk_metrics,
     train_step,
 )
+from ..store import CacheError, FeatureCache
+from .extract import encode_records
 
 # names finetune accepts beyond the registered methods: -> (method, its overrides)
 METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -687,7 +687,7 @@ def load_finetuned(path: Path | str, device: torch.device, weights_dir: Path | s
     test-time settings of the head (as ``eval --set``)."""
     from safetensors.torch import load_file
 
-    from .backbones import read_checkpoint_meta
+    from ..engine.backbones import read_checkpoint_meta
 
     meta = read_checkpoint_meta(path)
     if "head_method" not in meta:

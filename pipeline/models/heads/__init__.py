@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..config import apply_overrides
+from ...core.config import apply_overrides
 from .alignment import (
     ALIGNMENT_LOSSES,
     AlignConfig,

@@ -13,12 +13,12 @@ from typing import Any, Sequence
 
 import torch
 
-from .backbones import resolve_device, resolve_precision
-from .config import require_positive
-from .datasets.images import BadImageError, load_rgb
+from ..core.config import require_positive
+from ..datasets.images import BadImageError, load_rgb
+from ..engine.backbones import resolve_device, resolve_precision
+from ..stage1.extract import encode_images
+from ..stage1.finetune import load_finetuned
 from .evaluate import rebuild_vision, run_cache
-from .extract import encode_images
-from .finetune import load_finetuned
 from .train import load_run
 
 

@@ -19,12 +19,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .backbones import resolve_device
-from .datasets import load_dataset
-from .datasets.images import ImageFiles, TrainAugment
+from ..datasets import load_dataset
+from ..datasets.images import ImageFiles, TrainAugment
+from ..engine.backbones import resolve_device
+from ..models.heads.marnet import MARNet
+from ..models.losses import feature_mse
 from .finetune import FinetuneError, load_finetuned, text_tables, trainable_prefix
-from .heads.marnet import MARNet
-from .losses import feature_mse
 
 
 def marnet_terms(head: MARNet, batch: dict[str, torch.Tensor],

@@ -22,16 +22,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..core.config import require_device, require_positive, require_range
+from ..core.progress import progress_bar
+from ..datasets.synthfood import SynthFoodConfig, ensure_synthfood, is_generated, total_images
+from ..engine.backbones import TextSpec, VisionSpec
+from ..stage1.extract import ExtractConfig, ExtractResult, extract
+from ..stage1.finetune import FinetuneConfig, finetune, finetune_settings
+from ..stage2.train import TrainConfig
+from ..store import content_key
 from .ablate import TABLE2_ROWS, TEXT_CEILING, run_finetune_matrix, run_matrix
-from .backbones import TextSpec, VisionSpec
-from .config import require_device, require_positive, require_range
-from .datasets.synthfood import SynthFoodConfig, ensure_synthfood, is_generated, total_images
-from .extract import ExtractConfig, ExtractResult, extract
-from .finetune import FinetuneConfig, finetune, finetune_settings
-from .progress import progress_bar
 from .report import write_sections, write_tables
-from .store import content_key
-from .train import TrainConfig
 
 # Head settings sized for a CPU demo (the paper-scale defaults are in the method configs):
 # a 512-wide denoiser, 2 sampled x_CDR per train image for the fusion stage, and x_CDR

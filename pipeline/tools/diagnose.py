@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .heads.common import Standardizer
-from .store import FeatureCache, write_json_atomic
+from ..models.heads.common import Standardizer
+from ..store import FeatureCache, write_json_atomic
 
 MODALITIES = ("visual", "text")
 

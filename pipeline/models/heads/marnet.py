@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import require_choice, require_positive
+from ...core.config import require_choice, require_positive
 from ..losses import (
     FEATURE_FUSIONS,
     FUSIONS,

@@ -26,8 +26,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .store import write_json_atomic
-from .train import topk_metrics
+from ..stage2.train import topk_metrics
+from ..store import write_json_atomic
 
 TensorMap = dict[str, torch.Tensor]
 
@@ -259,9 +259,9 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None, samples: in
     ``samples`` rows of each of ``classes`` classes of ``split`` go into the t-SNE (the papers
     use 100 x 5); the confidence histograms use the whole split. ``seed`` defaults to the run's.
     """
-    from .backbones import resolve_device
-    from .evaluate import run_cache
-    from .train import load_run
+    from ..engine.backbones import resolve_device
+    from ..stage2.evaluate import run_cache
+    from ..stage2.train import load_run
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
@@ -291,8 +291,8 @@ def plot_finetuned(checkpoint: Path | str, out_dir: Path | str | None = None,
     """:func:`plot_run` for a fine-tuned checkpoint: its backbone encodes the split's images
     and its head makes the branches (no text reference panel: the checkpoint holds no text);
     the curves come from its training history. Default ``out_dir``: ``<checkpoint>.plots``."""
-    from .backbones import resolve_device
-    from .evaluate import finetuned_features
+    from ..engine.backbones import resolve_device
+    from ..stage2.evaluate import finetuned_features
 
     checkpoint = Path(checkpoint)
     out = Path(out_dir) if out_dir is not None else Path(f"{checkpoint}.plots")

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .config import require_choice, require_device, require_positive, require_range
-from .defaults import DEFAULT_TEXT, DEFAULT_VISUAL
+from ..core.config import require_choice, require_device, require_positive, require_range
+from ..core.defaults import DEFAULT_TEXT, DEFAULT_VISUAL
 
 
 class BackboneError(RuntimeError):

@@ -19,8 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .backbones import PRECISIONS, resolve_device, resolve_precision
-from .config import (
+from ..core.config import (
     ConfigError,
     apply_overrides,
     from_dict,
@@ -29,7 +28,10 @@ from .config import (
     require_positive,
     require_range,
 )
-from .heads import (
+from ..core.progress import progress_bar
+from ..engine.backbones import PRECISIONS, resolve_device, resolve_precision
+from ..engine.splits import held_out_split
+from ..models.heads import (
     METHODS,
     Dims,
     SplitData,
@@ -40,9 +42,7 @@ from .heads import (
     method_config,
     method_fields,
 )
-from .progress import progress_bar
-from .splits import held_out_split
-from .store import CacheError, FeatureCache, canonical, require_expected, write_json_atomic
+from ..store import CacheError, FeatureCache, canonical, require_expected, write_json_atomic
 
 
 @dataclass
