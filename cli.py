@@ -101,7 +101,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .pipeline.core.config import ConfigError
     from .pipeline.datasets import DatasetError
     from .pipeline.engine.backbones import BackboneError
-    from .pipeline.stage1.finetune import FinetuneError
+    from .pipeline.engine.runs import FinetuneError
     from .pipeline.store import CacheError
 
     return (BackboneError, ConfigError, DatasetError, CacheError, FinetuneError,
@@ -276,8 +276,8 @@ def train_heads(
 ) -> None:
     """Stage two: train a method's heads on a cache; select on validation; report test."""
     from .pipeline.core.config import parse_overrides
+    from .pipeline.engine.training import TrainConfig
     from .pipeline.models.heads import resolve_overrides
-    from .pipeline.stage2.train import TrainConfig
     from .pipeline.stage2.train import train_heads as run
     from .pipeline.store import parse_expectations
 
@@ -370,7 +370,7 @@ def ablate(
     """Run methods x seeds on one cache (or, with --finetune, end to end from images); print
     and write the table (mean +- std over seeds)."""
     from .pipeline.engine.backbones import VisionSpec
-    from .pipeline.stage2.train import TrainConfig
+    from .pipeline.engine.training import TrainConfig
     from .pipeline.store import FeatureCache
     from .pipeline.tools.ablate import (
         ablate as run,

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from marnet.cli import app
 from marnet.pipeline.core.config import ConfigError
-from marnet.pipeline.stage2.train import TrainConfig
+from marnet.pipeline.engine.training import TrainConfig
 from marnet.pipeline.store import CacheError
 from marnet.pipeline.tools.ablate import ablate, parse_method_overrides, parse_rows, run_matrix
 

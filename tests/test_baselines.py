@@ -16,6 +16,8 @@ from marnet.pipeline.engine.backbones import (
     pool_tokens,
     resolve_text_model,
 )
+from marnet.pipeline.engine.runs import load_run
+from marnet.pipeline.engine.training import TrainConfig
 from marnet.pipeline.models.heads import Dims, SplitData, TrainContext, build_head, method_config
 from marnet.pipeline.models.heads.alignment import AlignConfig, AlignedClassifier
 from marnet.pipeline.models.losses import (
@@ -27,7 +29,7 @@ from marnet.pipeline.models.losses import (
     ssan_isa_loss,
 )
 from marnet.pipeline.stage2.evaluate import evaluate_run
-from marnet.pipeline.stage2.train import TrainConfig, load_run, train_heads
+from marnet.pipeline.stage2.train import train_heads
 from marnet.pipeline.store import CacheError, FeatureCache
 
 DIMS = Dims(visual=6, text=5, classes=3)

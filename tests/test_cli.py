@@ -177,9 +177,9 @@ def test_cli_defaults_are_the_configs_defaults():
     from typer.main import get_command
 
     from marnet.pipeline.engine.backbones import TextSpec, VisionSpec
+    from marnet.pipeline.engine.training import TrainConfig
     from marnet.pipeline.stage1.extract import ExtractConfig
     from marnet.pipeline.stage1.finetune import FinetuneConfig
-    from marnet.pipeline.stage2.train import TrainConfig
     from marnet.pipeline.tools.bench import BenchConfig
     from marnet.pipeline.tools.demo import DemoConfig
 

@@ -16,7 +16,8 @@ from marnet.pipeline.datasets.device_decode import (
 )
 from marnet.pipeline.datasets.images import ImageFiles, Preprocess
 from marnet.pipeline.engine.backbones import build_vision
-from marnet.pipeline.stage1.extract import ExtractConfig, encode_images, extract
+from marnet.pipeline.engine.encode import encode_images
+from marnet.pipeline.stage1.extract import ExtractConfig, extract
 from marnet.pipeline.stage2.evaluate import end_to_end_features
 from marnet.pipeline.store import FeatureCache
 

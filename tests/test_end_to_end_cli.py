@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from marnet.cli import app
 from marnet.pipeline.datasets import load_dataset
 from marnet.pipeline.engine.backbones import VisionSpec
+from marnet.pipeline.engine.training import TrainConfig
 from marnet.pipeline.stage2.evaluate import evaluate_finetuned
 from marnet.pipeline.stage2.predict import predict_images
-from marnet.pipeline.stage2.train import TrainConfig
 from marnet.pipeline.store import FeatureCache
 from marnet.pipeline.tools.ablate import ablate_finetune, finetune_base, parse_rows
 

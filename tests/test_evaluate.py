@@ -9,8 +9,10 @@ import torch
 
 from marnet.pipeline.core.config import ConfigError
 from marnet.pipeline.datasets.synthfood import SynthFoodConfig, generate
+from marnet.pipeline.engine.runs import load_run
+from marnet.pipeline.engine.training import TrainConfig
 from marnet.pipeline.stage2.evaluate import end_to_end_features, evaluate_run
-from marnet.pipeline.stage2.train import TrainConfig, load_run, train_heads
+from marnet.pipeline.stage2.train import train_heads
 from marnet.pipeline.store import CacheError, FeatureCache
 
 

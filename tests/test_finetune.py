@@ -9,19 +9,18 @@ from safetensors.torch import load_file
 
 from marnet.pipeline.core.config import ConfigError
 from marnet.pipeline.engine.backbones import VisionSpec, build_vision, read_checkpoint_meta
+from marnet.pipeline.engine.runs import FinetuneError, load_finetuned
+from marnet.pipeline.engine.training import HeadsModel
 from marnet.pipeline.models.heads import Dims, SplitData, TrainContext
 from marnet.pipeline.stage1.extract import extract
 from marnet.pipeline.stage1.finetune import (
     FINETUNE_METHODS,
     EndToEnd,
     FinetuneConfig,
-    FinetuneError,
     finetune,
-    load_finetuned,
     trainable_prefix,
 )
 from marnet.pipeline.stage2.evaluate import finetuned_logits
-from marnet.pipeline.stage2.train import HeadsModel
 from marnet.pipeline.store import FeatureCache
 
 SMALL = {"marnet": {"diffusion.hidden": 32, "diffusion.schedule.steps": 10,

@@ -5,13 +5,15 @@ import json
 import pytest
 import torch
 
+from marnet.pipeline.engine.runs import load_run
 from marnet.pipeline.engine.splits import held_out_split
+from marnet.pipeline.engine.training import TrainConfig
 from marnet.pipeline.models.heads import Dims, build_head, method_config
 from marnet.pipeline.models.heads.common import ConditionalDenoiser, ProjectionEncoder
 from marnet.pipeline.models.heads.marnet import FusionHead
 from marnet.pipeline.models.losses import fuse_logits
 from marnet.pipeline.stage2.evaluate import evaluate_run
-from marnet.pipeline.stage2.train import TrainConfig, load_run, train_heads
+from marnet.pipeline.stage2.train import train_heads
 
 SMALL = {"diffusion.hidden": 32, "diffusion.schedule.steps": 20, "fusion_samples": 2}
 
@@ -93,8 +95,8 @@ def test_each_variant_trains_and_writes_a_run(tiny_cache, tmp_path, method, over
 def test_fusion_stage_never_reads_text(tiny_cache):
     """Stage (b) trains on x_CDR sampled from noise given x_v, as at test: poisoning the text
     after stage (a) must not reach it."""
+    from marnet.pipeline.engine.training import HeadsModel, run_stage
     from marnet.pipeline.models.heads import SplitData, TrainContext
-    from marnet.pipeline.stage2.train import HeadsModel, run_stage
     from marnet.pipeline.store import FeatureCache
 
     cache = FeatureCache(tiny_cache)

@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from marnet.cli import app
-from marnet.pipeline.stage2.train import TrainConfig, train_heads
+from marnet.pipeline.engine.training import TrainConfig
+from marnet.pipeline.stage2.train import train_heads
 from marnet.pipeline.tools.plots import pick_rows, plot_run, read_curves
 
 MARNET_SMALL = {"diffusion.hidden": 32, "diffusion.schedule.steps": 20, "fusion_samples": 2}
@@ -73,7 +74,8 @@ def test_plot_cli(tiny_cache, tmp_path):
 
 
 def test_a_text_ceiling_run_is_refused_with_a_message(tiny_cache, tmp_path):
-    from marnet.pipeline.stage2.train import TrainConfig, train_heads
+    from marnet.pipeline.engine.training import TrainConfig
+    from marnet.pipeline.stage2.train import train_heads
     from marnet.pipeline.tools.plots import plot_run
 
     run = tmp_path / "ceiling"

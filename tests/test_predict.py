@@ -8,8 +8,10 @@ from typer.testing import CliRunner
 
 from marnet.cli import app
 from marnet.pipeline.datasets import load_dataset
+from marnet.pipeline.engine.runs import load_run
+from marnet.pipeline.engine.training import TrainConfig
 from marnet.pipeline.stage2.predict import predict_images, top_classes
-from marnet.pipeline.stage2.train import TrainConfig, load_run, train_heads
+from marnet.pipeline.stage2.train import train_heads
 from marnet.pipeline.store import FeatureCache
 
 

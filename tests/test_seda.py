@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from marnet.pipeline.engine.runs import load_run
+from marnet.pipeline.engine.training import HeadsModel, TrainConfig, run_stage
 from marnet.pipeline.models.heads import Dims, SplitData, TrainContext, build_head, method_config
 from marnet.pipeline.models.heads.seda import (
     PFIN,
@@ -15,7 +17,7 @@ from marnet.pipeline.models.heads.seda import (
     prototype_logits,
 )
 from marnet.pipeline.stage2.evaluate import evaluate_run
-from marnet.pipeline.stage2.train import HeadsModel, TrainConfig, load_run, run_stage, train_heads
+from marnet.pipeline.stage2.train import train_heads
 from marnet.pipeline.store import FeatureCache
 
 SMALL = {"dsl.hidden": 32, "dst.hidden": 32, "dsl.schedule.steps": 20,

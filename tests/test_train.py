@@ -3,9 +3,10 @@
 import numpy as np
 import torch
 
+from marnet.pipeline.engine.training import BatchSampler, TrainConfig, run_stage
 from marnet.pipeline.models.heads import Stage, TrainContext
 from marnet.pipeline.models.heads.common import SplitData
-from marnet.pipeline.stage2.train import BatchSampler, TrainConfig, run_stage, train_heads
+from marnet.pipeline.stage2.train import train_heads
 from marnet.pipeline.store import CacheWriter, FieldSpec, SplitLayout, to_storage
 
 

@@ -71,7 +71,18 @@ from ..engine.backbones import (
     speed_up_depthwise_backward,
     unfold_batchnorm,
 )
+from ..engine.encode import encode_records
+from ..engine.runs import FinetuneError, load_finetuned, split_checkpoint
 from ..engine.splits import held_out_split
+from ..engine.training import (
+    BatchSampler,
+    HeadsModel,
+    TrainConfig,
+    run_stage,
+    standardise_tokens,
+    topk_metrics,
+    train_step,
+)
 from ..models.heads import (
     METHODS,
     Dims,
@@ -84,18 +95,7 @@ from ..models.heads import (
     resolve_overrides,
 )
 from ..models.heads.alignment import TOKEN_FIELDS, AlignConfig
-from ..stage2.train import (
-    BatchSampler,
-    HeadsModel,
-    TrainConfig,
-    rebuild_heads,
-    run_stage,
-    standardise_tokens,
-    topk_metrics,
-    train_step,
-)
 from ..store import CacheError, FeatureCache
-from .extract import encode_records
 
 # names finetune accepts beyond the registered methods: -> (method, its overrides)
 METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -103,10 +103,6 @@ METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ita-mp": ("ita", {"multi_positive": True}),
 }
 FINETUNE_METHODS = ("ce", *METHODS, "ita-mp")
-
-
-class FinetuneError(RuntimeError):
-    """Fine-tuning cannot run as asked (bad option, missing text cache...)."""
 
 
 @dataclass
@@ -630,18 +626,10 @@ def _save_weights(path: Path, net: EndToEnd, meta: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
-                                                          dict[str, torch.Tensor]]:
-    """``(backbone, heads)`` state dicts of a checkpoint's tensors."""
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    heads = {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}
-    return backbone, heads
-
-
 def _load_weights(path: Path, net: EndToEnd) -> None:
     from safetensors.torch import load_file
 
-    backbone, heads = _split_state(load_file(str(path)))
+    backbone, heads = split_checkpoint(load_file(str(path)))
     net.vision.model.load_state_dict(backbone)
     net.heads.load_state_dict(heads)
 
@@ -677,33 +665,6 @@ def _resume(state_dir: Path, meta: dict, net: EndToEnd, optimizer, scheduler,
 
 
 # --------------------------------------------------------------------------- using a checkpoint
-
-
-def load_finetuned(path: Path | str, device: torch.device, weights_dir: Path | str,
-                   overrides: dict[str, Any] | None = None, inference: bool = True
-                   ) -> tuple[VisionBackbone, HeadsModel, dict[str, Any]]:
-    """A checkpoint's backbone (on ``device``, eval mode; ready for inference, its norms
-    folded, unless ``inference`` is False), its head and its provenance; ``overrides`` change
-    test-time settings of the head (as ``eval --set``)."""
-    from safetensors.torch import load_file
-
-    from ..engine.backbones import read_checkpoint_meta
-
-    meta = read_checkpoint_meta(path)
-    if "head_method" not in meta:
-        raise FinetuneError(f"{path} holds a backbone without its head (made by an earlier "
-                            "marnet): use it with `marnet extract --finetuned` and train heads "
-                            "on that cache, or fine-tune again to classify with it directly")
-    vision = build_vision(VisionSpec(finetuned=str(path)), weights_dir).to_runtime(device)
-    if inference:
-        vision.for_inference()
-    _, heads_state = _split_state(load_file(str(path)))
-    try:
-        heads, _ = rebuild_heads(meta["head_method"], meta["method_config"], meta["dims"],
-                                 heads_state, str(path), overrides)
-    except ConfigError as exc:
-        raise FinetuneError(str(exc)) from exc
-    return vision, heads.to(device), meta
 
 
 __all__ = ["EndToEnd", "FINETUNE_METHODS", "FinetuneConfig", "FinetuneError", "finetune",

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from ..datasets import load_dataset
 from ..datasets.images import ImageFiles, TrainAugment
 from ..engine.backbones import resolve_device
+from ..engine.runs import FinetuneError, load_finetuned
 from ..models.heads.marnet import MARNet
 from ..models.losses import feature_mse
-from .finetune import FinetuneError, load_finetuned, text_tables, trainable_prefix
+from .finetune import text_tables, trainable_prefix
 
 
 def marnet_terms(head: MARNet, batch: dict[str, torch.Tensor],

@@ -17,19 +17,11 @@ import torch
 
 from ..datasets import DatasetInfo, load_dataset
 from ..engine.backbones import VisionSpec, build_vision, resolve_device, resolve_precision
-from ..stage1.extract import encode_images, encode_records
-from ..store import CacheError, FeatureCache, require_same_inputs
-from .train import HeadsModel, load_features, load_run, topk_metrics
-
-
-def run_cache(config: dict[str, Any], cache: Path | str | None = None) -> FeatureCache:
-    """The cache a run was trained on (or ``cache``): complete, and with the same key.
-
-    A different key is refused with the key inputs that differ (visual weights, template...).
-    """
-    fc = FeatureCache(cache or config["cache"]["path"]).require_complete()
-    require_same_inputs(config["cache"], fc.manifest, str(fc.root))
-    return fc
+from ..engine.encode import encode_images, encode_records
+from ..engine.runs import load_run, run_cache
+from ..engine.training import HeadsModel, topk_metrics
+from ..store import CacheError, FeatureCache
+from .train import load_features
 
 
 def rebuild_vision(manifest: dict[str, Any], device: torch.device, weights_dir: Path | str):
@@ -80,7 +72,7 @@ def finetuned_features(checkpoint: Path | str, split: str = "test",
                        ) -> tuple[Any, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """A fine-tuned checkpoint's head, the raw visual features its backbone computes from the
     images of ``split`` (readable ones), their labels, and the checkpoint's provenance."""
-    from ..stage1.finetune import load_finetuned
+    from ..engine.runs import load_finetuned
 
     dev = torch.device(device)
     vision, heads, meta = load_finetuned(checkpoint, dev, weights_dir, overrides)
@@ -169,4 +161,4 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
 
 
 __all__ = ["HeadsModel", "evaluate_finetuned", "evaluate_run", "finetuned_features", "finetuned_logits", "end_to_end_features", "rebuild_vision",
-           "require_same_dataset", "run_cache"]
+           "require_same_dataset"]

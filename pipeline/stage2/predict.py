@@ -16,10 +16,9 @@ import torch
 from ..core.config import require_positive
 from ..datasets.images import BadImageError, load_rgb
 from ..engine.backbones import resolve_device, resolve_precision
-from ..stage1.extract import encode_images
-from ..stage1.finetune import load_finetuned
-from .evaluate import rebuild_vision, run_cache
-from .train import load_run
+from ..engine.encode import encode_images
+from ..engine.runs import load_finetuned, load_run, run_cache
+from .evaluate import rebuild_vision
 
 
 def check_images(paths: Sequence[Path]) -> None:

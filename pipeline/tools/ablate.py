@@ -20,11 +20,12 @@ from typing import Any, Callable, Sequence
 
 from ..core.config import ConfigError, parse_overrides
 from ..engine.backbones import VisionSpec
+from ..engine.training import TrainConfig
 from ..models.heads import ABLATIONS, METHODS, method_config, method_fields
 from ..models.losses import FUSIONS
 from ..stage1.extract import extract, extract_config_like
 from ..stage1.finetune import FinetuneConfig, finetune, finetune_settings
-from ..stage2.train import TrainConfig, require_fields, run_differs, train_heads
+from ..stage2.train import require_fields, run_differs, train_heads
 from ..store import FeatureCache
 from .report import write_tables
 

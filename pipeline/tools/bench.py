@@ -50,8 +50,8 @@ from ..core.config import (
 )
 from ..datasets.device_decode import DECODE_MODES
 from ..engine.backbones import TextSpec, VisionSpec, build_vision, resolve_device, resolve_precision
+from ..engine.training import train_step
 from ..models.heads import Dims, SplitData, Standardizer, TrainContext, build_head, method_config
-from ..stage2.train import train_step
 from ..store import CacheWriter, FeatureCache, FieldSpec, SplitLayout, to_storage
 
 # ratio -> target per device type (None: reported, no target)
@@ -268,8 +268,8 @@ def bench_finetune_step(cfg: BenchConfig, device: torch.device, precision: str,
     ``.blocks``), timed interleaved; the ratio is MARNet's step rate over CE's. A third step,
     CE without the training speed paths (frozen norms folded, the depthwise weight gradient),
     gives what those paths are worth (``speed_paths_vs_plain``)."""
+    from ..engine.training import HeadsModel
     from ..stage1.finetune import EndToEnd, prepare_backbone, trainable_prefix
-    from ..stage2.train import HeadsModel
 
     g = torch.Generator().manual_seed(0)
     b = cfg.batch_size
@@ -543,11 +543,11 @@ def bench_extract_vs_model(cfg: BenchConfig, device: torch.device, precision: st
 def bench_ablation(cfg: BenchConfig, device: torch.device, precision: str, cache: Path,
                    workdir: Path, size: int) -> dict[str, Any]:
     """Table-2 rows x 3 seeds on the cache vs the same epochs with a backbone pass each."""
+    from ..core.defaults import DEMO_HEAD_OVERRIDES
     from ..datasets import load_dataset
-    from ..stage1.extract import encode_images
-    from ..stage2.train import TrainConfig
+    from ..engine.encode import encode_images
+    from ..engine.training import TrainConfig
     from .ablate import TABLE2_ROWS, run_matrix
-    from .demo import DEMO_HEAD_OVERRIDES
 
     out = workdir / "ablation"
     t0 = time.perf_counter()

@@ -23,22 +23,17 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..core.config import require_device, require_positive, require_range
+from ..core.defaults import DEMO_HEAD_OVERRIDES
 from ..core.progress import progress_bar
 from ..datasets.synthfood import SynthFoodConfig, ensure_synthfood, is_generated, total_images
 from ..engine.backbones import TextSpec, VisionSpec
+from ..engine.training import TrainConfig
 from ..stage1.extract import ExtractConfig, ExtractResult, extract
 from ..stage1.finetune import FinetuneConfig, finetune, finetune_settings
-from ..stage2.train import TrainConfig
 from ..store import content_key
 from .ablate import TABLE2_ROWS, TEXT_CEILING, run_finetune_matrix, run_matrix
 from .report import write_sections, write_tables
 
-# Head settings sized for a CPU demo (the paper-scale defaults are in the method configs):
-# a 512-wide denoiser, 2 sampled x_CDR per train image for the fusion stage, and x_CDR
-# sampled by a 20-step DDIM chain (eta 0) instead of the full 100-step DDPM chain, in the
-# fusion stage as at test (`marnet bench`'s ddim_vs_ddpm: the same top-1 at a fifth of the cost)
-DEMO_HEAD_OVERRIDES = {"marnet": {"diffusion.hidden": 512, "fusion_samples": 2,
-                                  "diffusion.sampler": "ddim", "diffusion.steps": 20}}
 # the rows `make demo` trains end to end: the baseline, the alignment, the full method
 E2E_DEMO_ROWS = (TABLE2_ROWS[0], TABLE2_ROWS[1], TABLE2_ROWS[4])
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..stage2.train import topk_metrics
+from ..engine.training import topk_metrics
 from ..store import write_json_atomic
 
 TensorMap = dict[str, torch.Tensor]
@@ -260,8 +260,7 @@ def plot_run(run_dir: Path | str, out_dir: Path | str | None = None, samples: in
     use 100 x 5); the confidence histograms use the whole split. ``seed`` defaults to the run's.
     """
     from ..engine.backbones import resolve_device
-    from ..stage2.evaluate import run_cache
-    from ..stage2.train import load_run
+    from ..engine.runs import load_run, run_cache
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
