@@ -538,7 +538,7 @@ def diagnose(
     batches: int = typer.Option(8, min=1, help="--finetuned: augmented train batches the gradients are averaged over."),
     device: str = typer.Option("auto", help="--finetuned: auto, cpu or cuda."),
 ) -> None:
-    """Feature-range and distribution gaps between the modalities (METHODS §2.5, SeDA's
+    """Feature-range and distribution gaps between the modalities (methods §2.5, SeDA's
     premise), or, with --finetuned, what MARNet's branches do to the backbone."""
     from .pipeline.store import FeatureCache
     from .pipeline.tools.diagnose import diagnose as run

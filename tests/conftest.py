@@ -53,7 +53,7 @@ def tiny_cache(synth_root, tmp_path_factory) -> Path:
     return extract(tiny_extract_config(synth_root, cache_dir), log=lambda _: None).path
 
 
-# Dataset roots in the real on-disk formats (DATASETS.md), a few classes and images each, with
+# Dataset roots in the real on-disk formats (docs/datasets.md), a few classes and images each, with
 # the quirks real downloads have. Each writer returns the root; tests break one file to feed
 # one kind of bad input.
 

@@ -1,4 +1,4 @@
-"""Alignment baselines (METHODS §4) on the shared wrapper, and the opt-in token features."""
+"""Alignment baselines (methods §4) on the shared wrapper, and the opt-in token features."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Feature diagnostics (METHODS §2.5) against independent computations on toy cases."""
+"""Feature diagnostics (methods §2.5) against independent computations on toy cases."""
 
 import json
 import math

@@ -109,7 +109,7 @@ def test_end_to_end_loss_on_fixed_features_is_the_stage_two_loss(method, ablatio
     ctx.generator.manual_seed(5)
     live = stage.loss(net.batch(stage, index, index, split))[0]
     heads.norm_visual.fit(feats)  # stage two: exact statistics of the (same) rows
-    cached = {"visual": heads.norm_visual(feats), "index": index,
+    cached = {"visual": heads.norm_visual(feats),
               **{k: split[k] for k in stage.fields if k != "visual"}}
     ctx.generator.manual_seed(5)
     assert torch.allclose(live, stage.loss(cached)[0], rtol=1e-5)

@@ -114,11 +114,14 @@ def test_fusion_stage_never_reads_text(tiny_cache):
     cfg = TrainConfig(epochs=1, batch_size=8)
     run_stage(stage_a, tr, cfg, ctx, "fp32", lambda _: None)
     tr.tensors["text"] = torch.full_like(tr["text"], float("nan"))
-    records = []
+    records, prepared = [], {}
+    make_rows = stage_b.prepare
+    stage_b.prepare = lambda: prepared.update(make_rows()) or prepared
     run_stage(stage_b, tr, cfg, ctx, "fp32", records.append)
     assert records and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    assert torch.isfinite(model.head._train_samples).all()
-    assert model.head._train_samples.shape[:2] == (2, len(tr))
+    assert torch.isfinite(prepared["x_cdr_draws"]).all()
+    assert prepared["x_cdr_draws"].shape[:2] == (len(tr), 2)  # 2 sampled x_CDR per train row
+    assert prepared["x_ema"].shape[0] == len(tr)
 
 
 def test_standardizer_floors_dims_that_are_constant_on_train():

@@ -1,5 +1,5 @@
-"""SeDA (reconstructed from the abstract, METHODS §2.3): DSL centres, PFIN, the DST chain,
-every §2.4 variant trained on the tiny cache and classifying from visual features only."""
+"""SeDA (reconstructed from the abstract, methods §2.3): DSL centres, PFIN, the DST chain,
+every methods §2.4 variant trained on the tiny cache and classifying from visual features only."""
 
 import json
 
@@ -173,8 +173,8 @@ def test_only_stage_2_reads_text_and_dsl_learns_exact_centres(tiny_cache):
     for k in range(4):
         expected = tr["visual"][tr["label"] == k].mean(dim=0)
         assert torch.allclose(head.dsl.centres[k], expected, atol=1e-5)
-    dst_stage.prepare()
-    assert head._train_z.shape == tr["visual"].shape and torch.isfinite(head._train_z).all()
+    rows = dst_stage.prepare()
+    assert rows["z"].shape == tr["visual"].shape and torch.isfinite(rows["z"]).all()
     tr.tensors["text"] = model.norm_text(train["text"])
     run_stage(dst_stage, tr, TrainConfig(epochs=1, batch_size=8), ctx, "fp32", records.append)
     tr.tensors["text"] = torch.full_like(tr["text"], float("nan"))

@@ -1,11 +1,20 @@
-"""The trainer: best-validation selection, class-balanced batches, learning on separable data."""
+"""The trainer: best-validation selection, class-balanced batches, row state handed to the
+losses, learning on separable data; every registered head keeps the head contract."""
 
 import numpy as np
 import torch
 
 from marnet.pipeline.engine.training import BatchSampler, TrainConfig, run_stage
-from marnet.pipeline.models.heads import Stage, TrainContext
-from marnet.pipeline.models.heads.common import SplitData
+from marnet.pipeline.models.heads import (
+    METHODS,
+    Dims,
+    Head,
+    SplitData,
+    Stage,
+    TrainContext,
+    build_head,
+    method_config,
+)
 from marnet.pipeline.stage2.train import train_heads
 from marnet.pipeline.store import CacheWriter, FieldSpec, SplitLayout, to_storage
 
@@ -32,6 +41,64 @@ def test_each_group_keeps_its_best_validation_epoch_not_the_last():
     for key, value in module.state_dict().items():
         assert torch.equal(value, snapshots[1][key]), "weights must be those of epoch 2"
         assert not torch.equal(value, snapshots[2][key])
+
+
+def test_row_state_from_prepare_reaches_each_batch_at_its_rows():
+    """What a stage's prepare() returns, one row per train row, joins every batch at the
+    batch's own rows (the loss sees row state, never row indices)."""
+    rows = 24
+    train = SplitData({"visual": torch.randn(rows, 3), "label": torch.arange(rows) % 3})
+    module = torch.nn.Linear(3, 1)
+    seen = []
+
+    def loss(batch):
+        assert set(batch) == {"visual", "label", "row_id", "doubled"}
+        assert torch.equal(batch["doubled"], 2 * batch["visual"])
+        seen.append(batch["row_id"])
+        return module(batch["visual"]).pow(2).mean(), {}
+
+    def prepare():
+        return {"row_id": torch.arange(rows), "doubled": 2 * train["visual"]}
+
+    stage = Stage("rows", [module], loss, prepare=prepare, fields=("visual", "label"))
+    ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
+    run_stage(stage, train, TrainConfig(epochs=2, batch_size=8), ctx, "fp32", lambda _: None)
+    assert len(seen) == 2 * (rows // 8)
+    for epoch in (seen[:3], seen[3:]):  # each epoch a permutation of the rows
+        assert sorted(torch.cat(epoch).tolist()) == list(range(rows))
+
+
+def test_every_registered_head_keeps_the_contract_and_stashes_no_tensors():
+    """Each method builds a :class:`Head`; after all its stages train, the module holds its
+    parameters and buffers only (stage state went to the losses through the batches), and
+    its representations include the logits its prediction averages."""
+    dims = Dims(12, 10, 3)
+    gen = torch.Generator().manual_seed(0)
+    data = {"visual": torch.randn(48, 12, generator=gen),
+            "text": torch.randn(48, 10, generator=gen),
+            "label": torch.arange(48) % 3}
+    split = SplitData(data)
+    small = {"marnet": {"variant": "full", "diffusion.hidden": 16, "diffusion.schedule.steps": 10,
+                        "fusion_samples": 2, "fusion_epochs": 1},
+             "seda": {"dst.refit_samples": 2, "dsl.hidden": 16, "dst.hidden": 16,
+                      "dsl.schedule.steps": 10, "dst.schedule.steps": 10, "dsl.epochs": 1,
+                      "dst.epochs": 1, "dst.steps": 5, "dsl.steps": 5}}
+    for name in ("visual", "ita", "sdm", "swd", "ssan", "cdd", "marnet", "seda"):
+        cfg = method_config(name, small.get(name, {}))
+        head = build_head(name, cfg, dims)
+        assert isinstance(head, Head), name
+        ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
+        for stage in head.stages(split, split, ctx):
+            run_stage(stage, split, TrainConfig(epochs=1, batch_size=16), ctx, "fp32",
+                      lambda _: None)
+        stashed = [key for module in head.modules() for key, value in vars(module).items()
+                   if isinstance(value, torch.Tensor)]
+        assert stashed == [], (name, stashed)
+        rep = head.representations(data["visual"], torch.Generator().manual_seed(1))
+        logits = head.predict(data["visual"], torch.Generator().manual_seed(1))
+        assert logits.shape == (48, 3) and any(k.endswith("logits") for k in rep), (name, rep)
+    assert set(METHODS) - {"team"} == {"visual", "ita", "sdm", "swd", "ssan", "cdd", "marnet",
+                                       "seda"}
 
 
 def test_balanced_batches_draw_classes_times_samples():
@@ -84,6 +151,6 @@ def test_ablation_without_a_test_split_says_it_reports_validation(tmp_path):
 
     cache = _separable_cache(tmp_path / "cache", rows={"train": 200, "val": 40})
     rows = run_matrix(cache, [RowSpec("Baseline (visual)", "visual")], [0], tmp_path / "ab",
-                      TrainConfig(epochs=2, batch_size=32, device="cpu"), log=lambda _: None)
+                      TrainConfig(epochs=2, batch_size=32, device="cpu"), log=lambda _: None).rows
     assert rows[0]["split"] == "val"
     assert "VALIDATION split" in (tmp_path / "ab" / "results.md").read_text()

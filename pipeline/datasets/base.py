@@ -163,7 +163,7 @@ def portable_path(path: Path | str, root: str) -> str:
 
 
 def render_text(template: str, names: Sequence[str]) -> str:
-    """Turn an ingredient list into the sentence the text backbone reads (METHODS §3 #17)."""
+    """Turn an ingredient list into the sentence the text backbone reads (methods §3.17)."""
     return template.format(ingredients=", ".join(names), n=len(names))
 
 

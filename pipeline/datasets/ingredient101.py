@@ -1,4 +1,4 @@
-"""Ingredient-101 (Bolaños, Ferrà, Radeva 2017), read exactly as released (DATASETS.md §2, §5).
+"""Ingredient-101 (Bolaños, Ferrà, Radeva 2017), read exactly as released (datasets §2, §5).
 
 Layout::
 

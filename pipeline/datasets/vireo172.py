@@ -1,4 +1,4 @@
-"""VIREO Food-172 (Chen & Ngo, ACM MM 2016), read exactly as released (DATASETS.md §1, §5).
+"""VIREO Food-172 (Chen & Ngo, ACM MM 2016), read exactly as released (datasets §1, §5).
 
 Layout::
 

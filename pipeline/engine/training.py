@@ -25,14 +25,22 @@ from ..core.config import (
     require_range,
 )
 from ..core.progress import progress_bar
-from ..models.heads import Dims, SplitData, Stage, Standardizer, TrainContext, build_head
+from ..models.heads import (
+    Dims,
+    SplitData,
+    Stage,
+    Standardizer,
+    TrainContext,
+    build_head,
+    stage_batch,
+)
 from ..store import CacheError
 from .backbones import PRECISIONS
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation and data settings shared by every method (METHODS §3 #20)."""
+    """Optimisation and data settings shared by every method (methods §3.20)."""
 
     epochs: int = 50
     lr: float = 1e-3
@@ -144,9 +152,11 @@ def train_step(stage: Stage, optimizer: torch.optim.Optimizer, batch: dict[str, 
 
 def run_stage(stage: Stage, train: SplitData, cfg: TrainConfig, ctx: TrainContext,
               precision: str, log_metrics: Callable[[dict], None]) -> dict[str, float]:
-    """Train ``stage.modules``; keep each selection group at its best validation epoch."""
-    if stage.prepare:
-        stage.prepare()
+    """Train ``stage.modules``; keep each selection group at its best validation epoch.
+
+    The stage's ``prepare`` runs first; the row state it returns joins every batch
+    (:func:`~marnet.pipeline.models.heads.stage_batch`)."""
+    rows = (stage.prepare() if stage.prepare else None) or {}
     epochs = stage.epochs if stage.epochs is not None else cfg.epochs
     params = [p for m in stage.modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -164,8 +174,7 @@ def run_stage(stage: Stage, train: SplitData, cfg: TrainConfig, ctx: TrainContex
                 m.train()
             sums: dict[str, torch.Tensor] = {}
             for index in sampler.epoch():
-                batch = {k: train[k][index] for k in stage.fields}
-                batch["index"] = index
+                batch = stage_batch(stage, train, rows, index)
                 loss, parts = train_step(stage, optimizer, batch, precision, device_type)
                 scheduler.step()
                 for k, v in {"loss": loss, **parts}.items():

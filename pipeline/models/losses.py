@@ -1,4 +1,4 @@
-"""Alignment losses and fusion operators, each a small pure function (METHODS §1, §4).
+"""Alignment losses and fusion operators, each a small pure function (methods §1, §4).
 
 All take batch tensors and return a scalar (batch mean) unless stated otherwise.
 """
@@ -24,8 +24,8 @@ def ita_loss(visual: torch.Tensor, text: torch.Tensor, tau: float | torch.Tensor
              labels: torch.Tensor | None = None) -> torch.Tensor:
     """ITA: symmetric InfoNCE, the *sum* of both directions (MARNet Eq. 9-11; MGCA).
 
-    ``L = CE(S, arange(B)) + CE(S^T, arange(B))``. With ``labels`` (multi-positive, METHODS §3
-    #18) every same-class pair is a positive: the target of row i is uniform over
+    ``L = CE(S, arange(B)) + CE(S^T, arange(B))``. With ``labels`` (multi-positive,
+    methods §3.18) every same-class pair is a positive: the target of row i is uniform over
     ``{j : y_j = y_i}`` instead of one-hot at i.
     """
     return symmetric_infonce(cosine_logits(visual, text, tau), labels)
@@ -34,7 +34,7 @@ def ita_loss(visual: torch.Tensor, text: torch.Tensor, tau: float | torch.Tensor
 def symmetric_infonce(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """``CE(S, arange(B)) + CE(S^T, arange(B))`` on a square score matrix ``S`` (InfoNCE both ways).
 
-    With ``labels`` the target of row i is uniform over ``{j : y_j = y_i}`` (METHODS §3 #18).
+    With ``labels`` the target of row i is uniform over ``{j : y_j = y_i}`` (methods §3.18).
     """
     if labels is None:
         target = torch.arange(len(logits), device=logits.device)
@@ -52,7 +52,8 @@ def sdm_loss(visual: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
              tau: float = 0.02, eps: float = 1e-8) -> torch.Tensor:
     """SDM (IRRA): ``KL(p_i || q_i)`` both ways, ``p = softmax(cos / tau)``, ``q`` from labels.
 
-    ``L_i2t = mean_i sum_j p_ij (log p_ij - log(q_ij + eps))``; ``L = L_i2t + L_t2i`` (METHODS §4.2).
+    ``L_i2t = mean_i sum_j p_ij (log p_ij - log(q_ij + eps))``; ``L = L_i2t + L_t2i``
+    (methods §4.2).
     """
     logits = cosine_logits(visual, text, tau)
     q = same_class_targets(labels)
@@ -73,7 +74,7 @@ def random_directions(dim: int, num: int, generator: torch.Generator | None = No
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """SWD (Lee et al., CVPR 2019; METHODS §4.3): project both batches on ``directions``
+    """SWD (Lee et al., CVPR 2019; methods §4.3): project both batches on ``directions``
     ``[K, M]``, sort each projection over the batch, and take the mean squared difference.
 
     ``mean((sort_batch(a theta) - sort_batch(b theta))^2)``: sorting makes it a distance between
@@ -102,7 +103,7 @@ def ssan_soft_labels(source_logits: torch.Tensor, labels: torch.Tensor, classes:
 
 def ssan_isa_loss(target_logits: torch.Tensor, source_logits: torch.Tensor, labels: torch.Tensor,
                   alpha: float = 0.1, temperature: float = 5.0, eps: float = 1e-5) -> torch.Tensor:
-    """SSAN implicit semantic alignment (Li et al., ACM MM 2020; METHODS §4.4).
+    """SSAN implicit semantic alignment (Li et al., ACM MM 2020; methods §4.4).
 
     ``(1 - a) CE(z_t, y) + a L_soft`` with ``L_soft = sum_k mean_{i: y_i = k} -sum_j q_kj
     log(p_ij + eps)``, ``p = softmax(z_t)`` and ``q`` from :func:`ssan_soft_labels` of the source
@@ -118,7 +119,8 @@ def ssan_isa_loss(target_logits: torch.Tensor, source_logits: torch.Tensor, labe
 
 
 def ssan_esa_loss(source: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """SSAN explicit semantic alignment: the "three"-prototype triplet-centroid loss (§4.4).
+    """SSAN explicit semantic alignment: the "three"-prototype triplet-centroid loss
+    (methods §4.4).
 
     ``sum_k ||mu_k^s - mu_k^t||^2 + ||mu_k^s - mu_k^st||^2 + ||mu_k^t - mu_k^st||^2`` over the
     classes in the batch, ``mu^st`` the centroid of both domains pooled (BIT-DA/SSAN ``loss.py::
@@ -148,7 +150,7 @@ def multi_gaussian_kernel(sq_dist: torch.Tensor, sigma0: torch.Tensor | float, k
 
 def cdd_loss(visual: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, kernels: int = 5,
              kernel_mul: float = 2.0) -> torch.Tensor:
-    """CDD, the contrastive domain discrepancy of CAN (Kang et al., CVPR 2019; METHODS §4.5).
+    """CDD, the contrastive domain discrepancy of CAN (Kang et al., CVPR 2019; methods §4.5).
 
     A class-aware MMD with ``k`` = :func:`multi_gaussian_kernel` (5 kernels, bandwidths
     ``sigma0 * 2^(i-2)``, ``sigma0`` the mean pairwise squared distance of the pooled batch, off
@@ -182,7 +184,7 @@ def cdd_loss(visual: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, ker
 def token_alignment_scores(visual_tokens: torch.Tensor, text_tokens: torch.Tensor,
                            text_mask: torch.Tensor, attention_tau: float = 0.1,
                            eps: float = 1e-8, block_mb: float = 0.0) -> torch.Tensor:
-    """TEAM's token-level matching scores ``S [I, T]`` for every image i and text t (METHODS §4.6).
+    """TEAM's token-level matching scores ``S [I, T]`` for every image i and text t (methods §4.6).
 
     Tokens are L2-normalised. Text -> image: word ``w_j`` attends over the patches,
     ``a_jk = softmax_k(w_j . v_k / tau_a)``, ``v~_j = sum_k a_jk v_k``, and
@@ -256,7 +258,7 @@ def fuse_features(a: torch.Tensor, b: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def fuse_logits(z_a: torch.Tensor, z_b: torch.Tensor, mode: str, eps: float = 1e-12) -> torch.Tensor:
-    """Logit-level fusion from CF-VQA (two-branch form, METHODS §1.4).
+    """Logit-level fusion from CF-VQA (two-branch form, methods §1.4).
 
     ``sum``: ``log sigmoid(z_a + z_b)``. ``hm``: ``p = sigmoid(z_a) sigmoid(z_b)``,
     ``z = log(p + eps) - log1p(p)``. The result is used as logits of a softmax CE.

@@ -1,6 +1,6 @@
 """A DDPM noise schedule as a pure object (no parameters, no I/O), shared by CDR and SeDA.
 
-Timesteps are 1-based, ``t = 1..T``, with ``abar_0 := 1`` (METHODS §1.3). Tables have length
+Timesteps are 1-based, ``t = 1..T``, with ``abar_0 := 1`` (methods §1.3). Tables have length
 ``T + 1`` and index 0 holds the ``t = 0`` values. The networks predict the clean sample
 (x0-parameterisation, MARNet Eq. 22); every method here takes ``x0_hat``.
 """
@@ -21,7 +21,7 @@ class ScheduleConfig:
     """``T`` steps; ``cosine`` (Nichol & Dhariwal) or ``linear`` betas.
 
     The linear default runs from ``0.1 / T`` to ``20 / T`` so that ``abar_T`` is ~0 for any T
-    (METHODS §3 #8: the DDPM pair 1e-4..0.02 is meant for T = 1000).
+    (methods §3.8: the DDPM pair 1e-4..0.02 is meant for T = 1000).
     """
 
     steps: int = 100
@@ -72,7 +72,7 @@ class NoiseSchedule:
 
     def sample_timesteps(self, n: int, device: torch.device,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform ``t ~ U{1..T}`` (METHODS §3 #9)."""
+        """Uniform ``t ~ U{1..T}`` (methods §3.9)."""
         return torch.randint(1, self.T + 1, (n,), device=device, generator=generator)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 ``extract(ExtractConfig(...))`` reads a dataset through its adapter, builds both backbones,
 derives the cache key from every input that changes features, and writes
-``<cache_dir>/<dataset>/<key>/`` shard by shard (DESIGN.md "The cache"):
+``<cache_dir>/<dataset>/<key>/`` shard by shard (design §4):
 
 - text features are computed once per unique text and gathered per row;
 - images are decoded to uint8 by DataLoader workers (or, with ``decode="device"``, read by

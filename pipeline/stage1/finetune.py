@@ -16,7 +16,7 @@ How a head's stages map onto end-to-end training (the decision the papers leave 
   centres, R-1), or with ``--set joint=true`` DSL and DST together.
 - **Later stages train on the frozen fine-tuned backbone's features**, with the stage-two
   trainer (:func:`~.train.run_stage`): MARNet's fusion classifier on *sampled* ``x_CDR``
-  (METHODS §3 #14: it must see what it will see at test), SeDA's stage 2 on its generated ``z``.
+  (methods §3.14: it must see what it will see at test), SeDA's stage 2 on its generated ``z``.
   ``--set joint=true`` (MARNet: fusion on the one-step reconstruction) makes the whole method
   one stage, so everything trains with the backbone.
 - **Standardisation.** Stage two z-scores features with exact train statistics; here the
@@ -331,7 +331,7 @@ class EndToEnd:
             pooled = self.vision.features(images, self.precision)
         if update_norm:
             norm.update(pooled.detach(), 1.0 if self.steps == 0 else self.norm_momentum)
-        batch = {"visual": norm(pooled), "index": index}
+        batch = {"visual": norm(pooled)}
         if tokens is not None:
             if tokens.shape[-1] != pooled.shape[-1]:
                 raise FinetuneError(f"the backbone's tokens have width {tokens.shape[-1]} but "

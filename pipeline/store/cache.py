@@ -1,6 +1,6 @@
 """The feature cache: content key, manifest, shard-by-shard writes with resume, reads, verify.
 
-Write protocol (DESIGN.md "The cache"): the shard, a fixed block of rows, is the unit of work.
+Write protocol (design §4): the shard, a fixed block of rows, is the unit of work.
 A shard is written whole through the backend (each file atomically, by temp + rename, and
 fsynced), then its commit record (row count, per-field SHA-256, timings, writer) is written
 atomically to ``shards/<split>/<index>.json``: the record is the commit point. A shard without

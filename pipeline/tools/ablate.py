@@ -27,7 +27,7 @@ from ..stage1.extract import extract, extract_config_like
 from ..stage1.finetune import FinetuneConfig, finetune, finetune_settings
 from ..stage2.train import require_fields, run_differs, train_heads
 from ..store import FeatureCache
-from .report import write_tables
+from .report import Matrix, write_tables
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class RowSpec:
     features: str = "visual"  # "text": the text-only ceiling (reads text at test time)
 
 
-# MARNet Table 2 rows (METHODS §1.9): baseline, +EMA, +MLP, +CDR(MLP), +Fusion
+# MARNet Table 2 rows (methods §1.9): baseline, +EMA, +MLP, +CDR(MLP), +Fusion
 TABLE2_ROWS = (
     RowSpec("Baseline (visual)", "visual"),
     RowSpec("+EMA", "marnet", {"variant": "ema"}),
@@ -151,7 +151,7 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                out_dir: Path | str, train_cfg: TrainConfig = TrainConfig(),
                shared_overrides: dict[str, dict[str, Any]] | None = None,
                title: str | None = None, log: Callable[[str], None] = print,
-               on_run: Callable[[Path], None] | None = None) -> list[dict[str, Any]]:
+               on_run: Callable[[Path], None] | None = None) -> Matrix:
     """Train every row for every seed (skipping finished runs) and write the result tables.
 
     ``shared_overrides`` maps a method name to overrides applied to all its rows (e.g. the
@@ -191,8 +191,9 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                             "train_seconds": res.get("train_seconds")})
     if any(r["split"] == "val" for r in results):  # never pass selection-split numbers as test
         title = f"{title or 'results'} (VALIDATION split: the cache has no test split)"
-    write_tables(out, results, ("row",), title, {"cache": str(cache), "seeds": list(seeds)})
-    return results
+    summary = write_tables(out, results, ("row",), title,
+                           {"cache": str(cache), "seeds": list(seeds)})
+    return Matrix(results, summary)
 
 
 def load_plotter() -> Callable[[Path], None]:
@@ -234,9 +235,8 @@ def ablate(cache_path: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int]
     on_run = load_plotter() if plots else None
     out = Path(out_dir) if out_dir else default_out(cache)
     title = cache_title(cache)
-    rows_out = run_matrix(cache_path, rows, seeds, out, train_cfg, shared, title, log, on_run)
-    summary = json.loads((out / "results.json").read_text())["summary"]
-    return {"rows": rows_out, "summary": summary, "out": out, "title": title}
+    matrix = run_matrix(cache_path, rows, seeds, out, train_cfg, shared, title, log, on_run)
+    return {"rows": matrix.rows, "summary": matrix.summary, "out": out, "title": title}
 
 
 # --------------------------------------------------------------------------- end to end
@@ -294,7 +294,7 @@ def _two_stage_result(run_dir: Path, spec: RowSpec, overrides: dict[str, Any], s
     cache = extract(extract_config_like(text_cache.manifest, VisionSpec(finetuned=str(checkpoint)),
                                         cache_dir), log).path
     return run_matrix(cache, [spec], [seed], run_dir / "two-stage", head_cfg,
-                      {spec.method: overrides}, log=log)[0]
+                      {spec.method: overrides}, log=log).rows[0]
 
 
 def run_finetune_matrix(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequence[int],
@@ -302,7 +302,7 @@ def run_finetune_matrix(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Se
                         shared_overrides: dict[str, dict[str, Any]] | None = None,
                         title: str | None = None, log: Callable[[str], None] = print,
                         two_stage: TrainConfig | None = None,
-                        cache_dir: Path = Path("cache")) -> list[dict[str, Any]]:
+                        cache_dir: Path = Path("cache")) -> Matrix:
     """Every row fine-tunes the backbone end to end under its own objective, once per seed
     (the fine-tuning seed), into ``<out>/runs/<row>/seed<k>/backbone.safetensors``, and is
     evaluated from the test images; finished runs are reused and interrupted ones resumed.
@@ -327,10 +327,10 @@ def run_finetune_matrix(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Se
                                           replace(two_stage, seed=seed), cache_dir, log)
                 results.append({**heads, "path": TWO_STAGE})
     keys = ("row", "path") if two_stage is not None else ("row",)
-    write_tables(out, results, keys, title, {"text_cache": str(text_cache.root),
-                                             "finetune_seeds": list(seeds),
-                                             "finetune": finetune_settings(base)})
-    return results
+    summary = write_tables(out, results, keys, title, {"text_cache": str(text_cache.root),
+                                                       "finetune_seeds": list(seeds),
+                                                       "finetune": finetune_settings(base)})
+    return Matrix(results, summary)
 
 
 def _result_row(row: str, seed: int, res: dict[str, Any], path: str, run: str) -> dict[str, Any]:
@@ -356,7 +356,6 @@ def ablate_finetune(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequen
     title = (f"{text_cache.manifest['dataset']['name']}, {base.vision.model} fine-tuned end to "
              f"end per row + {text_cache.manifest['inputs']['text']['model']}: test accuracy "
              "(mean ± std over fine-tuning seeds)")
-    rows_out = run_finetune_matrix(base, rows, seeds, out, shared, title, log, two_stage,
-                                   cache_dir)
-    summary = json.loads((out / "results.json").read_text())["summary"]
-    return {"rows": rows_out, "summary": summary, "out": out, "title": title}
+    matrix = run_finetune_matrix(base, rows, seeds, out, shared, title, log, two_stage,
+                                 cache_dir)
+    return {"rows": matrix.rows, "summary": matrix.summary, "out": out, "title": title}

@@ -175,7 +175,6 @@ def bench_heads_vs_naive(cfg: BenchConfig, device: torch.device, precision: str,
     def ours() -> None:
         index = torch.randint(0, len(train), (cfg.head_batch,), device=device, generator=g)
         batch = {k: train[k][index] for k in ("visual", "text", "label")}
-        batch["index"] = index
         train_step(stage, optimizer, batch, precision, device.type)
 
     ours_s = timed(ours, cfg.warmup, cfg.iters, device)
@@ -196,7 +195,6 @@ def bench_heads_vs_naive(cfg: BenchConfig, device: torch.device, precision: str,
             batches = iter(loader)
             batch = next(batches)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        batch["index"] = torch.zeros(len(batch["label"]), dtype=torch.long, device=device)
         train_step(stage, optimizer, batch, precision, device.type)
 
     naive_s = timed(naive, cfg.warmup, cfg.iters, device)
@@ -237,7 +235,7 @@ def bench_heads_vs_gemm(cfg: BenchConfig, device: torch.device, precision: str) 
     train = _split(clustered_features(max(cfg.head_batch * 4, 2048), cfg), device)
     head, stage, optimizer, _ = _marnet_stage_a(cfg, device, train)
     index = torch.arange(cfg.head_batch, device=device)
-    batch = {**{k: train[k][index] for k in ("visual", "text", "label")}, "index": index}
+    batch = {k: train[k][index] for k in ("visual", "text", "label")}
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     b = cfg.head_batch
     operands = [(torch.randn(b, fan_in, device=device, dtype=dtype),
@@ -363,7 +361,7 @@ def _head_epoch(train: SplitData, stage: Any, optimizer: torch.optim.Optimizer,
     """One epoch of in-memory index batches through ``stage`` (the scaling bench's unit)."""
     perm = torch.randperm(len(train), device=device, generator=generator)
     for index in perm.split(batch_size):
-        batch = {**{k: train[k][index] for k in ("visual", "text", "label")}, "index": index}
+        batch = {k: train[k][index] for k in ("visual", "text", "label")}
         train_step(stage, optimizer, batch, precision, device.type)
 
 
@@ -395,7 +393,7 @@ def bench_ddim_vs_ddpm(cfg: BenchConfig, device: torch.device, precision: str) -
     optimizer = torch.optim.AdamW([p for m in stage.modules for p in m.parameters()], lr=1e-3)
     for _ in range(3):
         for index in torch.randperm(len(train), device=device).split(cfg.head_batch):
-            batch = {**{k: train[k][index] for k in ("visual", "text", "label")}, "index": index}
+            batch = {k: train[k][index] for k in ("visual", "text", "label")}
             train_step(stage, optimizer, batch, precision, device.type)
     head.eval()
     schedule = head.schedule_on(device)
@@ -553,7 +551,7 @@ def bench_ablation(cfg: BenchConfig, device: torch.device, precision: str, cache
     t0 = time.perf_counter()
     rows = run_matrix(cache, TABLE2_ROWS, (0, 1, 2), out,
                       TrainConfig(epochs=cfg.ablation_epochs, device=cfg.device),
-                      DEMO_HEAD_OVERRIDES, log=lambda _: None)
+                      DEMO_HEAD_OVERRIDES, log=lambda _: None).rows
     ours_s = time.perf_counter() - t0
     epochs = sum(len((Path(r["run"]) / "metrics.jsonl").read_text().splitlines()) for r in rows)
     info = load_dataset("synthfood", workdir / "synthfood")

@@ -32,7 +32,7 @@ from ..stage1.extract import ExtractConfig, ExtractResult, extract
 from ..stage1.finetune import FinetuneConfig, finetune, finetune_settings
 from ..store import content_key
 from .ablate import TABLE2_ROWS, TEXT_CEILING, run_finetune_matrix, run_matrix
-from .report import write_sections, write_tables
+from .report import Matrix, write_sections, write_tables
 
 # the rows `make demo` trains end to end: the baseline, the alignment, the full method
 E2E_DEMO_ROWS = (TABLE2_ROWS[0], TABLE2_ROWS[1], TABLE2_ROWS[4])
@@ -118,14 +118,14 @@ def backbone_cache(cfg: DemoConfig, method: str | None, frozen: ExtractResult,
 
 
 def _heads(cfg: DemoConfig, cache: Path, rows, out: Path, title: str,
-           log: Callable[[str], None]) -> list[dict[str, Any]]:
+           log: Callable[[str], None]) -> Matrix:
     return run_matrix(cache, rows, cfg.seeds, out, TrainConfig(epochs=cfg.head_epochs,
                                                                device=cfg.device),
                       DEMO_HEAD_OVERRIDES, title=title, log=log)
 
 
 def _end_to_end(cfg: DemoConfig, frozen: ExtractResult, rows, out: Path, title: str,
-                log: Callable[[str], None], two_stage: bool = False) -> list[dict[str, Any]]:
+                log: Callable[[str], None], two_stage: bool = False) -> Matrix:
     heads = TrainConfig(epochs=cfg.head_epochs, device=cfg.device) if two_stage else None
     return run_finetune_matrix(finetune_config(cfg, frozen), rows, cfg.finetune_seeds, out,
                                DEMO_HEAD_OVERRIDES, title, log, heads, cfg.cache_dir)
@@ -142,13 +142,13 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log: Callable[[str], None] = print)
     e2e_title = (f"synthfood, {cfg.visual} trained end to end per row + {cfg.text}: test "
                  "accuracy")
     e2e = _end_to_end(cfg, frozen, E2E_DEMO_ROWS, cfg.out / "end-to-end", e2e_title, log)
-    baseline = Path(e2e[0]["run"]) / "backbone.safetensors"  # CE, the first fine-tuning seed
+    baseline = Path(e2e.rows[0]["run"]) / "backbone.safetensors"  # CE, the first fine-tuning seed
     tuned = _extract(cfg, baseline, log)
     cache_title = (f"synthfood, heads on the cache of {cfg.visual} fine-tuned with CE + "
                    f"{cfg.text}: test accuracy")
     heads = _heads(cfg, tuned.path, TABLE2_ROWS, cfg.out / "heads-on-cache", cache_title, log)
     minutes = (time.perf_counter() - t0) / 60
-    tables = [(e2e_title, e2e), (cache_title, heads)]
+    tables = [(e2e_title, e2e.rows), (cache_title, heads.rows)]
     result = {"tables": write_sections(cfg.out, tables, {"minutes": round(minutes, 2)}),
               "cache": str(tuned.path), "minutes": round(minutes, 2)}
     log(f"demo finished in {minutes:.1f} min; tables in {cfg.out}/results.md")
@@ -187,10 +187,10 @@ def run_e2e_study(cfg: DemoConfig, rows: Sequence = TABLE2_ROWS,
     frozen = _extract(cfg, None, log)
     title = (f"synthfood, {cfg.visual} trained end to end per row + {cfg.text}: test accuracy "
              f"(fine-tuning seeds {','.join(map(str, cfg.finetune_seeds))})")
-    rows_out = _end_to_end(cfg, frozen, rows, cfg.out, title, log, two_stage=True)
+    matrix = _end_to_end(cfg, frozen, rows, cfg.out, title, log, two_stage=True)
     minutes = (time.perf_counter() - t0) / 60
     log(f"study finished in {minutes:.1f} min; tables in {cfg.out}/results.md")
-    return {"rows": rows_out, "minutes": round(minutes, 2)}
+    return {"rows": matrix.rows, "minutes": round(minutes, 2)}
 
 
 def backbone_label(method: str | None) -> str:
@@ -213,7 +213,7 @@ def run_finetune_study(cfg: DemoConfig, methods: Sequence[str | None] = STUDY_BA
         label = backbone_label(method)
         table_rows = TABLE2_ROWS + ((TEXT_CEILING,) if method is None else ())
         for row in _heads(cfg, cache.path, table_rows, cfg.out / (method or "frozen"),
-                          f"synthfood, {label}: test accuracy", log):
+                          f"synthfood, {label}: test accuracy", log).rows:
             rows.append({"backbone": label, **row})
     minutes = (time.perf_counter() - t0) / 60
     write_tables(cfg.out, rows, ("backbone", "row"),

@@ -1,7 +1,7 @@
-"""Feature-range and distribution diagnostics of a cache (METHODS §2.5 [R]).
+"""Feature-range and distribution diagnostics of a cache (methods §2.5 [R]).
 
 SeDA's abstract blames one-step visual-to-text mappings on two gaps between the modalities:
-the class-wise sample distribution and the range of feature values (§2.1 item 3). These
+the class-wise sample distribution and the range of feature values (methods §2.1 item 3). These
 numbers check whether the premise holds for a given pair of backbones:
 
 - per modality, on the **raw** cached features: per-dimension mean and std (summarised),
@@ -31,7 +31,7 @@ MODALITIES = ("visual", "text")
 
 
 def feature_summary(features: np.ndarray, bins: int = 30) -> dict[str, Any]:
-    """Range statistics of one modality's raw features ``[N, D]`` (METHODS §2.5)."""
+    """Range statistics of one modality's raw features ``[N, D]`` (methods §2.5)."""
     per_dim_mean, per_dim_std = features.mean(axis=0), features.std(axis=0)
     norms = np.linalg.norm(features, axis=1)
     p01, p99 = np.percentile(features, [1, 99])
@@ -132,7 +132,7 @@ def _gaussian(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def standardise(features: np.ndarray, reference: np.ndarray, floor: float = 0.1) -> np.ndarray:
-    """Per-dimension z-score with the statistics of ``reference`` (METHODS §3 #7), exactly as
+    """Per-dimension z-score with the statistics of ``reference`` (methods §3.7), exactly as
     the heads see it: :class:`~.heads.common.Standardizer`, whose std floor (``floor`` x the
     median std) keeps a dimension dead on train from exploding another split's rows."""
     norm = Standardizer(reference.shape[1], floor_ratio=floor).fit(torch.from_numpy(reference))
@@ -158,7 +158,7 @@ def cross_modal(visual: np.ndarray, text: np.ndarray, labels: np.ndarray) -> dic
 
 def diagnose_arrays(raw: dict[str, np.ndarray], labels: np.ndarray,
                     reference: dict[str, np.ndarray]) -> dict[str, Any]:
-    """All §2.5 numbers for raw ``{"visual", "text"}`` features of one split; ``reference``
+    """All methods §2.5 numbers for raw ``{"visual", "text"}`` features of one split; ``reference``
     holds the train features whose statistics standardise them."""
     standardised = {m: standardise(raw[m], reference[m]) for m in MODALITIES}
     modalities = {m: {**feature_summary(raw[m]), "variance_ratio": {
@@ -170,7 +170,7 @@ def diagnose_arrays(raw: dict[str, np.ndarray], labels: np.ndarray,
 
 def diagnose(cache_path: Path | str, split: str = "train",
              out_dir: Path | str | None = None) -> dict[str, Any]:
-    """Diagnostics of ``split`` of a cache (METHODS §2.5); with ``out_dir``, write
+    """Diagnostics of ``split`` of a cache (methods §2.5); with ``out_dir``, write
     ``diagnose.json``, ``diagnose_ranges.png`` and ``diagnose_centres.png`` there."""
     cache = FeatureCache(cache_path).require_complete()
     data = cache.load_split(split, ("visual", "text", "label"))

@@ -1,13 +1,13 @@
 """Figures of a trained run (matplotlib, Agg): each a PNG plus the data behind it.
 
-- ``tsne.png`` (MARNet Figure 3, METHODS §1.10 and §2.5): t-SNE of the standardised visual
+- ``tsne.png`` (MARNet Figure 3, methods §1.10 and methods §2.5): t-SNE of the standardised visual
   features ``x_v`` next to the features the run generates from them, image only: ``x_CDR``
   for MARNet runs with a CDR branch, ``z`` / ``m`` / ``s_hat_0`` for SeDA (reconstructed from
   the abstract), the one-step map's output; the split's text features ``x_s`` are shown as a
   reference panel (read for the figure only, never by a prediction). N samples of each of K
   classes; the silhouette score of each panel's features (in their own space) quantifies
   "clusters better". Data: ``tsne.npz`` (2-D points, labels, rows), ``tsne.json``.
-- ``confidence.png`` (MARNet Figure 4, §1.10): histograms of the max softmax probability of
+- ``confidence.png`` (MARNet Figure 4; methods §1.10): histograms of the max softmax probability of
   each branch the run has on the whole split (MARNet full: EMA (visual) vs CDR (diffusion) vs
   fusion). Data: ``confidence.npz`` (per-row confidence and correctness), ``confidence.json``.
 - ``curves.png``: training loss and validation top-1 per stage from ``metrics.jsonl``. Data:
@@ -51,7 +51,7 @@ MARNET_LOGITS = {"ema_logits": "EMA (visual)", "mlp_logits": "MLP (visual)",
 
 def _marnet_outputs(head, visual: torch.Tensor, generator: torch.Generator,
                     chunk_rows: int) -> tuple[TensorMap, TensorMap]:
-    """MARNet (§1): ``x_CDR`` and the EMA / CDR / fusion logits the variant has, from the
+    """MARNet (methods §1): ``x_CDR`` and the EMA / CDR / fusion logits the variant has, from the
     head's own :meth:`MARNet.representations`, under the figures' names."""
     rep = head.representations(visual, generator, chunk_rows)
     return ({MARNET_FEATURES[k]: v for k, v in rep.items() if k in MARNET_FEATURES},
@@ -60,7 +60,7 @@ def _marnet_outputs(head, visual: torch.Tensor, generator: torch.Generator,
 
 def _seda_outputs(head, visual: torch.Tensor, generator: torch.Generator,
                   chunk_rows: int) -> tuple[TensorMap, TensorMap]:
-    """SeDA (reconstructed, §2.3): ``z``, ``m``, ``s_hat_0`` and the variant's logits."""
+    """SeDA (reconstructed; methods §2.3): ``z``, ``m``, ``s_hat_0`` and the variant's logits."""
     rep = head.representations(visual, generator, chunk_rows)
     names = {"one-step": "one-step map (visual)", "dsl-only": "DSL prototypes (diffusion)"}
     logits = {names.get(head.cfg.variant, "DST + PFIN (diffusion)"): rep.pop("logits")}

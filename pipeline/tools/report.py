@@ -7,6 +7,7 @@ import io
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,6 +61,15 @@ def to_csv(table: Sequence[dict[str, Any]]) -> str:
     for entry in table:
         writer.writerow({**entry, "seeds": " ".join(str(s) for s in entry["seeds"])})
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """What a matrix of runs produced: one result per (row, seed) and the summary table of
+    them (mean ± std per row), as :func:`write_tables` wrote it."""
+
+    rows: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
 
 
 def write_tables(out_dir: Path | str, rows: Sequence[dict[str, Any]],

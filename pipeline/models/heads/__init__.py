@@ -1,7 +1,8 @@
 """The method registry: name -> config dataclass, defaults, and the head module it builds.
 
-Every head exposes ``stages(train, val, ctx) -> list[Stage]`` for the trainer and
-``predict(visual, generator) -> logits`` for evaluation: test time sees visual features only.
+Every head satisfies :class:`~.contract.Head`: ``stages(train, val, ctx) -> list[Stage]`` for
+the trainers, ``predict(visual, generator) -> logits`` for evaluation (test time sees visual
+features only) and ``representations(visual, ...)``, its named intermediate outputs.
 Ablations are configuration: ``visual`` is the aligned classifier with no alignment loss, the
 Table 2 rows are ``marnet`` variants.
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
-
-from torch import nn
 
 from ...core.config import apply_overrides
 from .alignment import (
@@ -24,7 +23,8 @@ from .alignment import (
     TEAMConfig,
     alignment_fields,
 )
-from .common import Dims, SplitData, Stage, Standardizer, TrainContext
+from .common import Standardizer
+from .contract import Dims, Head, RowState, SplitData, Stage, TrainContext, stage_batch
 from .diffusion import DiffusionConfig
 from .marnet import VARIANTS, MARNet, MARNetConfig
 from .seda import SeDA, SeDAConfig
@@ -53,7 +53,7 @@ class MethodSpec:
     """A registered method: its config class, the defaults it sets, its builder, a summary."""
     config: type
     defaults: dict[str, Any]
-    build: Callable[[Any, Dims], nn.Module]
+    build: Callable[[Any, Dims], Head]
     summary: str
     fields: Callable[[Any], tuple[str, ...]] = no_fields  # extra cache fields (tokens)
     reads_text: Callable[[Any], bool] = always  # whether training reads text features
@@ -84,7 +84,7 @@ METHODS: dict[str, MethodSpec] = {
     "marnet": MethodSpec(MARNetConfig, {}, MARNet,
                          "MARNet: EMA + CDR (conditional feature diffusion) + fusion"),
     "seda": MethodSpec(SeDAConfig, {}, SeDA,
-                       "SeDA (reconstructed from the abstract, METHODS §2.3 [R]): DSL toward "
+                       "SeDA (reconstructed from the abstract, methods §2.3 [R]): DSL toward "
                        "visual class centres, then DST + PFIN toward the text distribution",
                        reads_text=seda_reads_text),
 }
@@ -117,7 +117,7 @@ def method_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
     return apply_overrides(apply_overrides(spec.config(), spec.defaults), overrides or {})
 
 
-def build_head(name: str, cfg: Any, dims: Dims) -> nn.Module:
+def build_head(name: str, cfg: Any, dims: Dims) -> Head:
     """The head module of method ``name`` for features of ``dims``, configured by ``cfg``."""
     return METHODS[name].build(cfg, dims)
 
@@ -138,8 +138,10 @@ __all__ = [
     "AlignConfig",
     "DiffusionConfig",
     "Dims",
+    "Head",
     "MARNetConfig",
     "METHODS",
+    "RowState",
     "SplitData",
     "Stage",
     "Standardizer",
@@ -150,4 +152,5 @@ __all__ = [
     "method_fields",
     "method_reads_text",
     "resolve_overrides",
+    "stage_batch",
 ]

@@ -1,4 +1,4 @@
-"""The shared alignment wrapper (METHODS §4): ``CE(C(E_v x_v), y) + lambda * L_align``.
+"""The shared alignment wrapper (methods §4): ``CE(C(E_v x_v), y) + lambda * L_align``.
 
 ``E_v`` / ``E_s`` are MARNet's EMA encoders (linear + LeakyReLU to ``d``), ``C`` is a linear
 classifier on the visual side, and the test prediction is ``C(E_v x_v)``: image only. With
@@ -30,25 +30,27 @@ from ..losses import (
     symmetric_infonce,
     token_alignment_scores,
 )
-from .common import Batch, Dims, ProjectionEncoder, SplitData, Stage, val_top1
+from .common import ProjectionEncoder, val_top1
+from .contract import Batch, Dims, SplitData, Stage
 
 
 @dataclass
 class AlignConfig:
-    """EMA / alignment-baseline knobs (METHODS §1.2, §3 #1-3, #13, #18, §4)."""
+    """EMA / alignment-baseline knobs (methods §1.2, §3.1-3.3, §3.13, §3.18, §4)."""
 
     loss: str = "ita"  # none | a name in ALIGNMENT_LOSSES
-    d: int | None = None  # shared dim; None = the text dim (METHODS §3 #1)
+    d: int | None = None  # shared dim; None = the text dim (methods §3.1)
     tau: float = 0.07
     learnable_tau: bool = False
     weight: float = 1.0  # beta (EMA) / lambda (baselines)
     ce_weight: float = 1.0  # alpha1
-    multi_positive: bool = False  # same-class pairs are positives in ITA / TEAM (§3 #18)
+    multi_positive: bool = False  # same-class pairs are positives in ITA / TEAM (methods §3.18)
 
 
 @dataclass
 class SWDConfig(AlignConfig):
-    """SWD (§4.3): ``lambda SWD(softmax C(f_v), softmax C_s(f_s))`` plus the CE of ``C_s``."""
+    """SWD (methods §4.3): ``lambda SWD(softmax C(f_v), softmax C_s(f_s))`` plus the CE of
+    ``C_s``."""
 
     loss: str = "swd"
     projections: int = 128  # M random unit directions, drawn afresh every step
@@ -57,7 +59,7 @@ class SWDConfig(AlignConfig):
 
 @dataclass
 class SSANConfig(AlignConfig):
-    """SSAN (§4.4) with BIT-DA/SSAN's defaults; ``weight`` is the ESA weight beta.
+    """SSAN (methods §4.4) with BIT-DA/SSAN's defaults; ``weight`` is the ESA weight beta.
 
     The total is ``CE_text + ISA + beta * ESA`` with a shared classifier. ISA holds the visual
     hard CE (``(1 - a) CE + a L_soft``), so the wrapper's own CE weight is 0.
@@ -73,7 +75,7 @@ class SSANConfig(AlignConfig):
 
 @dataclass
 class CDDConfig(AlignConfig):
-    """CDD (§4.5): class-aware multi-kernel MMD between ``f_v`` and ``f_s``."""
+    """CDD (methods §4.5): class-aware multi-kernel MMD between ``f_v`` and ``f_s``."""
 
     loss: str = "cdd"
     kernels: int = 5
@@ -82,7 +84,7 @@ class CDDConfig(AlignConfig):
 
 @dataclass
 class TEAMConfig(AlignConfig):
-    """TEAM (§4.6): InfoNCE on token-level scores plus ``global_weight`` * global ITA."""
+    """TEAM (methods §4.6): InfoNCE on token-level scores plus ``global_weight`` * global ITA."""
 
     loss: str = "team"
     attention_tau: float = 0.1  # tau_a of the token attention
@@ -215,23 +217,30 @@ class AlignedClassifier(nn.Module):
             self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.tau)))
 
     def tau(self) -> torch.Tensor | float:
-        """Fixed tau, or ``1 / exp(log_scale)`` with the scale clamped at 100 (§3 #2)."""
+        """Fixed tau, or ``1 / exp(log_scale)`` with the scale clamped at 100 (methods §3.2)."""
         if self.cfg.learnable_tau:
             return 1.0 / self.log_scale.exp().clamp(max=100.0)
         return self.cfg.tau
 
     def positives(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """The labels for multi-positive InfoNCE (§3 #18), or None for one positive per row."""
+        """The labels for multi-positive InfoNCE (methods §3.18), or None for one positive
+        per row."""
         return labels if self.cfg.multi_positive else None
 
     def embed(self, visual: torch.Tensor) -> torch.Tensor:
-        """``x_EMA = x_v' = g(E_v x_v)`` (METHODS §3 #3)."""
+        """``x_EMA = x_v' = g(E_v x_v)`` (methods §3.3)."""
         return self.visual_encoder(visual)
 
     def predict(self, visual: torch.Tensor, generator: torch.Generator | None = None,
                 chunk_rows: int = 8192) -> torch.Tensor:
         """Class logits from visual features alone (the test-time contract)."""
         return self.classifier(self.embed(visual))
+
+    def representations(self, visual: torch.Tensor, generator: torch.Generator | None = None,
+                        chunk_rows: int = 8192) -> dict[str, torch.Tensor]:
+        """The image-only pass: ``embedding`` (``x_EMA`` / ``f_v``) and its ``logits``."""
+        embedding = self.embed(visual)
+        return {"embedding": embedding, "logits": self.classifier(embedding)}
 
     def loss(self, batch: Batch, generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

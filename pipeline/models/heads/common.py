@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -11,11 +10,9 @@ from torch import nn
 
 from ..schedule import NoiseSchedule
 
-Batch = dict[str, torch.Tensor]
-
 
 class Standardizer(nn.Module):
-    """Per-dimension z-score with train-split statistics (METHODS §3 #7, SeDA R-0).
+    """Per-dimension z-score with train-split statistics (methods §3.7, SeDA R-0).
 
     A dimension (nearly) constant on train, like a dead ReLU unit, would be divided by ~0 and
     blow test rows that are not constant up to huge values; its std is floored at
@@ -101,7 +98,7 @@ class MLP(nn.Module):
 class ConditionalDenoiser(nn.Module):
     """x0-predicting denoiser ``X_theta(x_t, t, c)``: an :class:`MLP` on ``[x_t ; c ; emb(t)]``.
 
-    MARNet Eq. 19/22 with the layout of METHODS §3 #5 (concatenation conditioning, sinusoidal
+    MARNet Eq. 19/22 with the layout of methods §3.5 (concatenation conditioning, sinusoidal
     time embedding, 4 linear layers, SiLU).
     """
 
@@ -165,62 +162,3 @@ def val_top1(logits: Callable[[], torch.Tensor], labels: torch.Tensor) -> Callab
     return metric
 
 
-@dataclass(frozen=True)
-class Dims:
-    """Feature and label sizes a head is built for."""
-
-    visual: int
-    text: int
-    classes: int
-
-
-@dataclass
-class SplitData:
-    """One split on the device, standardised: ``visual``, ``text``, ``label`` (and extras)."""
-
-    tensors: Batch
-
-    def __len__(self) -> int:
-        return len(self.tensors["label"])
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.tensors[key]
-
-
-@dataclass
-class Stage:
-    """One training phase of a head.
-
-    ``modules`` are trained with ``loss(batch) -> (loss, parts)``. ``select`` maps a group name
-    to ``(modules, val_metric)``: after each epoch each group keeps its parameters from the
-    epoch with the best validation metric (groups with disjoint parameters select
-    independently). ``prepare`` runs once before the first epoch. ``sampler`` is ``random``
-    (a permutation) or ``balanced`` (classes x samples per class).
-    """
-
-    name: str
-    modules: list[nn.Module]
-    loss: Callable[[Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-    select: dict[str, tuple[list[nn.Module], Callable[[], float]]] = field(default_factory=dict)
-    epochs: int | None = None  # None: the trainer's default
-    prepare: Callable[[], None] | None = None
-    sampler: str = "random"
-    fields: tuple[str, ...] = ("visual", "text", "label")
-
-
-@dataclass
-class TrainContext:
-    """What a head needs from the trainer: the device, the training RNG, the eval seed."""
-
-    device: torch.device
-    generator: torch.Generator
-    eval_seed: int = 0
-    chunk_rows: int = 8192
-    # True when a backbone trains with the head (``marnet finetune``): the visual features of
-    # a split are not known in advance, so statistics of them (SeDA's class centres) are
-    # running estimates updated from each batch instead of exact train-split values
-    moving_features: bool = False
-
-    def eval_generator(self) -> torch.Generator:
-        """A fresh generator seeded with ``eval_seed``: evaluations are repeatable."""
-        return torch.Generator(device=self.device).manual_seed(self.eval_seed)

@@ -13,14 +13,15 @@ from torch import nn
 from ...core.config import ConfigError, require_choice, require_positive, require_range
 from ..losses import feature_mse
 from ..schedule import NoiseSchedule, ScheduleConfig
-from .common import MLP, Batch, ConditionalDenoiser, Dims
+from .common import MLP, ConditionalDenoiser
+from .contract import Batch, Dims
 
 SAMPLERS = ("ddpm", "ddim")
 
 
 @dataclass
 class DiffusionConfig:
-    """The conditional diffusion shared by CDR and SeDA's stages (METHODS §3 #5, #8-10).
+    """The conditional diffusion shared by CDR and SeDA's stages (methods §3.5, #8-10).
 
     ``hidden``/``layers``/``t_dim``: the x0-denoiser MLP (width, linear layers, sinusoidal
     time-embedding size). ``schedule``: T and the beta schedule. ``sampler``: the test-time
@@ -76,7 +77,7 @@ def generate_chunked(schedule: NoiseSchedule, denoiser: ConditionalDenoiser, con
 
 class MLPControl(nn.Module):
     """A 4-layer MLP mapping ``x_v`` into the text space, no diffusion, trained with
-    ``ce_weight * CE + mse_weight * MSE(map, x_s)``: MARNet's +MLP row (§3 #15) and SeDA's
+    ``ce_weight * CE + mse_weight * MSE(map, x_s)``: MARNet's +MLP row (methods §3.15) and SeDA's
     one-step variant."""
 
     def __init__(self, dims: Dims, hidden: int, layers: int, ce_weight: float = 1.0,

@@ -1,18 +1,20 @@
 """MARNet (arXiv 2407.18854): EMA + CDR + fusion, with the Table 2 ablation rows as variants.
 
-- EMA (§1.2): :class:`~.alignment.AlignedClassifier` with the ITA loss; ``x_EMA = g(E_v x_v)``.
-- CDR (§1.3): diffuse the standardised text feature and denoise it conditioned on ``x_v`` with
-  a 4-layer x0-predicting MLP (Eq. 19-20); at test, sample ``x_CDR`` from ``N(0, I)`` by the
-  reverse chain (Eq. 21-23), from the image alone.
-- Fusion (§1.4, Eq. 24): ``concat | add | mul`` of ``(x_EMA, x_CDR)`` into a linear classifier,
-  or CF-VQA's ``sum | hm`` of two per-branch logits.
+- EMA (methods §1.2): :class:`~.alignment.AlignedClassifier` with the ITA loss;
+  ``x_EMA = g(E_v x_v)``.
+- CDR (methods §1.3): diffuse the standardised text feature and denoise it conditioned on
+  ``x_v`` with a 4-layer x0-predicting MLP (Eq. 19-20); at test, sample ``x_CDR`` from
+  ``N(0, I)`` by the reverse chain (Eq. 21-23), from the image alone.
+- Fusion (methods §1.4, Eq. 24): ``concat | add | mul`` of ``(x_EMA, x_CDR)`` into a linear
+  classifier, or CF-VQA's ``sum | hm`` of two per-branch logits.
 
-Variants (Table 2, METHODS §1.9): ``ema`` (+EMA), ``mlp`` (+MLP control: the same MLP mapping
-``x_v`` to the text space with no diffusion, §3 #15), ``cdr`` (+CDR(MLP): classify ``x_CDR``),
-``full`` (+Fusion). Training is staged (§3 #14): (a) EMA and CDR together (disjoint
-parameters, each kept at its best validation epoch), (b) both frozen, the fusion classifier
-trained on *sampled* ``x_CDR`` (K samples per train image), as it will see at test. ``joint``
-trains fusion in stage (a) on the one-step ``x0_hat`` instead (the option the paper leaves open).
+Variants (Table 2, methods §1.9): ``ema`` (+EMA), ``mlp`` (+MLP control: the same MLP mapping
+``x_v`` to the text space with no diffusion, methods §3.15), ``cdr`` (+CDR(MLP): classify
+``x_CDR``), ``full`` (+Fusion). Training is staged (methods §3.14): (a) EMA and CDR together
+(disjoint parameters, each kept at its best validation epoch), (b) both frozen, the fusion
+classifier trained on *sampled* ``x_CDR`` (K samples per train image), as it will see at test.
+``joint`` trains fusion in stage (a) on the one-step ``x0_hat`` instead (the option the paper
+leaves open).
 """
 
 from __future__ import annotations
@@ -34,16 +36,8 @@ from ..losses import (
 )
 from ..schedule import NoiseSchedule
 from .alignment import AlignConfig, AlignedClassifier
-from .common import (
-    Batch,
-    ConditionalDenoiser,
-    Dims,
-    ScheduleOwner,
-    SplitData,
-    Stage,
-    TrainContext,
-    val_top1,
-)
+from .common import ConditionalDenoiser, ScheduleOwner, val_top1
+from .contract import Batch, Dims, RowState, SplitData, Stage, TrainContext
 from .diffusion import DiffusionConfig, MLPControl, generate_chunked
 
 VARIANTS = ("ema", "mlp", "cdr", "full")
@@ -51,7 +45,7 @@ VARIANTS = ("ema", "mlp", "cdr", "full")
 
 @dataclass
 class MARNetConfig:
-    """MARNet's settings (METHODS §1, decisions §3).
+    """MARNet's settings (methods §1, decisions methods §3).
 
     ``variant``: the Table 2 row trained (``ema``, ``mlp``, ``cdr`` or ``full``). ``fusion``:
     how ``x_EMA`` and ``x_CDR`` are combined (``concat``, ``add``, ``mul``, ``sum``, ``hm``;
@@ -127,7 +121,7 @@ class CDRBranch(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """``Classifier(x_EMA (+) x_CDR)`` for the five fusion modes (Eq. 24, METHODS §1.4)."""
+    """``Classifier(x_EMA (+) x_CDR)`` for the five fusion modes (Eq. 24, methods §1.4)."""
 
     def __init__(self, mode: str, ema_dim: int, cdr_dim: int, classes: int):
         super().__init__()
@@ -178,12 +172,6 @@ class MARNet(ScheduleOwner):
                               cfg.gamma) if cfg.variant == "mlp" else None
         self.fusion = FusionHead(cfg.fusion, self.ema.d, dims.text, dims.classes) \
             if cfg.variant == "full" else None
-        # stage (b)'s inputs, made once by its prepare(): K sampled x_CDR per train row, one
-        # per val row, and the frozen x_EMA of both
-        self._train_samples: torch.Tensor | None = None
-        self._val_samples: torch.Tensor | None = None
-        self._train_ema: torch.Tensor | None = None
-        self._val_ema: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ prediction
 
@@ -264,30 +252,38 @@ class MARNet(ScheduleOwner):
 
     def _fusion_stage(self, train: SplitData, val: SplitData, ctx: TrainContext,
                       schedule: NoiseSchedule) -> Stage:
-        """Stage (b): EMA and CDR frozen; the fusion classifier learns on sampled ``x_CDR``."""
-        cfg = self.cfg
+        """Stage (b): EMA and CDR frozen; the fusion classifier learns on sampled ``x_CDR``.
 
-        def prepare() -> None:
-            """Sample K x_CDR per train image and one per val image (fixed eval noise)."""
+        Its ``prepare`` samples K ``x_CDR`` per train image (row state ``x_cdr_draws``,
+        ``[N, K, D]``, beside the frozen ``x_ema``); each batch row trains on one of its K
+        draws, picked at random. Validation uses one draw per val image (fixed eval noise).
+        """
+        cfg = self.cfg
+        val_inputs: dict[str, torch.Tensor] = {}
+
+        def prepare() -> RowState:
             with torch.no_grad():
-                self._train_samples = torch.stack([
+                draws = torch.stack([
                     self.cdr.generate(train["visual"], schedule, ctx.generator, ctx.chunk_rows)
-                    for _ in range(max(1, cfg.fusion_samples))])
-                self._val_samples = self.cdr.generate(val["visual"], schedule,
-                                                      ctx.eval_generator(), ctx.chunk_rows)
-                self._train_ema = self.ema.embed(train["visual"])
-                self._val_ema = self.ema.embed(val["visual"])
+                    for _ in range(max(1, cfg.fusion_samples))], dim=1)
+                val_inputs["x_cdr"] = self.cdr.generate(val["visual"], schedule,
+                                                        ctx.eval_generator(), ctx.chunk_rows)
+                val_inputs["x_ema"] = self.ema.embed(val["visual"])
+                rows = {"x_cdr_draws": draws, "x_ema": self.ema.embed(train["visual"])}
             if cfg.fusion_init == "branches":
                 self.fusion.init_from_branches(self.ema.classifier, self.cdr.classifier)
+            return rows
 
         def loss_b(batch: Batch):
-            index = batch["index"]
-            k = torch.randint(0, self._train_samples.shape[0], (len(index),),
-                              device=index.device, generator=ctx.generator)
-            logits = self.fusion(self._train_ema[index], self._train_samples[k, index])
+            draws = batch["x_cdr_draws"]
+            k = torch.randint(0, draws.shape[1], (len(draws),), device=draws.device,
+                              generator=ctx.generator)
+            rows = torch.arange(len(draws), device=draws.device)
+            logits = self.fusion(batch["x_ema"], draws[rows, k])
             ce = F.cross_entropy(logits, batch["label"])
             return ce, {"fusion_ce": ce.detach()}
 
-        metric = val_top1(lambda: self.fusion(self._val_ema, self._val_samples), val["label"])
+        metric = val_top1(lambda: self.fusion(val_inputs["x_ema"], val_inputs["x_cdr"]),
+                          val["label"])
         return Stage("fusion", [self.fusion], loss_b, {"fusion": ([self.fusion], metric)},
                      epochs=cfg.fusion_epochs, prepare=prepare, fields=("label",))

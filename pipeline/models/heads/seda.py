@@ -1,4 +1,4 @@
-"""SeDA (arXiv 2505.05721, IJCAI 2025), **reconstructed from the abstract** (METHODS §2.3 [R]).
+"""SeDA (arXiv 2505.05721, IJCAI 2025), **reconstructed from the abstract** (methods §2.3 [R]).
 
 Only SeDA's title block and abstract are public. The abstract names the parts (a Diffusion-
 Controlled Semantic Learner, a Diffusion-Controlled Semantic Translator, a Progressive Feature
@@ -19,10 +19,11 @@ paper's, and every choice is a configuration knob.
   emb(t)])`` from ``m_T = P z``, trained by unrolling K consecutive steps of the test-time grid.
 - Staged training (R-3): DSL, then DSL frozen and ``z`` generated once per train/val row, then
   DST + PFIN + ``C_f``; optionally (``dst.refit_samples`` > 0) a third stage refits ``C_f`` on
-  sampled chains, as MARNet's fusion stage does (METHODS §3 #14). Inference (R-4) is image-only: ``x_v -> z -> DST chain with PFIN at
-  every reverse step -> C_f([m_1 ; s_hat_0])``, optionally averaged over S samples.
+  sampled chains, as MARNet's fusion stage does (methods §3.14). Inference (R-4) is
+  image-only: ``x_v -> z -> DST chain with PFIN at every reverse step -> C_f([m_1 ; s_hat_0])``,
+  optionally averaged over S samples.
 
-Variants (METHODS §2.4): ``full``; ``one-step`` (an MLP maps ``x_v`` to the text space with
+Variants (methods §2.4): ``full``; ``one-step`` (an MLP maps ``x_v`` to the text space with
 MSE + CE: the status quo the abstract criticises, MARNet's +MLP control); ``dst-only``
 (``z := x_v``, no stage 1); ``dsl-only`` (classify ``z`` by its distances to the class
 centres); ``no-pfin`` (``m_t := P z``).
@@ -31,6 +32,7 @@ centres); ``no-pfin`` (``m_t := P z``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,21 +42,17 @@ from ..losses import feature_mse
 from ..schedule import NoiseSchedule
 from .common import (
     MLP,
-    Batch,
     ConditionalDenoiser,
-    Dims,
     ProjectionEncoder,
     ScheduleOwner,
-    SplitData,
-    Stage,
-    TrainContext,
     sinusoidal_embedding,
     val_top1,
 )
+from .contract import Batch, Dims, RowState, SplitData, Stage, TrainContext
 from .diffusion import DiffusionConfig, MLPControl, generate_chunked
 
 VARIANTS = ("full", "one-step", "dst-only", "dsl-only", "no-pfin")
-CLASSIFIER_INPUTS = ("m+s", "v+m+s", "s")  # C_f input (METHODS §3 #24)
+CLASSIFIER_INPUTS = ("m+s", "v+m+s", "s")  # C_f input (methods §3.24)
 
 
 @dataclass
@@ -67,7 +65,7 @@ class DSLConfig(DiffusionConfig):
     lambda_h: float = 0.0  # > 0 adds variant B: MSE(P_h h_t, c_y) on the interactive feature
     epochs: int | None = None  # None: the trainer's epochs
     # m of the running class centres c_k <- m c_k + (1 - m) mean_batch(x_v | y = k), used when
-    # the features move (a backbone trained with the head, R-1 and METHODS §3 #22)
+    # the features move (a backbone trained with the head, R-1 and methods §3.22)
     centre_momentum: float = 0.9
 
 
@@ -98,7 +96,8 @@ class PFINConfig:
 
 @dataclass
 class SeDAConfig:
-    """SeDA (reconstructed from the abstract, METHODS §2.3-2.4 [R]); ``d_z = d_v`` (§3 #23)."""
+    """SeDA (reconstructed from the abstract, methods §2.3-2.4 [R]); ``d_z = d_v``
+    (methods §3.23)."""
 
     variant: str = "full"  # full | one-step | dst-only | dsl-only | no-pfin
     dsl: DSLConfig = field(default_factory=DSLConfig)
@@ -116,7 +115,7 @@ class SeDAConfig:
 
 
 def class_centres(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
-    """``c_k = mean{x^i : y_i = k}`` (R-1, METHODS §3 #22); zero for a class with no rows."""
+    """``c_k = mean{x^i : y_i = k}`` (R-1, methods §3.22); zero for a class with no rows."""
     sums = features.new_zeros(classes, features.shape[1]).index_add_(0, labels, features)
     counts = torch.bincount(labels, minlength=classes).clamp(min=1).to(features.dtype)
     return sums / counts[:, None]
@@ -151,7 +150,8 @@ class SemanticLearner(ScheduleOwner):
 
     @torch.no_grad()
     def fit_centres(self, visual: torch.Tensor, labels: torch.Tensor) -> None:
-        """Exact train-split centres of the (frozen, standardised) visual features (§3 #22)."""
+        """Exact train-split centres of the (frozen, standardised) visual features
+        (methods §3.22)."""
         self.centres.copy_(class_centres(visual, labels, len(self.centres)))
 
     @torch.no_grad()
@@ -290,7 +290,8 @@ class SemanticTranslator(ScheduleOwner):
 
     def classify(self, mapped: torch.Tensor, s_hat: torch.Tensor,
                  visual: torch.Tensor) -> torch.Tensor:
-        """``C_f`` on ``[m ; s_hat_0]``, ``[x_v' ; m ; s_hat_0]`` or ``s_hat_0`` (§3 #24)."""
+        """``C_f`` on ``[m ; s_hat_0]``, ``[x_v' ; m ; s_hat_0]`` or ``s_hat_0``
+        (methods §3.24)."""
         pieces = {"m": mapped, "s": s_hat}
         if self.visual_encoder is not None:
             pieces["v"] = self.visual_encoder(visual)
@@ -350,7 +351,8 @@ class SemanticTranslator(ScheduleOwner):
 
 
 class SeDA(nn.Module):
-    """The SeDA head (reconstructed from the abstract); ``variant`` picks the §2.4 ablation."""
+    """The SeDA head (reconstructed from the abstract); ``variant`` picks the ablation of
+    methods §2.4."""
 
     def __init__(self, cfg: SeDAConfig, dims: Dims):
         super().__init__()
@@ -364,8 +366,6 @@ class SeDA(nn.Module):
             if uses_dst else None
         self.one_step = MLPControl(dims, cfg.dsl.hidden, cfg.dsl.layers, cfg.dst.lambda_s) \
             if cfg.variant == "one-step" else None
-        self._train_z: torch.Tensor | None = None
-        self._val_z: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ inference (R-4)
 
@@ -409,14 +409,15 @@ class SeDA(nn.Module):
                 [self.one_step], val_top1(lambda: self.one_step.predict(val["visual"]),
                                           val["label"]))})]
         stages = []
+        semantic: dict[str, torch.Tensor] = {}  # z of train and val, once stage 2 made them
         if self.cfg.joint:
             stages.append(self._joint_stage(train, val, ctx))
         if self.dsl is not None and not self.cfg.joint:
             stages.append(self._dsl_stage(train, val, ctx))
         if self.dst is not None and not self.cfg.joint:
-            stages.append(self._dst_stage(train, val, ctx))
+            stages.append(self._dst_stage(train, val, ctx, semantic))
         if self.dst is not None and self.cfg.dst.refit_samples > 0:
-            stages.append(self._classifier_stage(train, val, ctx))
+            stages.append(self._classifier_stage(train, val, ctx, semantic))
         return stages
 
     def _dsl_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
@@ -432,12 +433,18 @@ class SeDA(nn.Module):
                      {"dsl": ([dsl], val_top1(val_logits, val["label"]))}, epochs=cfg.epochs,
                      prepare=self._centres_preparer(train, ctx), fields=("visual", "label"))
 
-    def _centres_preparer(self, train: SplitData, ctx: TrainContext):
-        """Exact train-split centres fitted once (cached features); none when the features
-        move: :meth:`_dsl_loss` keeps running centres then."""
+    def _centres_preparer(self, train: SplitData, ctx: TrainContext
+                          ) -> Callable[[], None] | None:
+        """Exact train-split centres fitted once (cached features; the centres are weights
+        of the DSL, saved with it); none when the features move: :meth:`_dsl_loss` keeps
+        running centres then."""
         if ctx.moving_features:
             return None
-        return lambda: self.dsl.fit_centres(train["visual"], train["label"])
+
+        def fit() -> None:
+            self.dsl.fit_centres(train["visual"], train["label"])
+
+        return fit
 
     def _dsl_loss(self, batch: Batch, schedule: NoiseSchedule, ctx: TrainContext):
         """The DSL loss of one batch (running centres first when the features move)."""
@@ -469,21 +476,25 @@ class SeDA(nn.Module):
                                                                            val["label"]))},
                      epochs=self.cfg.dst.epochs, prepare=self._centres_preparer(train, ctx))
 
-    def _dst_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
-        """Stage 2: DSL frozen, ``z`` generated once per row, then DST + PFIN + ``C_f``;
-        selected on val top-1 of the image-only prediction (a cheap chain). Without a DSL
-        (``dst-only``) ``z`` is the batch's own ``x_v``, so the stage reads only its batch and
-        can train through a backbone."""
+    def _dst_stage(self, train: SplitData, val: SplitData, ctx: TrainContext,
+                   semantic: dict[str, torch.Tensor]) -> Stage:
+        """Stage 2: DSL frozen, ``z`` generated once per row (row state ``z``; kept in
+        ``semantic`` for the refit stage), then DST + PFIN + ``C_f``; selected on val top-1 of
+        the image-only prediction (a cheap chain). Without a DSL (``dst-only``) ``z`` is the
+        batch's own ``x_v``, so the stage reads only its batch and can train through a
+        backbone."""
         dst, cfg = self.dst, self.cfg.dst
         schedule = dst.schedule_on(ctx.device)
 
-        def prepare() -> None:
+        def prepare() -> RowState:
             with torch.no_grad():
-                self._train_z = self.semantic(train["visual"], ctx.generator, ctx.chunk_rows)
-                self._val_z = self.semantic(val["visual"], ctx.eval_generator(), ctx.chunk_rows)
+                semantic["train"] = self.semantic(train["visual"], ctx.generator, ctx.chunk_rows)
+                semantic["val"] = self.semantic(val["visual"], ctx.eval_generator(),
+                                                ctx.chunk_rows)
+            return {"z": semantic["train"]}
 
         def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            z = batch["visual"] if self.dsl is None else self._train_z[batch["index"]]
+            z = batch["visual"] if self.dsl is None else batch["z"]
             return dst.loss(z, batch, schedule, ctx.generator)
 
         # a recurrent PFIN is trained on the test chain's grid: select it on that grid too
@@ -491,7 +502,7 @@ class SeDA(nn.Module):
                      else (cfg.val_sampler, cfg.val_steps))
 
         def val_logits() -> torch.Tensor:
-            z = val["visual"] if self.dsl is None else self._val_z
+            z = val["visual"] if self.dsl is None else semantic["val"]
             mapped, s_hat = dst.translate(z, ctx.eval_generator(), ctx.chunk_rows, *val_chain)
             return dst.classify(mapped, s_hat, val["visual"])
 
@@ -502,44 +513,45 @@ class SeDA(nn.Module):
                      epochs=cfg.epochs, prepare=prepare if self.dsl is not None else None,
                      fields=fields)
 
-    def _semantic_features(self, train: SplitData, val: SplitData, ctx: TrainContext
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _semantic_features(self, train: SplitData, val: SplitData, ctx: TrainContext,
+                           semantic: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``z`` of the train and val rows: stage 2's own (generated in its ``prepare``), else
         generated now (``dst-only``: ``x_v``; ``joint``: the trained DSL's chain)."""
-        if self._train_z is not None:
-            return self._train_z, self._val_z
+        if semantic:
+            return semantic["train"], semantic["val"]
         return (self.semantic(train["visual"], ctx.generator, ctx.chunk_rows),
                 self.semantic(val["visual"], ctx.eval_generator(), ctx.chunk_rows))
 
-    def _classifier_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
+    def _classifier_stage(self, train: SplitData, val: SplitData, ctx: TrainContext,
+                          semantic: dict[str, torch.Tensor]) -> Stage:
         """Optional stage 3 (``dst.refit_samples`` = K > 0): DST + PFIN frozen, ``C_f`` refitted
         with CE on K test-time chains per train row, i.e. on what it sees at test (as MARNet's
-        fusion stage, METHODS §3 #14). Stage 2 trains ``C_f`` on ``s_hat_0`` denoised from the
+        fusion stage, methods §3.14). Stage 2 trains ``C_f`` on ``s_hat_0`` denoised from the
         noised true text, which the test-time chain never has."""
         dst, cfg = self.dst, self.cfg.dst
         modules = [m for m in (dst.classifier, dst.visual_encoder) if m is not None]
-        chains: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        val_chain: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def prepare() -> None:
+        def prepare() -> RowState:
             with torch.no_grad():
-                train_z, val_z = self._semantic_features(train, val, ctx)
+                train_z, val_z = self._semantic_features(train, val, ctx, semantic)
                 draws = [dst.translate(train_z, ctx.generator, ctx.chunk_rows)
                          for _ in range(cfg.refit_samples)]
-                chains["train"] = (torch.stack([m for m, _ in draws]),
-                                   torch.stack([s for _, s in draws]))
-                chains["val"] = dst.translate(val_z, ctx.eval_generator(), ctx.chunk_rows)
+                val_chain["val"] = dst.translate(val_z, ctx.eval_generator(), ctx.chunk_rows)
+            return {"m_draws": torch.stack([m for m, _ in draws], dim=1),
+                    "s_hat_draws": torch.stack([s for _, s in draws], dim=1)}
 
         def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            index = batch["index"]
-            draw = torch.randint(0, cfg.refit_samples, (len(index),), device=index.device,
+            rows = torch.arange(len(batch["label"]), device=batch["label"].device)
+            draw = torch.randint(0, cfg.refit_samples, (len(rows),), device=rows.device,
                                  generator=ctx.generator)
-            mapped, s_hat = (part[draw, index] for part in chains["train"])
+            mapped, s_hat = batch["m_draws"][rows, draw], batch["s_hat_draws"][rows, draw]
             ce = F.cross_entropy(dst.classify(mapped, s_hat, batch.get("visual")),
                                  batch["label"])
             return ce, {"refit_ce": ce.detach()}
 
         def val_logits() -> torch.Tensor:
-            return dst.classify(*chains["val"], val["visual"])
+            return dst.classify(*val_chain["val"], val["visual"])
 
         fields = ("label",) if dst.visual_encoder is None else ("visual", "label")
         return Stage("classifier", modules, loss,
