@@ -1,7 +1,7 @@
 """Saving and loading what training produces: a head run's directory (``config.json`` +
 ``heads.safetensors``) and a fine-tuned checkpoint (backbone and head in one safetensors file,
-provenance in its metadata). Test-time settings of the sampling chains may change on load;
-anything the weights were fitted to may not.
+provenance in its metadata), and the cache a run was trained on. Test-time settings of the
+sampling chains may change on load; anything the weights were fitted to may not.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ from ..models.heads import METHODS, Dims
 from ..store import FeatureCache, require_same_inputs
 from .backbones import VisionBackbone, VisionSpec, build_vision, read_checkpoint_meta
 from .training import HeadsModel
+
+
+class FinetuneError(RuntimeError):
+    """Fine-tuning cannot run as asked, or a checkpoint cannot be used (bad option, missing
+    text cache, a backbone saved without its head...)."""
 
 
 def save_heads(model: HeadsModel, path: Path) -> None:
@@ -88,10 +93,6 @@ def load_run(run_dir: Path | str, device: torch.device | str = "cpu",
         config = {**config, "method_config": asdict(method_cfg),
                   "eval_overrides": {k: str(v) for k, v in overrides.items()}}
     return model.to(device), config
-
-
-class FinetuneError(RuntimeError):
-    """Fine-tuning cannot run as asked (bad option, missing text cache...)."""
 
 
 def split_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],

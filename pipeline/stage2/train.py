@@ -1,8 +1,8 @@
 """Stage two: train a head on cached features, select on validation, save a run directory.
 
-The whole split lives in device memory; batches are index permutations (or class-balanced
-index draws), with no DataLoader and no per-sample Python. Loss parts accumulate on the device
-and are read once per epoch, so the loop never waits on the host. A run directory holds
+The cache's splits are loaded onto the device once and standardised; each of the head's stages
+then runs on :func:`~marnet.pipeline.engine.training.run_stage` (the device-resident trainer
+that fine-tuning's later stages use too). A run directory holds
 ``config.json`` (everything resolved), ``metrics.jsonl`` (one line per epoch),
 ``heads.safetensors`` and ``results.json`` (val and test top-1/top-5 of the selected weights).
 """
