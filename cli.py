@@ -536,15 +536,17 @@ def predict(
 
 @app.command()
 def demo(
-    out: Optional[Path] = typer.Option(None, help="Where runs and result tables go (default: runs/demo, runs/demo-e2e with --study e2e, runs/demo-finetune with --study finetune)."),
-    study: str = typer.Option("table2", help="table2: Baseline (CE), +EMA and +Fusion (MARNet) trained end to end, then the five Table-2 heads on the CE-fine-tuned cache; e2e: the five Table-2 rows end to end over 3 fine-tuning seeds, each also on the two-stage path; finetune: the heads on frozen / CE / ITA / ITA-mp fine-tuned backbones plus the text-only ceiling (e2e and finetune take several times longer)."),
+    out: Optional[Path] = typer.Option(None, help="Where runs and result tables go (default: runs/demo, runs/demo-e2e with --study e2e, runs/demo-finetune with --study finetune, runs/demo-robustness with --study robustness)."),
+    study: str = typer.Option("table2", help="table2: Baseline (CE), +EMA and +Fusion (MARNet) trained end to end, then the five Table-2 heads on the CE-fine-tuned cache; e2e: the five Table-2 rows end to end over 3 fine-tuning seeds, each also on the two-stage path; finetune: the heads on frozen / CE / ITA / ITA-mp fine-tuned backbones plus the text-only ceiling; robustness: the corruption robustness (mCA) of the Table-2 heads on the CE and ITA caches and of Baseline / +EMA / +Fusion end to end, 3 seeds each (e2e, finetune and robustness take several times longer)."),
     data_root: Path = typer.Option(Path("data/synthfood"), help="Where the demo dataset is generated."),
     cache_dir: Path = typer.Option(Path("cache"), help="Cache root."),
-    seeds: str = typer.Option("", help="Comma-separated seeds: of the fine-tunes for table2 and e2e (default 0, and 0,1,2), of the heads for finetune (default 0,1,2)."),
+    seeds: str = typer.Option("", help="Comma-separated seeds: of the fine-tunes for table2 and e2e (default 0, and 0,1,2), of the heads for finetune (default 0,1,2), of both for robustness (default 0,1,2)."),
     finetune_epochs: int = typer.Option(4, help="Backbone fine-tuning epochs."),
     beta: float = typer.Option(1.0, help="Weight of the alignment loss when fine-tuning with ita / ita-mp (--study finetune)."),
     head_epochs: int = typer.Option(30, help="Epochs per head training stage."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    corruptions: str = typer.Option("all", help="--study robustness: ImageNet-C corruptions (all, families or names, comma-separated)."),
+    severities: str = _severities_option(),
 ) -> None:
     """The offline demo end to end: generate, fine-tune, extract, train Table-2 heads, report."""
     from .pipeline.tools.ablate import parse_seeds
@@ -557,12 +559,14 @@ def demo(
         out = out or Path(default_out)
         chosen = tuple(parse_seeds(seeds)) if seeds else default_seeds
         by_finetune = study in ("table2", "e2e")
+        both = study == "robustness"  # its head seeds and fine-tuning seeds
         cfg = DemoConfig(out=out, data_root=data_root, cache_dir=cache_dir,
                          seeds=(0,) if by_finetune else chosen,
-                         finetune_seeds=chosen if by_finetune else (0,),
+                         finetune_seeds=chosen if by_finetune or both else (0,),
                          finetune_epochs=finetune_epochs, finetune_beta=beta,
                          head_epochs=head_epochs, device=device)
-        result = run_study(study, cfg, log=console.print)
+        sweep = _sweep(corruptions, severities, 0) if both else None
+        result = run_study(study, cfg, log=console.print, sweep=sweep)
     except _user_errors() as exc:
         _fail(exc)
     report = json.loads((out / "results.json").read_text())

@@ -142,7 +142,7 @@ def test_demo_pipeline_runs_offline_on_a_tiny_config(tmp_path):
     assert all(len(table["rows"]) == len(table["summary"]) for table in (e2e, heads))
 
 
-@pytest.mark.parametrize("study", ["table2", "e2e", "finetune"])
+@pytest.mark.parametrize("study", ["table2", "e2e", "finetune", "robustness"])
 def test_demo_study_runs_its_study_with_the_given_log(study, monkeypatch):
     calls = []
     monkeypatch.setattr(demo_module, "run_demo", lambda cfg, log: calls.append(("table2", log)))
@@ -150,9 +150,26 @@ def test_demo_study_runs_its_study_with_the_given_log(study, monkeypatch):
                         lambda cfg, methods=(), log=print: calls.append(("finetune", log)))
     monkeypatch.setattr(demo_module, "run_e2e_study",
                         lambda cfg, rows=(), log=print: calls.append(("e2e", log)))
+    monkeypatch.setattr(demo_module, "run_robustness_study",
+                        lambda cfg, sweep, log=print: calls.append(("robustness", log)))
     log = lambda _: None  # noqa: E731
     demo_module.run_study(study, DemoConfig(), log)
     assert calls == [(study, log)]
+
+
+def test_robustness_study_measures_heads_on_two_caches_and_end_to_end_rows(tmp_path):
+    from marnet.pipeline.stage2.robustness import CorruptionSweep
+
+    cfg = _tiny_demo(tmp_path, out=tmp_path / "robust", seeds=(0,), finetune_seeds=(0,))
+    demo_module.run_robustness_study(cfg, CorruptionSweep(("gaussian_noise",), (5,)),
+                                     log=lambda _: None)
+    tables = json.loads((tmp_path / "robust" / "results.json").read_text())["tables"]
+    assert [len(t["summary"]) for t in tables] == [5, 5, 3]
+    assert all("mca_mean" in entry and "relative_mean" in entry
+               for table in tables for entry in table["summary"])
+    for folder in ("heads-ce", "heads-ita", "end-to-end"):
+        assert (tmp_path / "robust" / folder / "robustness.png").stat().st_size > 0
+    assert "mCA (%)" in (tmp_path / "robust" / "results.md").read_text()
 
 
 def test_finetune_study_tabulates_backbones_heads_and_the_text_ceiling(tmp_path):

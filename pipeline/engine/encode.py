@@ -57,6 +57,16 @@ def encode_images(vision, paths: list[Path], batch_size: int, precision: str, dt
     return (torch.cat(feats) if feats else torch.empty(0, vision.dim)), errors
 
 
+def readable(errors: list[str], log: Callable[[str], None] | None = None) -> torch.Tensor:
+    """The mask of the images that decoded (an empty error message); ``log`` says how many
+    were left out and why the first one was."""
+    keep = torch.tensor([not e for e in errors], dtype=torch.bool)
+    if log is not None and not keep.all():
+        log(f"{int((~keep).sum())} unreadable images left out (first: "
+            f"{next(e for e in errors if e)})")
+    return keep
+
+
 def encode_records(vision, records: list, batch_size: int, precision: str, num_workers: int,
                    description: str, log: Callable[[str], None] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,10 +75,7 @@ def encode_records(vision, records: list, batch_size: int, precision: str, num_w
     out, and ``log`` says how many."""
     feats, errors = encode_images(vision, [r.image for r in records], batch_size, precision,
                                   "float32", num_workers, description)
-    keep = torch.tensor([not e for e in errors], dtype=torch.bool)
-    if log is not None and not keep.all():
-        log(f"{int((~keep).sum())} unreadable images left out (first: "
-            f"{next(e for e in errors if e)})")
+    keep = readable(errors, log)
     return feats[keep], torch.tensor([r.label for r in records], dtype=torch.long)[keep], keep
 
 
@@ -76,8 +83,9 @@ def encode_corrupted(vision, paths: list[Path], keys: list[str], settings: Seque
                      batch_size: int, precision: str, dtype: str, num_workers: int = 2,
                      description: str = "corrupted images"
                      ) -> Iterator[tuple[Corruption, torch.Tensor, list[str], float]]:
-    """``(setting, features, errors, seconds spent corrupting)`` per corruption setting, in order, as :func:`encode_images`
-    computes them from the corrupted images (same batches, precision and storage dtype).
+    """``(setting, features, errors, seconds spent corrupting)`` per corruption setting, in
+    order, as :func:`encode_images` computes them from the corrupted images (same batches,
+    precision and storage dtype).
 
     One DataLoader serves every setting, so its workers start once: they decode each image,
     corrupt it (``settings[s](image, keys[i])``) and preprocess it; a batch never mixes

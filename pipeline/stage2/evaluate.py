@@ -17,7 +17,7 @@ import torch
 
 from ..datasets import DatasetInfo, load_dataset
 from ..engine.backbones import VisionSpec, build_vision, resolve_device, resolve_precision
-from ..engine.encode import ImageSource
+from ..engine.encode import ImageSource, readable
 from ..engine.runs import load_run, run_cache
 from ..engine.training import HeadsModel, topk_metrics
 from ..store import CacheError, FeatureCache
@@ -76,10 +76,7 @@ def finetuned_features(checkpoint: Path | str, split: str = "test",
                                                  num_workers, weights_dir, overrides)
     log(f"encoding {len(source.paths):,} {split} images with the fine-tuned {meta['model']}")
     visual, errors = source.encode(f"{split} images")
-    keep = torch.tensor([not e for e in errors], dtype=torch.bool)
-    if not keep.all():
-        log(f"{int((~keep).sum())} unreadable images left out (first: "
-            f"{next(e for e in errors if e)})")
+    keep = readable(errors, log)
     dev = torch.device(device)
     return heads, visual[keep].to(dev), source.labels[keep].to(dev), meta
 
@@ -178,10 +175,7 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
     log(f"encoding {len(source.paths):,} {split} images with "
         f"{fc.manifest['vision_spec']['model']}")
     visual, errors = source.encode(f"{split} images")
-    keep = torch.tensor([not e for e in errors])
-    if not keep.all():
-        log(f"{int((~keep).sum())} unreadable images left out (first: "
-            f"{next(e for e in errors if e)})")
+    keep = readable(errors, log)
     return visual[keep], source.labels[keep]
 
 

@@ -32,7 +32,7 @@ from ..datasets.corruptions import (
     family_of,
 )
 from ..engine.backbones import resolve_device
-from ..engine.encode import ImageSource
+from ..engine.encode import ImageSource, readable
 from ..engine.runs import load_run, run_cache
 from ..engine.training import HeadsModel, topk_metrics
 from ..store import write_json_atomic
@@ -85,10 +85,7 @@ def robustness_sweep(source: ImageSource, scorers: list[Scorer], sweep: Corrupti
         raise ValueError(f"scorer names repeat: {[s.name for s in scorers]}")
     t0 = time.perf_counter()
     clean, errors = source.encode("clean images")
-    keep = torch.tensor([not e for e in errors])
-    if not keep.all():
-        log(f"{int((~keep).sum())} unreadable images left out (first: "
-            f"{next(e for e in errors if e)})")
+    keep = readable(errors, log)
     labels = source.labels[keep]
     clean_metrics = {s.name: _score(s, clean[keep], labels, classes) for s in scorers}
     settings = sweep.settings()

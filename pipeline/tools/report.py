@@ -118,13 +118,16 @@ def write_tables(out_dir: Path | str, rows: Sequence[dict[str, Any]],
     return table
 
 
-def noise_notes(rows: Sequence[dict[str, Any]], metric: str = "top1") -> list[str]:
+def noise_notes(rows: Sequence[dict[str, Any]], metric: str = "top1",
+                sampling_error: bool = True) -> list[str]:
     """One line per row after the first: its difference from the first row (the baseline) and
     whether it is beyond twice the standard error of that difference.
 
     With two or more seeds per row the error comes from the seed spread (``s_a^2 / k_a +
     s_b^2 / k_b``); with one seed only the test-set sampling error of two accuracies on ``n``
-    images is known, and the line says that training noise is not in it.
+    images is known, and the line says that training noise is not in it (with
+    ``sampling_error`` False, as for mCA, whose settings share their images, single-seed rows
+    get no line).
     """
     table = aggregate(rows)
     if len(table) < 2:
@@ -139,7 +142,7 @@ def noise_notes(rows: Sequence[dict[str, Any]], metric: str = "top1") -> list[st
             se = math.sqrt(entry[f"{metric}_std"] ** 2 / len(entry["seeds"])
                            + base[f"{metric}_std"] ** 2 / len(base["seeds"]))
             basis = f"the spread over {seeds} seeds"
-        elif sizes.get(entry["row"]):
+        elif sampling_error and sizes.get(entry["row"]):
             n = sizes[entry["row"]]
             p1, p2 = entry[f"{metric}_mean"] / 100, base[f"{metric}_mean"] / 100
             se = 100 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n)
@@ -164,6 +167,8 @@ def write_sections(out_dir: Path | str, sections: Sequence[tuple[str, Sequence[d
     tables, parts = [], []
     for title, rows in sections:
         summary, notes = aggregate(rows), noise_notes(rows)
+        if "mca" in table_metrics(rows):
+            notes += noise_notes([r for r in rows if "mca" in r], "mca", sampling_error=False)
         tables.append({"title": title, "summary": summary, "notes": notes, "rows": list(rows)})
         parts.append(to_markdown(summary, ("row",), title)
                      + "".join(f"\n- {line}" for line in notes) + "\n")
