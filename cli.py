@@ -221,7 +221,7 @@ def finetune(
     tau: Optional[float] = typer.Option(None, help="Alignment temperature (default: the method's, 0.07 for ita, 0.02 for sdm)."),
     norm_momentum: float = typer.Option(0.1, help="Momentum of the running statistics that standardise the moving visual features (BatchNorm-style)."),
     template: Optional[str] = typer.Option(None, help="Text template (default: the one the --text-cache was extracted with; the default template without a text cache)."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
+    batch_size: int = typer.Option(64, help="Images per batch: under torchrun the global batch, split into one contiguous part per rank."),
     train_blocks: str = typer.Option("all", help="all, or last-K: train only the last K backbone blocks."),
     augment: bool = typer.Option(True, help="Random resized crop + horizontal flip."),
     seed: int = typer.Option(0, help="Random seed (head init, batches, augmentation, diffusion noise)."),

@@ -139,13 +139,18 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 
 
 def train_step(stage: Stage, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               precision: str, device_type: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               precision: str, device_type: str,
+               after_backward: Callable[[], None] | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step of ``stage.loss`` (bf16 autocast when asked); returns the
-    detached loss and its parts, still on the device (no host sync)."""
+    detached loss and its parts, still on the device (no host sync). ``after_backward`` runs
+    between the backward pass and the update (data-parallel gradient synchronisation)."""
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss, parts = stage.loss(batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     optimizer.step()
     return loss.detach(), parts
 

@@ -32,9 +32,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -61,6 +59,7 @@ from ..engine.backbones import (
     resolve_device,
     resolve_precision,
 )
+from ..engine.distributed import RankInfo, distributed, rank_info
 from ..engine.encode import image_loader
 from ..store import (
     FORMATS,
@@ -145,64 +144,6 @@ class ExtractResult:
     path: Path
     manifest: dict[str, Any]
     reused: bool
-
-
-@dataclass
-class RankInfo:
-    """This process's place in a distributed extraction (rank 0 of 1 when alone)."""
-
-    rank: int = 0
-    world: int = 1
-    group: bool = False  # a torch.distributed process group connects the ranks
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def coordination(self) -> str:
-        """How the ranks meet: the process group's backend, the filesystem, or not at all."""
-        if self.group:
-            return str(torch.distributed.get_backend())
-        return "filesystem" if self.world > 1 else "none"
-
-    def owned(self, num_shards: int) -> list[int]:
-        """The shards this rank writes: every ``world``-th, starting at ``rank``."""
-        return list(range(self.rank, num_shards, self.world))
-
-
-def rank_info() -> RankInfo:
-    """Rank and world size from torch.distributed, torchrun or Slurm-style env variables."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), True)
-    ranks = RankInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    if ranks.world < 1 or not 0 <= ranks.rank < ranks.world:
-        raise ValueError(f"RANK={ranks.rank} and WORLD_SIZE={ranks.world} do not describe a "
-                         "rank of a job; RANK must be in [0, WORLD_SIZE)")
-    return ranks
-
-
-@contextmanager
-def distributed(device: torch.device, timeout_s: float) -> Iterator[RankInfo]:
-    """This process's :class:`RankInfo`, joining torchrun's process group when launched by it.
-
-    With WORLD_SIZE > 1 and MASTER_ADDR set (torchrun, or an ``srun`` script that exports it)
-    and no process group yet, the default group is initialised (NCCL on GPU, gloo on CPU) and
-    destroyed on exit. Without MASTER_ADDR the ranks coordinate through the cache folder.
-    """
-    started = False
-    if (int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_ADDR" in os.environ
-            and torch.distributed.is_available() and not torch.distributed.is_initialized()):
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=timedelta(seconds=timeout_s))
-        started = True
-    try:
-        yield rank_info()
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
 
 
 def barrier(ranks: RankInfo, path: Path | None = None, timeout_s: float = 3600) -> None:

@@ -36,6 +36,7 @@ A checkpoint holds the backbone, the head (with its standardisers) and the prove
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,15 @@ from ..engine.backbones import (
     resolve_precision,
     speed_up_depthwise_backward,
     unfold_batchnorm,
+)
+from ..engine.distributed import (
+    RankInfo,
+    distributed,
+    gather_rows,
+    local_device,
+    rank_barrier,
+    shard,
+    sync_gradients,
 )
 from ..engine.encode import encode_records
 from ..engine.runs import FinetuneError, load_finetuned, split_checkpoint
@@ -183,6 +193,7 @@ class FinetuneConfig:
 
 # FinetuneConfig fields that do not change what a fine-tune computes (where it runs and
 # writes) or that are checked otherwise (the dataset by its digest)
+RANK_TIMEOUT_S = 3600.0  # how long a rank waits for the others at a collective
 RUNTIME_FIELDS = ("out", "root", "device", "num_workers", "weights_dir", "text_cache",
                   "overwrite")
 
@@ -311,24 +322,40 @@ def provenance(cfg: FinetuneConfig, info: DatasetInfo, base: dict[str, Any], met
 @dataclass
 class EndToEnd:
     """A backbone and a head trained together: turns image batches into the batches a head's
-    loss reads (live standardised features, plus the split's text and labels)."""
+    loss reads (live standardised features, plus the split's text and labels).
+
+    Data-parallel (``ranks.world`` > 1), each rank encodes its part of the global batch and
+    the parts are gathered in rank order, so the running statistics and every loss (ITA's
+    similarity matrix, CDD's class statistics...) see the whole global batch, as one process
+    would; each rank backpropagates through its own part, and the backbone's gradients are
+    summed over the ranks (the head's, identical on every rank, averaged)."""
 
     vision: VisionBackbone
     heads: HeadsModel
     precision: str
     norm_momentum: float
     steps: int = 0  # optimisation steps so far (the first one starts the running statistics)
+    ranks: RankInfo = field(default_factory=RankInfo)
+
+    def _local_features(self, stage: Stage, images: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled (and token) features of this rank's images; none for an empty part."""
+        if "visual_tokens" in stage.fields:
+            return self.vision.features_and_tokens(images, self.precision)
+        if not len(images):  # every image of this rank's part was unreadable
+            return torch.zeros(0, self.vision.dim, device=self.vision.device), None
+        return self.vision.features(images, self.precision), None
 
     def batch(self, stage: Stage, images: torch.Tensor, index: torch.Tensor,
               split: SplitData, update_norm: bool = True) -> dict[str, torch.Tensor]:
         """The stage's batch for these images: the backbone's features (with gradients),
-        standardised with the running statistics (updated first), and ``split``'s rows."""
+        standardised with the running statistics (updated first), and ``split``'s rows; under
+        several ranks, of the whole global batch."""
         norm = self.heads.norm_visual
-        tokens = None
-        if "visual_tokens" in stage.fields:
-            pooled, tokens = self.vision.features_and_tokens(images, self.precision)
-        else:
-            pooled = self.vision.features(images, self.precision)
+        pooled, tokens = self._local_features(stage, images)
+        pooled, index = gather_rows(pooled, self.ranks), gather_rows(index, self.ranks)
+        if tokens is not None:
+            tokens = gather_rows(tokens, self.ranks)
         if update_norm:
             norm.update(pooled.detach(), 1.0 if self.steps == 0 else self.norm_momentum)
         batch = {"visual": norm(pooled)}
@@ -348,9 +375,22 @@ class EndToEnd:
         """One optimisation step of backbone and head under ``stage.loss``."""
         batch = self.batch(stage, images, index, split)
         loss, parts = train_step(stage, optimizer, batch, self.precision,
-                                 self.vision.device.type)
+                                 self.vision.device.type, self._sync_gradients(stage))
         self.steps += 1
         return loss, parts
+
+    def _sync_gradients(self, stage: Stage):
+        """Data-parallel: sum the backbone's gradients over the ranks (each holds its part's
+        share of the global loss's gradient), average the head's (the same on every rank)."""
+        if self.ranks.world == 1:
+            return None
+
+        def sync() -> None:
+            sync_gradients(self.vision.model.parameters(), self.ranks, average=False)
+            sync_gradients((p for m in stage.modules for p in m.parameters()), self.ranks,
+                           average=True)
+
+        return sync
 
 
 @dataclass
@@ -377,8 +417,33 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print,
     """Train backbone and head end to end; resume from ``<out>.state/`` if it holds the same
     run; write the checkpoint and return its provenance (with the training history), plus
     under ``evaluation`` the metrics of the finished network on the ``evaluate`` splits
-    (computed as ``marnet eval --finetuned`` does)."""
-    run = _build(cfg)
+    (computed as ``marnet eval --finetuned`` does).
+
+    Under torchrun (or an ``srun`` that exports the rendezvous variables) every rank runs
+    this: it joins the process group (NCCL on GPU, gloo on CPU) and trains data-parallel;
+    rank 0 alone logs and writes, and every rank returns the same provenance."""
+    device = local_device(resolve_device(cfg.device))
+    with distributed(device, RANK_TIMEOUT_S) as ranks:
+        if ranks.world > 1 and not ranks.group:
+            raise FinetuneError(
+                f"RANK/WORLD_SIZE describe rank {ranks.rank} of {ranks.world}, but no process "
+                "group can be formed (MASTER_ADDR is not set): start data-parallel fine-tuning "
+                "with torchrun, or export MASTER_ADDR and MASTER_PORT in the job script")
+        if not ranks.is_main:
+            os.environ["MARNET_PROGRESS"] = "0"  # one progress display, rank 0's
+        return _finetune(cfg, device, ranks, log if ranks.is_main else _quiet, evaluate)
+
+
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _finetune(cfg: FinetuneConfig, device: torch.device, ranks: RankInfo,
+              log: Callable[[str], None], evaluate: tuple[str, ...]) -> dict[str, Any]:
+    if ranks.world > cfg.batch_size:
+        raise FinetuneError(f"--batch-size {cfg.batch_size} is the global batch, split over "
+                            f"{ranks.world} ranks: give at least one image per rank")
+    run = _build(cfg, device, ranks)
     previous = _previous_checkpoint(cfg, run.meta)
     if previous is not None and not evaluate:
         log(f"{cfg.out} holds this fine-tune, finished with the same settings: reusing it "
@@ -390,6 +455,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print,
         head_history = _later_stages(run, log)
         val_metrics = _metrics(run, run.val_records, "validate")
     meta = {**run.meta, "best_epoch": best["epoch"], "val_top1": val_metrics["top1"],
+            "val_images": val_metrics["n"], "ranks": ranks.world,
             "val_top5": val_metrics["top5"], "history": history, "head_stages": head_history}
     _save_weights(Path(cfg.out), run.net, meta)
     log(f"saved {cfg.out} (backbone: best epoch {best['epoch']}; {cfg.method} val top-1 "
@@ -419,7 +485,7 @@ def _previous_checkpoint(cfg: FinetuneConfig, meta: dict[str, Any]) -> dict[str,
                         "new --out, or pass --overwrite to replace it")
 
 
-def _build(cfg: FinetuneConfig) -> Run:
+def _build(cfg: FinetuneConfig, device: torch.device, ranks: RankInfo = RankInfo()) -> Run:
     """Dataset, text tables, backbone (frozen part folded), head and its stages."""
     name, method_cfg = cfg.head()
     token_fields = tuple(f for f in method_fields(name, method_cfg) if f in TOKEN_FIELDS)
@@ -428,7 +494,6 @@ def _build(cfg: FinetuneConfig) -> Run:
                             "--text-cache CACHE_DIR (a cache of this dataset made by `marnet "
                             "extract`; its text features are read, never recomputed)")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     info = load_dataset(cfg.dataset, cfg.root, _template(cfg), **cfg.dataset_options)
     text_fields = ("text", *(f for f in token_fields if f.startswith("text_")))
@@ -452,8 +517,9 @@ def _build(cfg: FinetuneConfig) -> Run:
         raise FinetuneError(f"--method {cfg.method}: its first training stage ({first.name}) "
                             "needs whole-split features before it starts, so it cannot train "
                             "through a backbone")
-    return Run(cfg, info, EndToEnd(vision, heads, precision, cfg.norm_momentum), frozen, ctx,
-               first, later, train_records, val_records, train_split, val_split, meta, folds)
+    return Run(cfg, info, EndToEnd(vision, heads, precision, cfg.norm_momentum, ranks=ranks),
+               frozen, ctx, first, later, train_records, val_records, train_split, val_split,
+               meta, folds)
 
 
 def _labels(records: list[Record], device: torch.device) -> torch.Tensor:
@@ -527,11 +593,14 @@ def _sampler(cfg: FinetuneConfig, stage: Stage, records: list[Record], epoch: in
 
 def _train_epoch(run: Run, optimizer, scheduler, images: ImageFiles,
                  epoch: int) -> dict[str, torch.Tensor]:
-    """One epoch over the train images; returns the summed loss parts."""
+    """One epoch over the train images; returns the summed loss parts. Each global batch
+    (``--batch-size`` rows, the same on every rank) is split into contiguous rank parts; this
+    rank loads its part."""
     cfg, net, stage = run.cfg, run.net, run.first
     epoch_seed = cfg.seed * 1000 + epoch
     torch.manual_seed(epoch_seed)  # augmentation in the main process (num_workers=0)
-    batches = [b.tolist() for b in _sampler(cfg, stage, run.train_records, epoch).epoch()]
+    batches = [shard(b.tolist(), net.ranks)
+               for b in _sampler(cfg, stage, run.train_records, epoch).epoch()]
     loader = torch.utils.data.DataLoader(
         images, batch_sampler=batches, num_workers=cfg.num_workers,
         pin_memory=net.vision.device.type == "cuda",
@@ -545,8 +614,8 @@ def _train_epoch(run: Run, optimizer, scheduler, images: ImageFiles,
     device = net.vision.device
     with progress_bar(f"finetune {cfg.method} epoch {epoch}/{cfg.epochs}", len(batches)) as advance:
         for batch_images, index, errors in loader:
-            ok = torch.tensor([not e for e in errors])
-            if ok.any():
+            ok = torch.tensor([not e for e in errors], dtype=torch.bool)
+            if ok.any() or net.ranks.world > 1:  # every rank joins every step's collectives
                 loss, parts = net.step(stage, optimizer, batch_images[ok],
                                        index[ok].to(device), run.train_split)
                 for k, v in {"loss": loss, **parts}.items():
@@ -563,15 +632,27 @@ def _select_scores(stage: Stage) -> dict[str, float]:
     return {group: metric() for group, (_, metric) in stage.select.items()}
 
 
+def _encode(run: Run, records: list[Record], description: str,
+            log: Callable[[str], None] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`encode_records` of ``records`` on the device, split over the ranks: each rank
+    encodes its contiguous part and the parts are gathered in rank order, so every record is
+    counted exactly once, whatever the number of ranks (no padded duplicates)."""
+    net = run.net
+    feats, labels, keep = encode_records(net.vision, shard(records, net.ranks),
+                                         run.cfg.batch_size, net.precision,
+                                         run.cfg.num_workers, description, log)
+    device = net.vision.device
+    keep = gather_rows(keep.to(device, torch.uint8), net.ranks).bool()
+    return (gather_rows(feats.to(device), net.ranks), gather_rows(labels.to(device), net.ranks),
+            keep)
+
+
 def _set_features(run: Run, split: SplitData, records: list[Record], description: str) -> None:
     """Put the current network's standardised features of ``records`` (and their labels,
     without unreadable images) into ``split``: what the stages' validation metrics read."""
-    net = run.net
-    feats, labels, _ = encode_records(net.vision, records, run.cfg.batch_size, net.precision,
-                                      run.cfg.num_workers, description)
-    device = net.vision.device
-    split.tensors = {**split.tensors, "label": labels.to(device),
-                     "visual": net.heads.norm_visual(feats.to(device))}
+    feats, labels, _ = _encode(run, records, description)
+    split.tensors = {**split.tensors, "label": labels, "visual": run.net.heads.norm_visual(feats)}
 
 
 def _later_stages(run: Run, log: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -580,11 +661,10 @@ def _later_stages(run: Run, log: Callable[[str], None]) -> list[dict[str, Any]]:
     if not run.later:
         return []
     cfg, device = run.cfg, run.net.vision.device
-    feats, _, keep = encode_records(run.net.vision, run.train_records, cfg.batch_size,
-                                    run.net.precision, cfg.num_workers, "train images", log)
-    keep = keep.to(device)  # unreadable images leave with their text rows and labels
+    feats, _, keep = _encode(run, run.train_records, "train images", log)
+    # unreadable images leave with their text rows and labels
     run.train_split.tensors = {**{k: v[keep] for k, v in run.train_split.tensors.items()},
-                               "visual": run.net.heads.norm_visual(feats.to(device))}
+                               "visual": run.net.heads.norm_visual(feats)}
     _set_features(run, run.val_split, run.val_records, "validate")  # the selected network
     records: list[dict[str, Any]] = []
 
@@ -602,13 +682,10 @@ def _later_stages(run: Run, log: Callable[[str], None]) -> list[dict[str, Any]]:
 def _metrics(run: Run, records: list[Record], description: str) -> dict[str, Any]:
     """Metrics of the network on ``records``, predicting as evaluation does (full test-time
     chains, a generator seeded with the fine-tune's seed, as ``eval --finetuned``)."""
-    net = run.net
-    feats, labels, _ = encode_records(net.vision, records, run.cfg.batch_size, net.precision,
-                                      run.cfg.num_workers, description)
-    device = net.vision.device
-    generator = torch.Generator(device=device).manual_seed(run.cfg.seed)
-    logits = net.heads.predict(feats.to(device), generator)
-    return topk_metrics(logits.float(), labels.to(device), logits.shape[1])
+    feats, labels, _ = _encode(run, records, description)
+    generator = torch.Generator(device=feats.device).manual_seed(run.cfg.seed)
+    logits = run.net.heads.predict(feats, generator)
+    return topk_metrics(logits.float(), labels, logits.shape[1])
 
 
 def _state_tensors(net: EndToEnd) -> dict[str, torch.Tensor]:
@@ -618,12 +695,16 @@ def _state_tensors(net: EndToEnd) -> dict[str, torch.Tensor]:
 
 
 def _save_weights(path: Path, net: EndToEnd, meta: dict[str, Any]) -> None:
+    """Rank 0 writes the network (atomically); every rank waits until it is on disk."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(_state_tensors(net), str(tmp), metadata={"marnet": json.dumps(meta, default=str)})
-    tmp.replace(path)
+    if net.ranks.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(_state_tensors(net), str(tmp),
+                  metadata={"marnet": json.dumps(meta, default=str)})
+        tmp.replace(path)
+    rank_barrier(net.ranks)
 
 
 def _load_weights(path: Path, net: EndToEnd) -> None:
@@ -636,13 +717,18 @@ def _load_weights(path: Path, net: EndToEnd) -> None:
 
 def _save_state(state_dir: Path, epoch: int, best: dict, history: list, meta: dict,
                 net: EndToEnd, optimizer, scheduler, ctx: TrainContext) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / "last.pt.tmp"
-    torch.save({"epoch": epoch, "best": best, "history": history, "meta": meta,
-                "model": net.vision.model.state_dict(), "heads": net.heads.state_dict(),
-                "steps": net.steps, "generator": ctx.generator.get_state(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
-    tmp.replace(state_dir / "last.pt")
+    """Rank 0 writes the resumable state (replicas are equal: one state serves any number of
+    ranks when resumed); every rank waits until it is on disk."""
+    if net.ranks.is_main:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / "last.pt.tmp"
+        torch.save({"epoch": epoch, "best": best, "history": history, "meta": meta,
+                    "model": net.vision.model.state_dict(), "heads": net.heads.state_dict(),
+                    "steps": net.steps, "generator": ctx.generator.get_state(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp)
+        tmp.replace(state_dir / "last.pt")
+    rank_barrier(net.ranks)
 
 
 def _resume(state_dir: Path, meta: dict, net: EndToEnd, optimizer, scheduler,

@@ -13,6 +13,7 @@ Rows are written as a comma list (``marnet ablate --methods``): method names (``
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -373,6 +374,18 @@ def _result_row(row: str, seed: int, res: dict[str, Any], path: str, run: str) -
             "val_top1": res["val"]["top1"], "run": run}
 
 
+def require_one_process() -> None:
+    """Refuse ``ablate --finetune`` under torchrun: besides its fine-tunes it extracts
+    two-stage caches, trains heads, measures robustness and writes one set of tables, which
+    every rank would do at once. Each row can train data-parallel with ``marnet finetune``
+    under torchrun instead."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "ablate --finetune runs in one process (besides fine-tuning it extracts, trains "
+            "heads and writes the tables, which every rank would do at once); to fine-tune a "
+            "row data-parallel, run it with `torchrun ... -m marnet.cli finetune --method M`")
+
+
 def ablate_finetune(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequence[int],
                     out_dir: Path | str | None = None,
                     shared_overrides: dict[str, dict[str, Any]] | None = None,
@@ -380,7 +393,8 @@ def ablate_finetune(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequen
                     log: Callable[[str], None] = print,
                     robustness: RobustnessRun | None = None) -> dict[str, Any]:
     """``marnet ablate --finetune``: check the rows, fine-tune every row x seed, tabulate
-    (two-stage caches go under ``cache_dir``)."""
+    (two-stage caches go under ``cache_dir``). One process only: see :func:`require_one_process`."""
+    require_one_process()
     text_cache = FeatureCache(base.text_cache).require_complete()
     shared = shared_overrides or {}
     check_rows(text_cache, rows, shared)
