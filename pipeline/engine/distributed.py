@@ -106,12 +106,18 @@ def gather_rows(local: torch.Tensor, ranks: RankInfo) -> torch.Tensor:
 def sync_gradients(params: Iterable[torch.nn.Parameter], ranks: RankInfo,
                    average: bool) -> None:
     """Sum (or average) the gradients of ``params`` over the ranks, in one flat buffer per
-    dtype; a parameter without a gradient on some rank counts as zero there."""
+    dtype. A parameter without a gradient on some rank counts as zero there; one without a
+    gradient on every rank keeps none (the optimiser skips it, as in one process)."""
     if ranks.world == 1:
         return
     params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8,
+                        device=params[0].device)
+    torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in params:
+    for p in (p for p, u in zip(params, used.tolist()) if u):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         by_dtype.setdefault(p.grad.dtype, []).append(p)
