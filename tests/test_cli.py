@@ -169,6 +169,7 @@ def test_robustness_study_measures_heads_on_two_caches_and_end_to_end_rows(tmp_p
                for table in tables for entry in table["summary"])
     for folder in ("heads-ce", "heads-ita", "end-to-end"):
         assert (tmp_path / "robust" / folder / "robustness.png").stat().st_size > 0
+    assert (tmp_path / "robust" / "corruptions.png").stat().st_size > 0
     assert "mCA (%)" in (tmp_path / "robust" / "results.md").read_text()
 
 

@@ -238,12 +238,17 @@ def run_robustness_study(cfg: DemoConfig, sweep: CorruptionSweep,
     """Corruption robustness of the Table-2 rows: the five heads (seeds ``cfg.seeds``) on the
     caches of the CE- and ITA-fine-tuned backbones, and Baseline / +EMA / +Fusion trained end
     to end (fine-tuning seeds ``cfg.finetune_seeds``). Each folder gets its results tables and
-    ``robustness.png``; ``<out>/results.md`` holds the three tables with their noise notes."""
-    from .plots import plot_robustness
+    ``robustness.png``; ``<out>/results.md`` holds the three tables with their noise notes, and
+    ``<out>/corruptions.png`` shows a test image under every setting."""
+    from ..datasets import load_dataset
+    from .plots import plot_corruption_samples, plot_robustness
 
     t0 = time.perf_counter()
     prepare_dataset(cfg, log)
     frozen = _extract(cfg, None, log)
+    sample = load_dataset("synthfood", cfg.data_root).splits["test"][0]
+    plot_corruption_samples(sample.image, sample.id, cfg.out / "corruptions.png",
+                            sweep.corruptions, sweep.seed)
     spec = RobustnessRun(sweep, cfg.device, cfg.num_workers, cfg.cache_dir / "weights")
     heads = TrainConfig(epochs=cfg.head_epochs, device=cfg.device)
     sections = []

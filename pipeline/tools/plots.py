@@ -393,3 +393,32 @@ def plot_robustness(ablation_dir: Path | str, out_dir: Path | str | None = None
     write_json_atomic(out / "robustness_curves.json", curves)
     return {"out": str(out), "curves": curves,
             "files": [str(out / "robustness.png"), str(out / "robustness_curves.json")]}
+
+
+def plot_corruption_samples(image: Path | str, key: str, out: Path | str,
+                            corruptions: tuple[str, ...] | None = None, seed: int = 0) -> Path:
+    """One image under every corruption (rows) at severities 0 (clean) to 5 (columns), at its
+    own resolution, as the classifiers see it: what each setting does at that size."""
+    from ..datasets.corruptions import CORRUPTIONS, Corruption
+    from ..datasets.images import load_rgb
+
+    clean = load_rgb(image)
+    names = corruptions or CORRUPTIONS
+    plt = pyplot()
+    fig, axes = plt.subplots(len(names), 6, figsize=(6 * 1.3, len(names) * 1.3), squeeze=False)
+    for row, name in enumerate(names):
+        for severity in range(6):
+            ax = axes[row][severity]
+            ax.imshow(np.asarray(Corruption(name, severity, seed)(clean, key)))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title("clean" if severity == 0 else f"severity {severity}", fontsize=8)
+            if severity == 0:
+                ax.set_ylabel(name, fontsize=7)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
