@@ -191,9 +191,9 @@ class FinetuneConfig:
             raise FinetuneError(str(exc)) from exc
 
 
+RANK_TIMEOUT_S = 3600.0  # how long a rank waits for the others at a collective
 # FinetuneConfig fields that do not change what a fine-tune computes (where it runs and
 # writes) or that are checked otherwise (the dataset by its digest)
-RANK_TIMEOUT_S = 3600.0  # how long a rank waits for the others at a collective
 RUNTIME_FIELDS = ("out", "root", "device", "num_workers", "weights_dir", "text_cache",
                   "overwrite")
 
@@ -421,7 +421,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print,
 
     Under torchrun (or an ``srun`` that exports the rendezvous variables) every rank runs
     this: it joins the process group (NCCL on GPU, gloo on CPU) and trains data-parallel;
-    rank 0 alone logs and writes, and every rank returns the same provenance."""
+    rank 0 alone logs and writes (see :class:`EndToEnd` for how the ranks share a batch)."""
     device = local_device(resolve_device(cfg.device))
     with distributed(device, RANK_TIMEOUT_S) as ranks:
         if ranks.world > 1 and not ranks.group:
