@@ -213,3 +213,68 @@ def test_each_variant_trains_and_predicts_from_visual_only(tiny_cache, tmp_path,
     a = model.predict(visual, torch.Generator().manual_seed(1))
     b = model.predict(visual, torch.Generator().manual_seed(1))
     assert a.shape == (3, 4) and torch.equal(a, b), "image-only and repeatable given the noise"
+
+
+def _seda_splits(tiny_cache, overrides):
+    cache = FeatureCache(tiny_cache)
+    train, val = cache.load_split("train"), cache.load_split("val")
+    model = HeadsModel("seda", method_config("seda", {**SMALL, **overrides}),
+                       Dims(cache.dim("visual"), cache.dim("text"), 4))
+    model.norm_visual.fit(train["visual"])
+    model.norm_text.fit(train["text"])
+    norm = lambda d: SplitData({"visual": model.norm_visual(d["visual"]),  # noqa: E731
+                                "text": model.norm_text(d["text"]), "label": d["label"]})
+    return model, norm(train), norm(val)
+
+
+def test_cross_fitting_gives_each_train_row_z_from_a_dsl_that_never_saw_it(tiny_cache):
+    model, tr, va = _seda_splits(tiny_cache, {"dsl.cross_fit": 3})
+    ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
+    stages = model.head.stages(tr, va, ctx)
+    assert [s.name for s in stages] == ["dsl", "dsl-fold0", "dsl-fold1", "dsl-fold2", "dst+pfin"]
+    row_of = {tuple(v.tolist()): i for i, v in enumerate(tr["visual"])}
+    seen: dict[str, set[int]] = {}
+    for stage in stages[1:4]:  # record the rows each fold DSL is trained on, batch by batch
+        fit = stage.loss
+
+        def recording(batch, fit=fit, name=stage.name):
+            seen.setdefault(name, set()).update(row_of[tuple(v.tolist())] for v in batch["visual"])
+            return fit(batch)
+
+        stage.loss = recording
+    cfg = TrainConfig(epochs=2, batch_size=8)
+    for stage in stages[:4]:
+        run_stage(stage, tr, cfg, ctx, "fp32", lambda _: None)
+    state = stages[4].prepare()
+    z_fold = state["z_fold"]
+    assert set(z_fold.tolist()) == {0, 1, 2} and torch.isfinite(state["z"]).all()
+    for row, fold in enumerate(z_fold.tolist()):
+        name = f"dsl-fold{fold}"
+        assert row not in seen[name], (row, name)  # never in a batch of its z's model
+        assert row not in set(stages[1 + fold].train_rows.tolist())
+    for k in range(3):  # each fold DSL trains on all the other folds' rows, stratified
+        fitted = set(stages[1 + k].train_rows.tolist())
+        assert seen[f"dsl-fold{k}"] <= fitted
+        assert fitted == {r for r, f in enumerate(z_fold.tolist()) if f != k}
+        held = tr["label"][z_fold == k]
+        assert torch.bincount(held, minlength=4).min() >= 1
+    # the saved head keeps the DSL fitted on all rows only
+    assert not any(k.startswith("fold") for k in model.head.state_dict())
+
+
+def test_cross_fit_one_is_todays_seda_and_others_are_refused_where_they_do_nothing(tiny_cache,
+                                                                                   tmp_path):
+    _, tr, va = _seda_splits(tiny_cache, {})
+    ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
+    for overrides in ({}, {"dsl.cross_fit": 1}):
+        model, _, _ = _seda_splits(tiny_cache, overrides)
+        assert [s.name for s in model.head.stages(tr, va, ctx)] == ["dsl", "dst+pfin"]
+    cfg = TrainConfig(epochs=1, batch_size=8, device="cpu")
+    default = train_heads(tiny_cache, "seda", tmp_path / "a", SMALL, cfg, log=lambda _: None)
+    one = train_heads(tiny_cache, "seda", tmp_path / "b", {**SMALL, "dsl.cross_fit": 1}, cfg,
+                      log=lambda _: None)
+    assert default["val"] == one["val"] and default["test"] == one["test"]
+    for bad in ({"dsl.cross_fit": 2, "joint": True}, {"dsl.cross_fit": 2, "variant": "dsl-only"},
+                {"dsl.cross_fit": 0}):
+        with pytest.raises(ValueError, match="cross_fit"):
+            method_config("seda", bad)

@@ -160,13 +160,16 @@ def run_stage(stage: Stage, train: SplitData, cfg: TrainConfig, ctx: TrainContex
     """Train ``stage.modules``; keep each selection group at its best validation epoch.
 
     The stage's ``prepare`` runs first; the row state it returns joins every batch
-    (:func:`~marnet.pipeline.models.heads.stage_batch`)."""
+    (:func:`~marnet.pipeline.models.heads.stage_batch`). With ``stage.train_rows`` only those
+    train rows are sampled."""
     rows = (stage.prepare() if stage.prepare else None) or {}
     epochs = stage.epochs if stage.epochs is not None else cfg.epochs
     params = [p for m in stage.modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = BatchSampler(train["label"], cfg.batch_size, ctx.generator,
-                           stage.sampler == "balanced", cfg.balanced_classes)
+    subset = stage.train_rows
+    labels = train["label"] if subset is None else train["label"][subset]
+    sampler = BatchSampler(labels, cfg.batch_size, ctx.generator, stage.sampler == "balanced",
+                           cfg.balanced_classes)
     total = epochs * sampler.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total, min(total // 2, cfg.warmup_epochs * sampler.steps)))
@@ -179,6 +182,8 @@ def run_stage(stage: Stage, train: SplitData, cfg: TrainConfig, ctx: TrainContex
                 m.train()
             sums: dict[str, torch.Tensor] = {}
             for index in sampler.epoch():
+                if subset is not None:  # positions in the subset -> train rows
+                    index = subset[index]
                 batch = stage_batch(stage, train, rows, index)
                 loss, parts = train_step(stage, optimizer, batch, precision, device_type)
                 scheduler.step()

@@ -513,10 +513,10 @@ def _build(cfg: FinetuneConfig, device: torch.device, ranks: RankInfo = RankInfo
     ctx = TrainContext(device, torch.Generator(device=device).manual_seed(cfg.seed),
                        eval_seed=cfg.seed, moving_features=True)
     first, *later = heads.head.stages(train_split, val_split, ctx)
-    if first.prepare is not None:
+    if first.prepare is not None or first.train_rows is not None:
         raise FinetuneError(f"--method {cfg.method}: its first training stage ({first.name}) "
-                            "needs whole-split features before it starts, so it cannot train "
-                            "through a backbone")
+                            "needs whole-split features before it starts (or trains on a "
+                            "fold of the rows), so it cannot train through a backbone")
     return Run(cfg, info, EndToEnd(vision, heads, precision, cfg.norm_momentum, ranks=ranks),
                frozen, ctx, first, later, train_records, val_records, train_split, val_split,
                meta, folds)

@@ -70,7 +70,8 @@ class Stage:
     independently). ``prepare`` runs once before the first epoch and may return a
     :data:`RowState`, whose rows the trainer adds to every batch. ``sampler`` is ``random``
     (a permutation) or ``balanced`` (classes x samples per class). ``fields`` are the split's
-    fields a batch holds.
+    fields a batch holds. ``train_rows`` restricts training to those train rows (a fold of a
+    cross-fit); None trains on all of them.
     """
 
     name: str
@@ -81,6 +82,7 @@ class Stage:
     prepare: Callable[[], RowState | None] | None = None
     sampler: str = "random"
     fields: tuple[str, ...] = ("visual", "text", "label")
+    train_rows: torch.Tensor | None = None
 
 
 def stage_batch(stage: Stage, split: SplitData, rows: RowState, index: torch.Tensor) -> Batch:

@@ -67,6 +67,10 @@ class DSLConfig(DiffusionConfig):
     # m of the running class centres c_k <- m c_k + (1 - m) mean_batch(x_v | y = k), used when
     # the features move (a backbone trained with the head, R-1 and methods §3.22)
     centre_momentum: float = 0.9
+    # K > 1: stage 2 trains on out-of-fold z. K more DSLs, each fitted on the train rows
+    # outside one of K class-stratified folds, give the z of that fold's rows; the DSL fitted
+    # on all train rows gives val and test z (a model meeting rows it never saw, as at train)
+    cross_fit: int = 1
 
 
 @dataclass
@@ -112,6 +116,12 @@ class SeDAConfig:
         if self.joint and self.variant not in ("full", "no-pfin"):
             raise ValueError(f"joint applies to the variants with both stages (full, no-pfin), "
                              f"not {self.variant!r}")
+        if self.dsl.cross_fit < 1:
+            raise ValueError(f"dsl.cross_fit must be >= 1, got {self.dsl.cross_fit}")
+        if self.dsl.cross_fit > 1 and (self.joint or self.variant not in ("full", "no-pfin")):
+            raise ValueError("dsl.cross_fit feeds stage 2 out-of-fold z: it applies to the "
+                             "staged variants with both stages (full, no-pfin), not "
+                             f"{'joint' if self.joint else repr(self.variant)}")
 
 
 def class_centres(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -350,6 +360,28 @@ class SemanticTranslator(ScheduleOwner):
         return torch.cat(mapped), torch.cat(generated)
 
 
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """The fold (0..K-1) of every row: each class's rows shuffled with ``seed`` and dealt out
+    in turn, so every fold holds about 1/K of every class."""
+    generator = torch.Generator().manual_seed(seed)
+    cpu = labels.cpu()
+    fold = torch.empty_like(cpu)
+    for label in cpu.unique():
+        rows = (cpu == label).nonzero().flatten()
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        fold[rows] = torch.arange(len(rows)) % folds
+    return fold.to(labels.device)
+
+
+@dataclass
+class Fold:
+    """One cross-fit DSL: fitted on ``fitted`` train rows, it gives the z of ``held_out``."""
+
+    model: "SemanticLearner"
+    fitted: torch.Tensor
+    held_out: torch.Tensor
+
+
 class SeDA(nn.Module):
     """The SeDA head (reconstructed from the abstract); ``variant`` picks the ablation of
     methods §2.4."""
@@ -410,47 +442,74 @@ class SeDA(nn.Module):
                                           val["label"]))})]
         stages = []
         semantic: dict[str, torch.Tensor] = {}  # z of train and val, once stage 2 made them
+        folds = self._cross_fit_folds(train, ctx)
         if self.cfg.joint:
             stages.append(self._joint_stage(train, val, ctx))
         if self.dsl is not None and not self.cfg.joint:
             stages.append(self._dsl_stage(train, val, ctx))
+            stages += [self._dsl_stage(train, val, ctx, fold.model, fold.fitted, f"dsl-fold{k}")
+                       for k, fold in enumerate(folds)]
         if self.dst is not None and not self.cfg.joint:
-            stages.append(self._dst_stage(train, val, ctx, semantic))
+            stages.append(self._dst_stage(train, val, ctx, semantic, folds))
         if self.dst is not None and self.cfg.dst.refit_samples > 0:
             stages.append(self._classifier_stage(train, val, ctx, semantic))
         return stages
 
-    def _dsl_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
-        """Stage 1: DSL; selected on val nearest-centre accuracy of ``z`` (a cheap chain)."""
-        dsl, cfg = self.dsl, self.cfg.dsl
+    def _dsl_stage(self, train: SplitData, val: SplitData, ctx: TrainContext,
+                   dsl: "SemanticLearner | None" = None, rows: torch.Tensor | None = None,
+                   name: str = "dsl") -> Stage:
+        """Stage 1: a DSL (the head's own, or a cross-fit fold's, fitted on ``rows``);
+        selected on val nearest-centre accuracy of ``z`` (a cheap chain)."""
+        dsl, cfg = dsl or self.dsl, self.cfg.dsl
         schedule = dsl.schedule_on(ctx.device)
 
         def val_logits() -> torch.Tensor:
             return dsl.classify(dsl.generate(val["visual"], ctx.eval_generator(), ctx.chunk_rows,
                                              cfg.val_sampler, cfg.val_steps))
 
-        return Stage("dsl", [dsl], lambda batch: self._dsl_loss(batch, schedule, ctx)[:2],
-                     {"dsl": ([dsl], val_top1(val_logits, val["label"]))}, epochs=cfg.epochs,
-                     prepare=self._centres_preparer(train, ctx), fields=("visual", "label"))
+        return Stage(name, [dsl], lambda batch: self._dsl_loss(batch, schedule, ctx, dsl)[:2],
+                     {name: ([dsl], val_top1(val_logits, val["label"]))}, epochs=cfg.epochs,
+                     prepare=self._centres_preparer(train, ctx, dsl, rows),
+                     fields=("visual", "label"), train_rows=rows)
 
-    def _centres_preparer(self, train: SplitData, ctx: TrainContext
+    def _centres_preparer(self, train: SplitData, ctx: TrainContext,
+                          dsl: "SemanticLearner | None" = None, rows: torch.Tensor | None = None
                           ) -> Callable[[], None] | None:
-        """Exact train-split centres fitted once (cached features; the centres are weights
-        of the DSL, saved with it); none when the features move: :meth:`_dsl_loss` keeps
-        running centres then."""
+        """Exact centres of the train rows a DSL is fitted on (all, or a cross-fit's
+        ``rows``), fitted once (cached features; the centres are weights of the DSL, saved
+        with it); none when the features move: :meth:`_dsl_loss` keeps running centres then."""
         if ctx.moving_features:
             return None
+        dsl = dsl or self.dsl
 
         def fit() -> None:
-            self.dsl.fit_centres(train["visual"], train["label"])
+            visual, labels = train["visual"], train["label"]
+            if rows is not None:
+                visual, labels = visual[rows], labels[rows]
+            dsl.fit_centres(visual, labels)
 
         return fit
 
-    def _dsl_loss(self, batch: Batch, schedule: NoiseSchedule, ctx: TrainContext):
-        """The DSL loss of one batch (running centres first when the features move)."""
+    def _dsl_loss(self, batch: Batch, schedule: NoiseSchedule, ctx: TrainContext,
+                  dsl: "SemanticLearner | None" = None):
+        """A DSL's loss of one batch (running centres first when the features move)."""
+        dsl = dsl or self.dsl
         if ctx.moving_features:
-            self.dsl.update_centres(batch["visual"].detach(), batch["label"])
-        return self.dsl.loss_and_estimate(batch, schedule, ctx.generator)
+            dsl.update_centres(batch["visual"].detach(), batch["label"])
+        return dsl.loss_and_estimate(batch, schedule, ctx.generator)
+
+    def _cross_fit_folds(self, train: SplitData, ctx: TrainContext) -> list["Fold"]:
+        """``dsl.cross_fit`` = K > 1: K fresh DSLs, fold k's fitted on the train rows outside
+        class-stratified fold k (which it gives the z of); none for K = 1. The fold models
+        live only while the head trains: the saved head keeps the DSL fitted on all rows."""
+        k = self.cfg.dsl.cross_fit
+        if k == 1 or self.dsl is None:
+            return []
+        fold_of_row = stratified_folds(train["label"], k, ctx.eval_seed)
+        dims = Dims(self.dsl.dim, self.dsl.dim, len(self.dsl.centres))
+        return [Fold(SemanticLearner(self.cfg.dsl, dims).to(ctx.device),
+                     (fold_of_row != f).nonzero().flatten(), (fold_of_row == f).nonzero().flatten())
+                for f in range(k)]
 
     def _joint_stage(self, train: SplitData, val: SplitData, ctx: TrainContext) -> Stage:
         """``joint``: ``L_DSL + L_DST`` in one stage, DST conditioned on the DSL's one-step
@@ -477,21 +536,23 @@ class SeDA(nn.Module):
                      epochs=self.cfg.dst.epochs, prepare=self._centres_preparer(train, ctx))
 
     def _dst_stage(self, train: SplitData, val: SplitData, ctx: TrainContext,
-                   semantic: dict[str, torch.Tensor]) -> Stage:
+                   semantic: dict[str, torch.Tensor], folds: list[Fold] = ()) -> Stage:
         """Stage 2: DSL frozen, ``z`` generated once per row (row state ``z``; kept in
         ``semantic`` for the refit stage), then DST + PFIN + ``C_f``; selected on val top-1 of
-        the image-only prediction (a cheap chain). Without a DSL (``dst-only``) ``z`` is the
-        batch's own ``x_v``, so the stage reads only its batch and can train through a
-        backbone."""
+        the image-only prediction (a cheap chain). With cross-fit ``folds``, a train row's
+        ``z`` comes from the fold DSL that was not fitted on it (row state ``z_fold`` names
+        which). Without a DSL (``dst-only``) ``z`` is the batch's own ``x_v``, so the stage
+        reads only its batch and can train through a backbone."""
         dst, cfg = self.dst, self.cfg.dst
         schedule = dst.schedule_on(ctx.device)
 
         def prepare() -> RowState:
             with torch.no_grad():
-                semantic["train"] = self.semantic(train["visual"], ctx.generator, ctx.chunk_rows)
+                state = self._train_semantic(train, ctx, folds)
+                semantic["train"] = state["z"]
                 semantic["val"] = self.semantic(val["visual"], ctx.eval_generator(),
                                                 ctx.chunk_rows)
-            return {"z": semantic["train"]}
+            return state
 
         def loss(batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             z = batch["visual"] if self.dsl is None else batch["z"]
@@ -512,6 +573,20 @@ class SeDA(nn.Module):
         return Stage(name, [dst], loss, {name: ([dst], val_top1(val_logits, val["label"]))},
                      epochs=cfg.epochs, prepare=prepare if self.dsl is not None else None,
                      fields=fields)
+
+    def _train_semantic(self, train: SplitData, ctx: TrainContext, folds: list[Fold]
+                        ) -> RowState:
+        """``z`` of every train row: the DSL's chain, or, cross-fitted, each fold's rows
+        through the fold DSL fitted without them (``z_fold``: that fold's number)."""
+        if not folds:
+            return {"z": self.semantic(train["visual"], ctx.generator, ctx.chunk_rows)}
+        z = torch.empty_like(train["visual"])
+        z_fold = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
+        for number, fold in enumerate(folds):
+            z[fold.held_out] = fold.model.generate(train["visual"][fold.held_out],
+                                                   ctx.generator, ctx.chunk_rows)
+            z_fold[fold.held_out] = number
+        return {"z": z, "z_fold": z_fold}
 
     def _semantic_features(self, train: SplitData, val: SplitData, ctx: TrainContext,
                            semantic: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
