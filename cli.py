@@ -298,7 +298,7 @@ def train_heads(
 
 
 def _corruptions_option():
-    return typer.Option(None, help="Also evaluate on corrupted images: all, ImageNet-C families (noise, blur, weather, digital) or corruption names (gaussian_noise, fog, ...), comma-separated. Needs images (--end-to-end, --finetuned) and the robustness extra (pip install 'marnet[robustness]').")
+    return typer.Option(None, help="Also evaluate on corrupted images: all, ImageNet-C families (noise, blur, weather, digital) or corruption names (gaussian_noise, fog, ...), comma-separated. Needs images (--end-to-end, --finetuned) and the robustness extra (pip install 'marnet\\[robustness]').")
 
 
 def _severities_option():
