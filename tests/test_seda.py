@@ -278,3 +278,26 @@ def test_cross_fit_one_is_todays_seda_and_others_are_refused_where_they_do_nothi
                 {"dsl.cross_fit": 0}):
         with pytest.raises(ValueError, match="cross_fit"):
             method_config("seda", bad)
+
+
+@pytest.mark.parametrize("cross_fit", [1, 2])
+def test_a_run_records_how_well_z_classifies_train_val_and_test(tiny_cache, tmp_path, cross_fit):
+    cfg = TrainConfig(epochs=1, batch_size=8, device="cpu", seed=3)
+    out = tmp_path / "run"
+    results = train_heads(tiny_cache, "seda", out, {**SMALL, "dsl.cross_fit": cross_fit}, cfg,
+                          log=lambda _: None)
+    prepared = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    prepared = [(r["stage"], r["epoch"], r["prepared"]) for r in prepared if "prepared" in r]
+    assert prepared == [("dst+pfin", 1, results["diagnostics"]["dst+pfin"])]
+    # val z at evaluation is the z stage 2 was selected with: one chain, the eval seed
+    assert results["val"]["diagnostics"]["z_top1"] == \
+        results["diagnostics"]["dst+pfin"]["z_top1_val"]
+    model, _ = load_run(out)
+    fc = FeatureCache(tiny_cache)
+    test = fc.load_split("test")
+    z = model.head.semantic(model.norm_visual(torch.as_tensor(test["visual"]).float()),
+                            torch.Generator().manual_seed(3), 8192)
+    nearest = torch.cdist(z, model.head.dsl.centres).argmin(1)
+    expected = 100 * (nearest == torch.as_tensor(test["label"])).float().mean().item()
+    assert results["test"]["diagnostics"]["z_top1"] == pytest.approx(expected, abs=1e-3)
+    assert 0 <= results["diagnostics"]["dst+pfin"]["z_top1_train"] <= 100

@@ -85,6 +85,18 @@ class HeadsModel(nn.Module):
         self.eval()
         return self.head.predict(self.norm_visual(visual), generator, chunk_rows)
 
+    @torch.no_grad()
+    def diagnostics(self, visual: torch.Tensor, labels: torch.Tensor,
+                    generator: torch.Generator | None = None,
+                    chunk_rows: int = 8192) -> dict[str, float]:
+        """The head's own measurements on a split (its optional ``split_diagnostics``, e.g.
+        SeDA's ``z_top1``), from raw visual features and labels; empty when it has none."""
+        probe = getattr(self.head, "split_diagnostics", None)
+        if probe is None:
+            return {}
+        self.eval()
+        return probe(self.norm_visual(visual), labels, generator, chunk_rows)
+
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
@@ -160,9 +172,11 @@ def run_stage(stage: Stage, train: SplitData, cfg: TrainConfig, ctx: TrainContex
     """Train ``stage.modules``; keep each selection group at its best validation epoch.
 
     The stage's ``prepare`` runs first; the row state it returns joins every batch
-    (:func:`~marnet.pipeline.models.heads.stage_batch`). With ``stage.train_rows`` only those
+    (:func:`~marnet.pipeline.models.heads.stage_batch`), and the stage's ``diagnostics`` of it
+    join the first epoch's record as ``prepared``. With ``stage.train_rows`` only those
     train rows are sampled."""
     rows = (stage.prepare() if stage.prepare else None) or {}
+    prepared = {"prepared": stage.diagnostics(rows)} if stage.diagnostics is not None else {}
     epochs = stage.epochs if stage.epochs is not None else cfg.epochs
     params = [p for m in stage.modules for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -193,7 +207,7 @@ def run_stage(stage: Stage, train: SplitData, cfg: TrainConfig, ctx: TrainContex
                 m.eval()
             record = {"stage": stage.name, "epoch": epoch,
                       **{k: round(float(v) / sampler.steps, 5) for k, v in sums.items()},
-                      "lr": scheduler.get_last_lr()[0]}
+                      "lr": scheduler.get_last_lr()[0], **(prepared if epoch == 1 else {})}
             for group, (modules, metric) in stage.select.items():
                 score = metric()
                 record[f"val_top1_{group}"] = round(score, 5)
@@ -230,9 +244,12 @@ def topk_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
 
 def evaluate_features(model: HeadsModel, visual: torch.Tensor, labels: torch.Tensor,
                       num_classes: int, ctx: TrainContext) -> dict[str, Any]:
-    """Metrics of ``model`` on raw visual features, with the run's fixed evaluation noise."""
+    """Metrics of ``model`` on raw visual features, with the run's fixed evaluation noise,
+    and the head's own diagnostics of the split when it has some (:meth:`HeadsModel.diagnostics`)."""
     logits = model.predict(visual, ctx.eval_generator(), ctx.chunk_rows)
-    return topk_metrics(logits.float(), labels, num_classes)
+    metrics = topk_metrics(logits.float(), labels, num_classes)
+    diagnostics = model.diagnostics(visual, labels, ctx.eval_generator(), ctx.chunk_rows)
+    return {**metrics, "diagnostics": diagnostics} if diagnostics else metrics
 
 
 def standardise_tokens(norm: Standardizer, tokens: torch.Tensor, name: str,

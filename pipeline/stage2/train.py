@@ -177,17 +177,21 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
         "features": features, "device": str(device), "precision": precision})
     log(f"training {method} on {cache.root} ({len(train):,} train rows, validation: {val_source})")
     t0 = time.perf_counter()
+    diagnostics: dict[str, dict[str, float]] = {}
     with open(out / "metrics.jsonl", "w") as metrics_file:
         def log_metrics(record: dict) -> None:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            if "prepared" in record:
+                diagnostics[record["stage"]] = record["prepared"]
 
         for stage in model.head.stages(train, val, ctx):
             run_stage(stage, train, cfg, ctx, precision, log_metrics)
     train_seconds = time.perf_counter() - t0
     save_heads(model, out / "heads.safetensors")
     results = {"method": method, "seed": cfg.seed, "train_seconds": round(train_seconds, 2),
-               **_split_metrics(model, cache, val_raw, features, ctx)}
+               **_split_metrics(model, cache, val_raw, features, ctx),
+               **({"diagnostics": diagnostics} if diagnostics else {})}
     write_json_atomic(out / "results.json", results)
     return results
 

@@ -14,6 +14,9 @@ A head is a plain ``nn.Module`` that satisfies :class:`Head`:
   ``x_cdr``, ``mlp_map``, ``ema_logits``, ``cdr_logits``, ``fusion_logits``; SeDA: ``z``,
   ``m``, ``s_hat_0``, ``logits``; aligned classifiers: ``embedding``, ``logits``). Figures
   and probes read these instead of re-running a branch themselves.
+- optionally ``split_diagnostics(visual, labels, generator, chunk_rows) -> dict``: the head's
+  own measurements on a split (SeDA: ``z_top1``); a head run records them with its val and
+  test metrics.
 
 Per-row state: a stage whose loss needs values computed once from the whole train split
 (MARNet's sampled ``x_CDR`` for the fusion stage, SeDA's semantic features ``z``) makes them
@@ -71,7 +74,9 @@ class Stage:
     :data:`RowState`, whose rows the trainer adds to every batch. ``sampler`` is ``random``
     (a permutation) or ``balanced`` (classes x samples per class). ``fields`` are the split's
     fields a batch holds. ``train_rows`` restricts training to those train rows (a fold of a
-    cross-fit); None trains on all of them.
+    cross-fit); None trains on all of them. ``diagnostics`` measures the prepared row state
+    once (SeDA: how well ``z`` classifies the train and val rows); the trainer logs what it
+    returns, and a head run keeps it in ``results.json``.
     """
 
     name: str
@@ -83,6 +88,7 @@ class Stage:
     sampler: str = "random"
     fields: tuple[str, ...] = ("visual", "text", "label")
     train_rows: torch.Tensor | None = None
+    diagnostics: Callable[[RowState], dict[str, float]] | None = None
 
 
 def stage_batch(stage: Stage, split: SplitData, rows: RowState, index: torch.Tensor) -> Batch:

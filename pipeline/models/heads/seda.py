@@ -433,6 +433,15 @@ class SeDA(nn.Module):
             logits = logits + self.representations(visual, generator, chunk_rows)["logits"]
         return logits / samples
 
+    def split_diagnostics(self, visual: torch.Tensor, labels: torch.Tensor,
+                          generator: torch.Generator | None = None,
+                          chunk_rows: int = 8192) -> dict[str, float]:
+        """``z_top1``: how well the semantic feature alone classifies a split (its nearest
+        class centre), the stage-1 accuracy the train/test gap of ``z`` is read from."""
+        if self.dsl is None:
+            return {}
+        return {"z_top1": self._z_top1(self.semantic(visual, generator, chunk_rows), labels)}
+
     # ------------------------------------------------------------------ training (R-3)
 
     def stages(self, train: SplitData, val: SplitData, ctx: TrainContext) -> list[Stage]:
@@ -570,9 +579,21 @@ class SeDA(nn.Module):
         reads_visual = self.dsl is None or dst.visual_encoder is not None
         fields = ("visual", "text", "label") if reads_visual else ("text", "label")
         name = "dst" if dst.pfin.update is None else "dst+pfin"
+        def z_top1(state: RowState) -> dict[str, float]:
+            return {"z_top1_train": self._z_top1(state["z"], train["label"]),
+                    "z_top1_val": self._z_top1(semantic["val"], val["label"])}
+
+        with_dsl = self.dsl is not None
         return Stage(name, [dst], loss, {name: ([dst], val_top1(val_logits, val["label"]))},
-                     epochs=cfg.epochs, prepare=prepare if self.dsl is not None else None,
-                     fields=fields)
+                     epochs=cfg.epochs, prepare=prepare if with_dsl else None, fields=fields,
+                     diagnostics=z_top1 if with_dsl else None)
+
+    def _z_top1(self, z: torch.Tensor, labels: torch.Tensor) -> float:
+        """Top-1 (%) of ``z`` read as a prediction, its nearest class centre (``dsl-only``):
+        on the train rows stage 2 learns from, against val, it measures the gap cross-fitting
+        closes."""
+        with torch.no_grad():
+            return round(100 * (self.dsl.classify(z).argmax(1) == labels).float().mean().item(), 3)
 
     def _train_semantic(self, train: SplitData, ctx: TrainContext, folds: list[Fold]
                         ) -> RowState:
