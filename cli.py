@@ -1004,17 +1004,47 @@ def cache_rm(
 @cache_app.command("export")
 def cache_export(
     path: str = typer.Argument(..., help="Cache directory (or the fsspec URL of a zarr cache)."),
-    npy: Path = typer.Option(..., "--npy", help="Folder to write: <split>/<field>.npy, <split>/id.txt and index.json."),
+    npy: Optional[Path] = typer.Option(None, "--npy", help="Folder to write .npy files into: <split>/<field>.npy, <split>/id.txt and index.json."),
+    parquet: Optional[Path] = typer.Option(None, "--parquet", help="Folder to write Parquet files into: <split>.parquet, one row group per cache shard; columns id, label, valid, sentence, ingredients, visual, text (features as fixed-size lists); key and backbones in the schema metadata. Needs the parquet extra (pip install 'marnet\\[parquet]')."),
+    tokens: bool = typer.Option(False, "--tokens", help="--parquet: also export the token fields (visual_tokens, text_tokens, text_mask) of a cache extracted with --tokens; large, so left out by default."),
+    force: bool = typer.Option(False, "--force", help="Replace the files of an earlier export in the same folder (refused without it)."),
 ) -> None:
-    """Export a complete cache as .npy files (plus ids as text and a JSON index) for other tools."""
-    from .pipeline.store import export_npy
+    """Export a complete cache for other tools: .npy files (plus ids as text and a JSON index)
+    and/or one Parquet file per split (pandas, DuckDB, Hugging Face datasets)."""
+    from .pipeline.store import export_npy, export_parquet
+    from .pipeline.store.parquet import require_pyarrow
 
     try:
-        index = export_npy(path, npy, on_split=lambda split: console.print(f"exported {split}"))
+        if npy is None and parquet is None:
+            raise ValueError("say what to write: --npy DIR and/or --parquet DIR")
+        if parquet is not None:
+            require_pyarrow()  # the install hint before any file is written
+        if npy is not None:
+            index = export_npy(path, npy, on_split=lambda s: console.print(f"exported {s}"),
+                               force=force)
+            rows = ", ".join(f"{s} {e['rows']:,}" for s, e in index["splits"].items())
+            console.print(f"written: {npy / 'index.json'} ({rows} rows)", soft_wrap=True)
+        if parquet is not None:
+            _report_parquet(export_parquet(path, parquet, tokens, force))
     except _user_errors() as exc:
         _fail(exc)
-    rows = ", ".join(f"{s} {e['rows']:,}" for s, e in index["splits"].items())
-    console.print(f"written: {npy / 'index.json'} ({rows} rows)", soft_wrap=True)
+
+
+def _report_parquet(result: dict) -> None:
+    """One line per written file; a warning when rows have no sentence."""
+    for entry in result["splits"].values():
+        groups = entry["row_groups"]
+        console.print(f"written: {entry['file']} ({entry['rows']:,} rows, {groups} row "
+                      f"group{'' if groups == 1 else 's'})", soft_wrap=True, markup=False)
+    nulls = sum(e["sentence_nulls"] or 0 for e in result["splits"].values())
+    if not result["sentence"]:
+        console.print(Text.assemble(("warning: ", "yellow"), "the cache has no unique-text "
+                                    "table (text_table.json), so the files have no sentence "
+                                    "column"), soft_wrap=True)
+    elif nulls:
+        console.print(Text.assemble(("warning: ", "yellow"), f"{nulls:,} rows have a null "
+                                    "sentence: their texts have bit-identical text features "
+                                    "(cut to the same tokens by --max-length)"), soft_wrap=True)
 
 
 # what a rerun of an interrupted command does
