@@ -65,6 +65,18 @@ def _ingredients_option() -> Any:
     return typer.Option(None, help="ingredient101: which per-class list becomes the text, complete (ingredients.txt) or simplified (ingredients_simplified.txt); default: complete.")
 
 
+def _tensorboard_option(where: str) -> Any:
+    return typer.Option(None, "--tensorboard", help=f"Also write each epoch's losses, val top-1 and learning rate as TensorBoard scalars into this folder{where} (`tensorboard --logdir DIR` shows them); needs the tensorboard extra (pip install 'marnet\\[tensorboard]').")
+
+
+def _require_board(tensorboard: Optional[Path]) -> None:
+    """The tensorboard install hint before any work, when --tensorboard is given."""
+    if tensorboard is not None:
+        from .pipeline.engine.tensorboard import require_tensorboard
+
+        require_tensorboard()
+
+
 def _dataset_options(images_root: Optional[Path], ingredients: Optional[str]) -> dict[str, Any]:
     """Adapter options, only those given (paths made absolute so a cache can find them later)."""
     options: dict[str, Any] = {}
@@ -232,6 +244,7 @@ def finetune(
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already at --out. Without it, one made with the same settings is reused and any other file is refused."),
+    tensorboard: Optional[Path] = _tensorboard_option(" (backbone/... for the epochs with the backbone, the stage's name for later head stages; the numbers of the checkpoint's history)"),
 ) -> None:
     """Train the vision backbone end to end with a method's head and objective (from images)."""
     from .pipeline.core.config import parse_overrides
@@ -250,7 +263,8 @@ def finetune(
             train_blocks=train_blocks, augment=augment, seed=seed, device=device,
             precision=precision, num_workers=num_workers,
             weights_dir=_cache_root(cache_dir) / "weights",
-            dataset_options=_dataset_options(images_root, ingredients), overwrite=overwrite),
+            dataset_options=_dataset_options(images_root, ingredients), overwrite=overwrite,
+            tensorboard=tensorboard),
             log=console.print)
     except _user_errors() as exc:
         _fail(exc)
@@ -275,6 +289,7 @@ def train_heads(
     features: str = typer.Option("visual", help="visual (every method), or text with --method visual: the text-only ceiling, a reference that reads text at test time."),
     expect: Optional[list[str]] = typer.Option(None, "--expect", help="Refuse the cache unless its key input NAME has VALUE, repeatable (e.g. visual.model=vit_base_patch16_224, dtype=float16, key=<key>; `marnet cache info` lists the names)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out. Without it, a finished run with the same settings is reused (its results printed) and any other content of --out is refused."),
+    tensorboard: Optional[Path] = _tensorboard_option(", the same numbers as <out>/metrics.jsonl"),
 ) -> None:
     """Stage two: train a method's heads on a cache; select on validation; report test."""
     from .pipeline.core.config import parse_overrides
@@ -284,12 +299,13 @@ def train_heads(
     from .pipeline.store import parse_expectations
 
     try:
+        _require_board(tensorboard)
         expectations = parse_expectations(expect)
         overrides = resolve_overrides(method, ablation, fusion, parse_overrides(set_))
         results = run(cache, method, out, overrides,
                       TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                   device=device), log=console.print, features=features,
-                      expect=expectations, overwrite=overwrite)
+                      expect=expectations, overwrite=overwrite, tensorboard=tensorboard)
     except _user_errors() as exc:
         _fail(exc)
     rows = [{"what": method, "split": s, **results[s]} for s in ("val", "test") if s in results]
@@ -448,6 +464,7 @@ def ablate(
     corruptions: str = typer.Option("all", help="--robustness: all, ImageNet-C families (noise, blur, weather, digital) or corruption names, comma-separated."),
     severities: str = _severities_option(),
     corruption_seed: int = _corruption_seed_option(),
+    tensorboard: Optional[Path] = _tensorboard_option(", one subfolder per row and seed (<dir>/<row>/seed<k>; two-stage heads under <dir>/two-stage/)"),
 ) -> None:
     """Run methods x seeds on one cache (or, with --finetune, end to end from images); print
     and write the table (mean +- std over seeds), with --robustness its corruption
@@ -469,6 +486,7 @@ def ablate(
     )
 
     try:
+        _require_board(tensorboard)
         rows, overrides = parse_rows(methods, fusion), parse_method_overrides(set_)
         heads = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, device=device)
         robust = RobustnessRun(_sweep(corruptions, severities, corruption_seed), device,
@@ -477,7 +495,7 @@ def ablate(
             corruption_function()  # the install hint before anything trains
         if not finetune:
             result = run(cache, rows, parse_seeds(seeds), out, heads, overrides, plots,
-                         log=console.print, robustness=robust)
+                         log=console.print, robustness=robust, tensorboard=tensorboard)
         else:
             if plots:
                 raise ValueError("--plots draws stage-two runs; it does not apply to --finetune")
@@ -492,7 +510,8 @@ def ablate(
             result = ablate_finetune(base, rows, parse_seeds(finetune_seeds, "--finetune-seeds")
                                      if finetune_seeds else parse_seeds(seeds), out,
                                      overrides, heads if two_stage else None,
-                                     _cache_root(None), log=console.print, robustness=robust)
+                                     _cache_root(None), log=console.print, robustness=robust,
+                                     tensorboard=tensorboard)
     except _user_errors() as exc:
         _fail(exc)
     console.print(_summary_table(result["title"], result["summary"]))
