@@ -114,11 +114,12 @@ def test_hf_hub_ids_load_from_the_local_hf_cache_offline(tmp_path, monkeypatch):
     vision = build_vision(VisionSpec("hf-hub:marnet-test/tiny", image_size=32))
     assert torch.equal(vision.model.conv_stem.weight, saved.conv_stem.weight)
 
-    with pytest.raises(BackboneError) as missing:
-        build_vision(VisionSpec("hf-hub:marnet-test/not-downloaded"))
-    assert ("HF_HUB_OFFLINE is set and marnet-test/not-downloaded is not in the local Hugging "
-            f"Face cache ({tmp_path / 'hub'})") in str(missing.value)
-    assert "--visual local-dir:PATH" in str(missing.value)
+    for size in (None, 32):  # an input size override builds a probe first: the same error
+        with pytest.raises(BackboneError) as missing:
+            build_vision(VisionSpec("hf-hub:marnet-test/not-downloaded", image_size=size))
+        assert ("HF_HUB_OFFLINE is set and marnet-test/not-downloaded is not in the local "
+                f"Hugging Face cache ({tmp_path / 'hub'})") in str(missing.value)
+        assert "--visual local-dir:PATH" in str(missing.value)
 
 
 def test_bad_local_dirs_and_ids_say_what_is_wrong(tmp_path):

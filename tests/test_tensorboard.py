@@ -101,7 +101,8 @@ def test_finetune_writes_its_history_and_head_stages_as_scalars(synth_root, tiny
 def test_missing_tensorboard_is_an_install_hint(tiny_cache, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     for command in (["train-heads", "--cache", tiny_cache, "--out", tmp_path / "run"],
-                    ["ablate", "--cache", tiny_cache, "--out", tmp_path / "ab"]):
+                    ["ablate", "--cache", tiny_cache, "--out", tmp_path / "ab"],
+                    ["finetune", "--dataset", "synthfood", "--out", tmp_path / "f.safetensors"]):
         out = _run(*command, "--tensorboard", tmp_path / "tb", code=2)
         assert "pip install 'marnet[tensorboard]'" in out
     assert not (tmp_path / "run").exists() and not (tmp_path / "tb").exists()

@@ -550,7 +550,9 @@ def build_vision(spec: VisionSpec, weights_dir: Path | str = "cache/weights") ->
 
     kwargs: dict[str, Any] = {}
     if image_size:
-        probe = timm.create_model(model_name, pretrained=False, num_classes=0)
+        probe = (_create_timm(model_name, "random", Path(weights_dir))  # checked, named errors
+                 if timm_source(model_name)[0] else
+                 timm.create_model(model_name, pretrained=False, num_classes=0))
         if (getattr(probe, "patch_embed", None) is not None
                 and image_size != timm.data.resolve_model_data_config(probe)["input_size"][-1]):
             kwargs["img_size"] = int(image_size)  # patch models bake the token grid in
