@@ -137,6 +137,9 @@ def test_bad_local_dirs_and_ids_say_what_is_wrong(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(BackboneError, match="no weights in .*--visual-weights random"):
         build_vision(VisionSpec(f"local-dir:{folder}"))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(BackboneError, match="config.json is not a timm model config"):
+        build_vision(VisionSpec(f"local-dir:{folder}", "random"))
     (folder / "config.json").write_text(json.dumps({"architecture": "no_such_net"}))
     with pytest.raises(BackboneError, match="architecture 'no_such_net'"):
         build_vision(VisionSpec(f"local-dir:{folder}", "random"))

@@ -442,7 +442,8 @@ def _check_local_dir(model: str, folder: Path, weights: str) -> None:
                             "save_for_hf writes it)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise BackboneError(f"--visual {model}: {config} is not a timm model config "
-                            f"({type(exc).__name__}: {exc}); it needs an \"architecture\"") from None
+                            f"({type(exc).__name__}: {exc}); it needs an "
+                            "\"architecture\"") from None
     if not timm.is_model(architecture):
         raise BackboneError(f"--visual {model}: {config} names the architecture "
                             f"{architecture!r}, which this timm does not know")

@@ -57,7 +57,7 @@ class Sentences:
     the cache dtype, so equal bytes name the text. Texts whose features are bit-identical
     (cut to the same tokens by ``--max-length``) cannot be told apart: their rows get null."""
 
-    text_of: dict[bytes, str | None]  # a text-feature row's stored bytes -> its text (None: ambiguous)
+    text_of: dict[bytes, str | None]  # stored text-feature bytes -> text (None: ambiguous)
     ambiguous_texts: int
 
     @classmethod
@@ -154,7 +154,8 @@ def _metadata(cache: FeatureCache, split: str, columns: dict[str, dict[str, Any]
             "dataset_digest": inputs["dataset"]["digest"], "visual": inputs["visual"]["model"],
             "visual_weights": inputs["visual"]["weights"],
             "visual_weights_digest": inputs["visual"]["weights_digest"],
-            "text": inputs["text"]["model"], "text_weights_digest": inputs["text"]["weights_digest"]}
+            "text": inputs["text"]["model"],
+            "text_weights_digest": inputs["text"]["weights_digest"]}
     return {b"marnet": json.dumps(full, default=str).encode(),
             **{f"marnet.{k}".encode(): str(v).encode() for k, v in flat.items()}}
 
