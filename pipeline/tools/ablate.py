@@ -159,13 +159,15 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                shared_overrides: dict[str, dict[str, Any]] | None = None,
                title: str | None = None, log: Callable[[str], None] = print,
                on_run: Callable[[Path], None] | None = None,
-               robustness: RobustnessRun | None = None) -> Matrix:
+               robustness: RobustnessRun | None = None,
+               tensorboard: Path | None = None) -> Matrix:
     """Train every row for every seed (skipping finished runs) and write the result tables.
 
     ``shared_overrides`` maps a method name to overrides applied to all its rows (e.g. the
     demo's smaller denoiser) before the row's own. ``on_run(run_dir)`` is called after each run
     (trained or reused), e.g. to draw its figures. ``robustness`` adds each run's corruption
-    robustness (:func:`with_robustness`).
+    robustness (:func:`with_robustness`). ``tensorboard``: each run trained now writes its
+    scalars into ``<tensorboard>/<row>/seed<k>``.
     """
     out = Path(out_dir)
     cache_key = FeatureCache(cache).key
@@ -189,7 +191,8 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
                 else:
                     log(f"{spec.row} seed {seed}")
                 res = train_heads(cache, spec.method, run_dir, overrides, cfg, log, spec.features,
-                                  overwrite=True)
+                                  overwrite=True,
+                                  tensorboard=_board_dir(tensorboard, spec.row, seed))
             if on_run is not None:
                 on_run(run_dir)
             split = "test" if "test" in res else "val"  # a cache without a test split
@@ -205,6 +208,11 @@ def run_matrix(cache: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int],
     summary = write_tables(out, results, ("row",), title,
                            {"cache": str(cache), "seeds": list(seeds)})
     return Matrix(results, summary)
+
+
+def _board_dir(tensorboard: Path | None, row: str, seed: int) -> Path | None:
+    """The TensorBoard folder of one (row, seed): ``<tensorboard>/<row>/seed<k>``."""
+    return None if tensorboard is None else Path(tensorboard) / slug(row) / f"seed{seed}"
 
 
 def with_robustness(results: list[dict[str, Any]], spec: RobustnessRun,
@@ -258,8 +266,10 @@ def ablate(cache_path: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int]
            out_dir: Path | str | None = None, train_cfg: TrainConfig = TrainConfig(),
            shared_overrides: dict[str, dict[str, Any]] | None = None, plots: bool = False,
            log: Callable[[str], None] = print,
-           robustness: RobustnessRun | None = None) -> dict[str, Any]:
-    """``marnet ablate``: check every row, run the matrix, return rows, summary and paths."""
+           robustness: RobustnessRun | None = None,
+           tensorboard: Path | None = None) -> dict[str, Any]:
+    """``marnet ablate``: check every row, run the matrix, return rows, summary and paths;
+    with ``tensorboard``, each run trained writes its scalars to ``<tensorboard>/<row>/seed<k>``."""
     cache = FeatureCache(cache_path).require_complete()
     shared = shared_overrides or {}
     check_rows(cache, rows, shared)
@@ -267,7 +277,7 @@ def ablate(cache_path: Path | str, rows: Sequence[RowSpec], seeds: Sequence[int]
     out = Path(out_dir) if out_dir else default_out(cache)
     title = cache_title(cache)
     matrix = run_matrix(cache_path, rows, seeds, out, train_cfg, shared, title, log, on_run,
-                        robustness)
+                        robustness, tensorboard)
     return {"rows": matrix.rows, "summary": matrix.summary, "out": out, "title": title}
 
 
@@ -320,13 +330,15 @@ def _finetuned_result(run_dir: Path, cfg: FinetuneConfig, log: Callable[[str], N
 
 def _two_stage_result(run_dir: Path, spec: RowSpec, overrides: dict[str, Any], seed: int,
                       text_cache: FeatureCache, checkpoint: Path, head_cfg: TrainConfig,
-                      cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+                      cache_dir: Path, log: Callable[[str], None],
+                      tensorboard: Path | None = None) -> dict[str, Any]:
     """The same row on the two-stage path: extract with the fine-tuned backbone, then train
-    the row's head on that cache (head seed = fine-tuning seed)."""
+    the row's head on that cache (head seed = fine-tuning seed); its scalars go to
+    ``<tensorboard>/<row>/seed<k>``."""
     cache = extract(extract_config_like(text_cache.manifest, VisionSpec(finetuned=str(checkpoint)),
                                         cache_dir), log).path
     return run_matrix(cache, [spec], [seed], run_dir / "two-stage", head_cfg,
-                      {spec.method: overrides}, log=log).rows[0]
+                      {spec.method: overrides}, log=log, tensorboard=tensorboard).rows[0]
 
 
 def run_finetune_matrix(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequence[int],
@@ -335,12 +347,15 @@ def run_finetune_matrix(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Se
                         title: str | None = None, log: Callable[[str], None] = print,
                         two_stage: TrainConfig | None = None,
                         cache_dir: Path = Path("cache"),
-                        robustness: RobustnessRun | None = None) -> Matrix:
+                        robustness: RobustnessRun | None = None,
+                        tensorboard: Path | None = None) -> Matrix:
     """Every row fine-tunes the backbone end to end under its own objective, once per seed
     (the fine-tuning seed), into ``<out>/runs/<row>/seed<k>/backbone.safetensors``, and is
     evaluated from the test images; finished runs are reused and interrupted ones resumed.
     With ``two_stage`` (the head settings), each checkpoint's features are also cached and
-    the row's head trained on them, as a second table row per method."""
+    the row's head trained on them, as a second table row per method. ``tensorboard``: each
+    fine-tune trained now writes its scalars to ``<tensorboard>/<row>/seed<k>``, its two-stage
+    head to ``<tensorboard>/two-stage/<row>/seed<k>``."""
     out = Path(out_dir)
     text_cache = FeatureCache(base.text_cache).require_complete()
     results = []
@@ -351,13 +366,16 @@ def run_finetune_matrix(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Se
         for seed in seeds:
             run_dir = out / "runs" / slug(spec.row) / f"seed{seed}"
             cfg = replace(base, method=spec.method, settings=overrides, seed=seed,
-                          out=run_dir / "backbone.safetensors")
+                          out=run_dir / "backbone.safetensors",
+                          tensorboard=_board_dir(tensorboard, spec.row, seed))
             log(f"{spec.row}, fine-tuning seed {seed}")
             res = _finetuned_result(run_dir, cfg, log)
             results.append(_result_row(spec.row, seed, res, END_TO_END, str(run_dir)))
             if two_stage is not None:
-                heads = _two_stage_result(run_dir, spec, overrides, seed, text_cache, cfg.out,
-                                          replace(two_stage, seed=seed), cache_dir, log)
+                heads = _two_stage_result(
+                    run_dir, spec, overrides, seed, text_cache, cfg.out,
+                    replace(two_stage, seed=seed), cache_dir, log,
+                    None if tensorboard is None else Path(tensorboard) / "two-stage")
                 results.append({**heads, "path": TWO_STAGE})
     keys = ("row", "path") if two_stage is not None else ("row",)
     if robustness is not None:
@@ -391,9 +409,11 @@ def ablate_finetune(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequen
                     shared_overrides: dict[str, dict[str, Any]] | None = None,
                     two_stage: TrainConfig | None = None, cache_dir: Path = Path("cache"),
                     log: Callable[[str], None] = print,
-                    robustness: RobustnessRun | None = None) -> dict[str, Any]:
+                    robustness: RobustnessRun | None = None,
+                    tensorboard: Path | None = None) -> dict[str, Any]:
     """``marnet ablate --finetune``: check the rows, fine-tune every row x seed, tabulate
-    (two-stage caches go under ``cache_dir``). One process only: see :func:`require_one_process`."""
+    (two-stage caches go under ``cache_dir``; scalars under ``tensorboard``, see
+    :func:`run_finetune_matrix`). One process only: see :func:`require_one_process`."""
     require_one_process()
     text_cache = FeatureCache(base.text_cache).require_complete()
     shared = shared_overrides or {}
@@ -406,5 +426,5 @@ def ablate_finetune(base: FinetuneConfig, rows: Sequence[RowSpec], seeds: Sequen
              f"end per row + {text_cache.manifest['inputs']['text']['model']}: test accuracy "
              "(mean ± std over fine-tuning seeds)")
     matrix = run_finetune_matrix(base, rows, seeds, out, shared, title, log, two_stage,
-                                 cache_dir, robustness)
+                                 cache_dir, robustness, tensorboard)
     return {"rows": matrix.rows, "summary": matrix.summary, "out": out, "title": title}
