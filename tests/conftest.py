@@ -284,3 +284,145 @@ def tiny_token_cache(synth_root, tmp_path_factory) -> Path:
                               vision=VisionSpec("test_efficientnet", "random", image_size=64,
                                                 crop_pct=1.0))
     return extract(cfg, log=lambda _: None).path
+
+
+# The folder dataset above (FOLDER_ROWS) in the other input formats, image bytes copied from a
+# written folder root: samples in the same order per split, so an extraction of any of them
+# equals the folder one row for row. Images go to <class>/<file name> (the nested salad image
+# too), so the class sub-folder is the label.
+FORMAT_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+def format_samples(folder_root: Path) -> list[dict]:
+    """FOLDER_ROWS as dicts: split (the dataset's name for it), file (class/name), bytes,
+    label, text, ingredients."""
+    return [{"split": FORMAT_SPLITS[split], "file": f"{label}/{Path(path).name}",
+             "bytes": (folder_root / "images" / path).read_bytes(), "label": label,
+             "text": text, "ingredients": ingredients}
+            for path, label, text, split, ingredients in FOLDER_ROWS]
+
+
+def write_imagefolder_root(root: Path, folder_root: Path, fmt: str = "csv",
+                           labels: str = "column", metadata: str = "split",
+                           fill: str | None = None) -> Path:
+    """Hugging Face imagefolder layout: labels from a column or the class sub-folder,
+    metadata.csv or .jsonl per split folder or at the root. ``fill``: the ingredient of the
+    samples that have none (``datasets`` types a column empty throughout one split's metadata
+    as null and then refuses the splits' differing types; our val split has no ingredients)."""
+    import csv
+    import json
+
+    samples = [{**s, "ingredients": s["ingredients"] or ([fill] if fill else [])}
+               for s in format_samples(folder_root)]
+    tables: dict[Path, list[dict]] = {}
+    for s in samples:
+        (root / s["split"] / s["file"]).parent.mkdir(parents=True, exist_ok=True)
+        (root / s["split"] / s["file"]).write_bytes(s["bytes"])
+        at_root = metadata == "root"
+        row = {"file_name": f"{s['split']}/{s['file']}" if at_root else s["file"],
+               **({"label": s["label"]} if labels == "column" else {}), "text": s["text"],
+               "ingredients": s["ingredients"] if fmt == "jsonl" else ";".join(s["ingredients"])}
+        tables.setdefault(root if at_root else root / s["split"], []).append(row)
+    for folder, rows in tables.items():
+        if fmt == "jsonl":
+            (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            continue
+        with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+def hf_dataset_dict(folder_root: Path):
+    """The folder dataset as a datasets.DatasetDict (ClassLabel of the sorted class names)."""
+    import datasets
+
+    samples = format_samples(folder_root)
+    features = datasets.Features({
+        "image": datasets.Image(), "label": datasets.ClassLabel(
+            names=sorted({s["label"] for s in samples})),
+        "text": datasets.Value("string"), "ingredients": datasets.List(datasets.Value("string"))})
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict({
+        "image": [{"bytes": s["bytes"], "path": s["file"]} for s in samples if s["split"] == split],
+        **{key: [s[key] for s in samples if s["split"] == split]
+           for key in ("label", "text", "ingredients")}}, features=features)
+        for split in FORMAT_SPLITS.values()})
+
+
+def write_hf_root(root: Path, folder_root: Path, layout: str = "saved") -> Path:
+    """``save_to_disk`` of the DatasetDict, or Parquet files data/<split>-00000-of-00001."""
+    dataset = hf_dataset_dict(folder_root)
+    if layout == "saved":
+        dataset.save_to_disk(str(root))
+        return root
+    (root / "data").mkdir(parents=True)
+    for split, part in dataset.items():
+        part.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+def write_tar_file(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """An uncompressed tar of ``(name, bytes)`` members, in order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_webdataset_root(root: Path, folder_root: Path, labels: str = "cls") -> str:
+    """WebDataset shards (train in 2 shards, validation and test in 1); per key an image,
+    the label as .cls (index of the sorted names) or in .json, the text as .txt (when given)
+    and the ingredients in .json. Returns the shard pattern."""
+    import json
+
+    samples = format_samples(folder_root)
+    classes = sorted({s["label"] for s in samples})
+    shards: dict[str, list[tuple[str, bytes]]] = {}
+    train_seen = 0
+    for s in samples:
+        key, suffix = f"{s['label']}_{Path(s['file']).stem}", Path(s["file"]).suffix
+        part = int(s["split"] == "train" and train_seen >= 3)  # train: 3 samples per shard
+        train_seen += s["split"] == "train"
+        meta = {"ingredients": s["ingredients"],
+                **({"label": s["label"]} if labels == "json" else {})}
+        members = [(key + suffix, s["bytes"]), (key + ".json", json.dumps(meta).encode())]
+        if labels == "cls":
+            members.append((key + ".cls", str(classes.index(s["label"])).encode()))
+        if s["text"]:
+            members.append((key + ".txt", s["text"].encode()))
+        shards.setdefault(f"{s['split']}-{part:05d}.tar", []).extend(members)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, members in shards.items():
+        write_tar_file(root / name, members)
+    return f"{root}/{{train-{{00000..00001}},validation-00000,test-00000}}.tar"
+
+
+@pytest.fixture(scope="session")
+def write_imagefolder():
+    """``write_imagefolder(root, folder_root, fmt="csv"|"jsonl", labels="column"|"folder",
+    metadata="split"|"root", fill=None)``."""
+    return write_imagefolder_root
+
+
+@pytest.fixture(scope="session")
+def write_hf():
+    """``write_hf(root, folder_root, layout="saved"|"parquet")``."""
+    return write_hf_root
+
+
+@pytest.fixture(scope="session")
+def write_tar():
+    """``write_tar(path, [(name, bytes), ...])``: an uncompressed tar, members in order."""
+    return write_tar_file
+
+
+@pytest.fixture(scope="session")
+def write_webdataset():
+    """``write_webdataset(root, folder_root, labels="cls"|"json")`` -> the shard pattern."""
+    return write_webdataset_root

@@ -15,9 +15,12 @@ from .base import (
     Record,
 )
 from .folder import load_folder
+from .hf import load_hf
+from .imagefolder import load_imagefolder
 from .ingredient101 import load_ingredient101
 from .synthfood import load_synthfood
 from .vireo172 import load_vireo172
+from .wds import load_webdataset
 
 ADAPTERS: dict[str, tuple[Loader, str]] = {
     "vireo172": (load_vireo172, "VIREO Food-172: ready_chinese_food/ + SplitAndIngreLabel/ "
@@ -27,6 +30,15 @@ ADAPTERS: dict[str, tuple[Loader, str]] = {
                                           "--ingredients complete|simplified)"),
     "folder": (load_folder, "your own data: images/ + labels.csv or labels.jsonl "
                             "(path,label,text,split[,ingredients])"),
+    "imagefolder": (load_imagefolder, "the Hugging Face imagefolder layout: train/, test/ "
+                                      "and optional validation/, with metadata.csv or "
+                                      "metadata.jsonl (file_name, label or class sub-folders, "
+                                      "text)"),
+    "hf": (load_hf, "a Hugging Face DatasetDict saved with save_to_disk, or Parquet files, "
+                    "with an Image column (needs the hf extra)"),
+    "webdataset": (load_webdataset, "WebDataset .tar shards, --root 'shards/{train,test}-"
+                                    "{00000..00009}.tar' (.jpg/.png + .cls/.json + .txt; "
+                                    "needs the webdataset extra)"),
     "synthfood": (load_synthfood, "the embedded offline demo, generated on first use "
                                   "(VIREO layout)"),
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..core.defaults import DEFAULT_TEMPLATE
+from .sources import FINGERPRINT_BYTES, ImageRef, StoredImage
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -57,14 +58,16 @@ def warn_on_unofficial_counts(name: str, found: dict[str, int], official: dict[s
 
 @dataclass(frozen=True)
 class Record:
-    """One sample: an image file, its 0-based class label and its privileged text.
+    """One sample: its image, its 0-based class label and its privileged text.
 
+    ``image`` is an image file, or for adapters that keep images inside containers (tar
+    shards, Arrow/Parquet tables) a :class:`~pipeline.datasets.sources.StoredImage`.
     ``ingredients`` holds indices into :attr:`DatasetInfo.ingredients` (sorted, unique);
     ``text`` is the sentence the text backbone reads.
     """
 
     id: str
-    image: Path
+    image: ImageRef
     label: int
     text: str
     ingredients: tuple[int, ...] = ()
@@ -94,13 +97,16 @@ class DatasetInfo:
 
     def digest(self) -> str:
         """SHA-256 over the annotation files and the resolved records (ids, images, labels,
-        texts) and a fingerprint of every image file (:func:`image_fingerprint`).
+        texts) and a fingerprint of every image (:func:`image_fingerprint`; a stored image's
+        own, by the same rule).
 
         Any change to a split file, a label file, the text template, where the images are read
         from or an image file's content changes the digest, and so the cache key. Image paths
         are hashed relative to :attr:`root` when inside it (moving or copying the whole dataset
         root keeps the digest) and absolute otherwise (another images folder, e.g.
-        ingredient101's ``--images-root``, changes it). Computed once per dataset description.
+        ingredient101's ``--images-root``, changes it); a stored image is named by its
+        container, named the same way, and its place in it. Computed once per dataset
+        description.
         """
         if self._digest is None:
             h = hashlib.sha256()
@@ -112,13 +118,11 @@ class DatasetInfo:
                 records = self.splits[split]
                 h.update(split.encode())
                 for rec, print_ in zip(records, image_fingerprints([r.image for r in records])):
-                    image = portable_path(rec.image, root)
+                    image = (rec.image.portable_name(root) if isinstance(rec.image, StoredImage)
+                             else portable_path(rec.image, root))
                     h.update(f"{rec.id}\t{image}\t{rec.label}\t{rec.text}\t{print_}\n".encode())
             self._digest = h.hexdigest()
         return self._digest
-
-
-FINGERPRINT_BYTES = 4096
 
 
 def image_fingerprint(path: Path | str) -> str:
@@ -143,14 +147,19 @@ def image_fingerprint(path: Path | str) -> str:
     return f"{size}:{h.hexdigest()}"
 
 
-def image_fingerprints(paths: Sequence[Path | str], workers: int = 16) -> list[str]:
-    """:func:`image_fingerprint` of each path, in order (threads: the work is file I/O)."""
+def any_fingerprint(image: ImageRef | str) -> str:
+    """:func:`image_fingerprint` of an image file; a stored image's own fingerprint."""
+    return image.fingerprint() if isinstance(image, StoredImage) else image_fingerprint(image)
+
+
+def image_fingerprints(paths: Sequence[ImageRef | str], workers: int = 16) -> list[str]:
+    """The fingerprint of each image, in order (threads: the work is file I/O)."""
     if len(paths) < 64:
-        return [image_fingerprint(p) for p in paths]
+        return [any_fingerprint(p) for p in paths]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(image_fingerprint, paths, chunksize=256))
+        return list(pool.map(any_fingerprint, paths, chunksize=256))
 
 
 def portable_path(path: Path | str, root: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 from . import load_dataset
 from .base import DEFAULT_TEMPLATE, DatasetInfo, DatasetWarning, Record
 from .images import BadImageError, load_rgb
+from .sources import ImageRef, StoredImage
 
 DRAFT_SIZE = 256  # JPEGs are decoded at about this size, as extraction decodes them
 MAX_FAILURES = 10  # failures listed in the report (all are counted)
@@ -121,9 +122,10 @@ def class_coverage_warnings(info: DatasetInfo) -> list[str]:
             f"(first: {absent[0]!r})"]
 
 
-def image_problem(path: Path) -> tuple[str, str] | None:
-    """``(kind, reason)`` if ``path`` is missing or cannot be decoded, else None."""
-    if not path.is_file():
+def image_problem(path: ImageRef) -> tuple[str, str] | None:
+    """``(kind, reason)`` if ``path`` (or the shard or table holding it) is missing or the
+    image cannot be decoded, else None."""
+    if not (path.container if isinstance(path, StoredImage) else path).is_file():
         return "missing", f"{path}: file not found"
     try:
         load_rgb(path, draft_size=DRAFT_SIZE)

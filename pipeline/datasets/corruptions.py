@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ from PIL import Image
 
 from ..core.config import ConfigError
 from .images import BadImageError, Preprocess, load_rgb
+from .sources import ImageRef
 
 # the four families of ImageNet-C, in its order
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -135,7 +135,7 @@ class CorruptedImageFiles(torch.utils.data.Dataset):
     reason, as :class:`~.images.ImageFiles` does.
     """
 
-    def __init__(self, paths: Sequence[Path], keys: Sequence[str], preprocess: Preprocess,
+    def __init__(self, paths: Sequence[ImageRef], keys: Sequence[str], preprocess: Preprocess,
                  settings: Sequence[Corruption]):
         if len(keys) != len(paths):
             raise ValueError(f"{len(keys)} keys for {len(paths)} images")

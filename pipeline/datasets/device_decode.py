@@ -29,19 +29,19 @@ torch/torchvision pair still ships them, and the warning is silenced around the 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .images import BadImageError, Preprocess, load_rgb, open_image
+from .sources import ImageRef, StoredImage, as_image_ref
 
 DECODE_MODES = ("workers", "device")
 _EXIF_ORIENTATION = 0x0112
 
 
-def device_decodable(path: Path) -> bool:
+def device_decodable(path: ImageRef) -> bool:
     """Whether the device decoder takes ``path`` as it is: a JPEG in RGB or greyscale with no
     EXIF rotation (reads the header only; raises :class:`BadImageError` for a bad file)."""
     img = open_image(path)
@@ -50,16 +50,27 @@ def device_decodable(path: Path) -> bool:
     return img.getexif().get(_EXIF_ORIENTATION, 1) == 1
 
 
-class EncodedImageFiles(torch.utils.data.Dataset):
-    """``(payload, index, error or "")`` per path, for :class:`DeviceDecoder`.
+def encoded_bytes(image: ImageRef) -> np.ndarray:
+    """The encoded image as ``uint8 [n]``: a file's bytes, or a stored image's."""
+    if isinstance(image, StoredImage):
+        try:
+            return np.frombuffer(bytearray(image.read()), dtype=np.uint8)
+        except OSError as exc:
+            raise BadImageError(f"{image}: cannot read ({exc})") from None
+    return np.fromfile(image, dtype=np.uint8)
 
-    ``payload`` is the file's bytes (``uint8 [n]``) when the device can decode it, else the
+
+class EncodedImageFiles(torch.utils.data.Dataset):
+    """``(payload, index, error or "")`` per image (a file or a stored image), for
+    :class:`DeviceDecoder`.
+
+    ``payload`` is the encoded bytes (``uint8 [n]``) when the device can decode it, else the
     image decoded here with PIL at full size (``uint8 [3, H, W]``); empty with an error message
     for a file that cannot be read.
     """
 
-    def __init__(self, paths: Sequence[Path]):
-        self.paths = [Path(p) for p in paths]
+    def __init__(self, paths: Sequence[ImageRef]):
+        self.paths = [as_image_ref(p) for p in paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -68,7 +79,7 @@ class EncodedImageFiles(torch.utils.data.Dataset):
         path = self.paths[index]
         try:
             if device_decodable(path):
-                return torch.from_numpy(np.fromfile(path, dtype=np.uint8)), index, ""
+                return torch.from_numpy(encoded_bytes(path)), index, ""
             rgb = np.asarray(load_rgb(path), dtype=np.uint8)
             return torch.from_numpy(rgb.copy()).permute(2, 0, 1), index, ""
         except BadImageError as exc:
@@ -85,8 +96,8 @@ class DeviceDecoder:
     :class:`~pipeline.datasets.images.ImageFiles` batches hold: ``(uint8 [B, 3, S, S] on
     device, indices, errors)``, a zero image where ``errors`` names why."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, device: torch.device):
-        self.paths = [Path(p) for p in paths]
+    def __init__(self, paths: Sequence[ImageRef], preprocess: Preprocess, device: torch.device):
+        self.paths = [as_image_ref(p) for p in paths]
         self.preprocess = preprocess
         self.device = device
         preprocess.tensor_interpolation()  # refuse a filter with no tensor resize up front
@@ -140,7 +151,7 @@ def _decode_jpeg(payloads: list[torch.Tensor], device: torch.device) -> list[tor
         return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
 
 
-def device_image_batches(paths: Sequence[Path], preprocess: Preprocess,
+def device_image_batches(paths: Sequence[ImageRef], preprocess: Preprocess,
                          batches: list[list[int]], num_workers: int, device: torch.device
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """Image batches as :func:`pipeline.extract.image_loader` yields them, decoded on

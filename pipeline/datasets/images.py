@@ -8,9 +8,9 @@ PIL's draft mode. A file that cannot be decoded raises :class:`BadImageError` wi
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
+from .sources import ImageRef, StoredImage, as_image_ref
 
 Image.MAX_IMAGE_PIXELS = 400_000_000  # real food photos are large; still refuse absurd files
 
@@ -30,9 +32,10 @@ class BadImageError(ValueError):
     """An image file that cannot be decoded (missing, empty, truncated, not an image)."""
 
 
-def load_rgb(path: Path | str, draft_size: int | None = None) -> Image.Image:
-    """Open ``path`` fully decoded as RGB; raise :class:`BadImageError` with the reason."""
-    path = Path(path)
+def load_rgb(path: ImageRef | str, draft_size: int | None = None) -> Image.Image:
+    """Open ``path`` (an image file, or a stored image) fully decoded as RGB; raise
+    :class:`BadImageError` with the reason."""
+    path = as_image_ref(path)
     img = open_image(path)
     try:
         if draft_size and img.format == "JPEG":
@@ -43,9 +46,12 @@ def load_rgb(path: Path | str, draft_size: int | None = None) -> Image.Image:
     return to_rgb(img)
 
 
-def open_image(path: Path) -> Image.Image:
+def open_image(path: ImageRef) -> Image.Image:
     """Open ``path`` lazily (header read, pixels not decoded); raise :class:`BadImageError` for
-    a missing, empty or unrecognised file or one over the pixel limit."""
+    a missing, empty or unrecognised file or one over the pixel limit. A stored image is read
+    into memory and opened from there."""
+    if isinstance(path, StoredImage):
+        return _open_stored(path)
     try:
         if path.stat().st_size == 0:
             raise BadImageError(f"{path}: empty file (0 bytes)")
@@ -60,7 +66,25 @@ def open_image(path: Path) -> Image.Image:
     return img
 
 
-def refuse_huge(path: Path, img: Image.Image) -> None:
+def _open_stored(image: StoredImage) -> Image.Image:
+    """:func:`open_image` of an image inside a tar shard or a table."""
+    try:
+        data = image.read()
+    except FileNotFoundError:
+        raise BadImageError(f"{image}: file not found ({image.container})") from None
+    except OSError as exc:
+        raise BadImageError(f"{image}: cannot read ({exc})") from None
+    if not data:
+        raise BadImageError(f"{image}: empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImageError(f"{image}: cannot decode ({exc})") from None
+    refuse_huge(image, img)
+    return img
+
+
+def refuse_huge(path: ImageRef, img: Image.Image) -> None:
     """Raise :class:`BadImageError` for more pixels than ``Image.MAX_IMAGE_PIXELS``.
 
     PIL itself only warns between one and two times the limit; this check is explicit (not a
@@ -192,13 +216,14 @@ def _center_crop_or_pad_tensor(image: torch.Tensor, size: int, fill: tuple[int, 
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decode ``paths[i]`` to ``(uint8 image, index, error message or "")``.
+    """Decode ``paths[i]`` (an image file or a stored image) to ``(uint8 image, index, error
+    message or "")``.
 
     A bad file yields a zero image and its reason instead of raising inside a worker, so the
     caller can apply ``--on-bad-image skip|fail`` with the file name in hand.
     """
 
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess):
+    def __init__(self, paths: Sequence[ImageRef], preprocess: Preprocess):
         self.paths = list(paths)
         self.preprocess = preprocess
 

@@ -1,11 +1,10 @@
-"""Image files -> visual features, batched as extraction batches them: the one image-encoding
+"""Images (files, or stored in tar shards or tables) -> visual features, batched as extraction batches them: the one image-encoding
 path of extraction, end-to-end evaluation (clean or corrupted), prediction and fine-tuning's
 evaluation passes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -14,10 +13,11 @@ from ..core.progress import progress_bar
 from ..datasets.corruptions import CorruptedImageFiles, Corruption
 from ..datasets.device_decode import device_image_batches
 from ..datasets.images import ImageFiles, Preprocess
+from ..datasets.sources import ImageRef
 from ..store import from_storage, to_storage
 
 
-def image_loader(paths: list[Path], data_config: dict[str, Any], batches: list[list[int]],
+def image_loader(paths: list[ImageRef], data_config: dict[str, Any], batches: list[list[int]],
                  num_workers: int, device: torch.device, decode: str = "workers"
                  ) -> Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """``(uint8 images, indices, errors)`` in exactly the row batches given, decoded by the
@@ -31,7 +31,7 @@ def image_loader(paths: list[Path], data_config: dict[str, Any], batches: list[l
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
 
 
-def encode_images(vision, paths: list[Path], batch_size: int, precision: str, dtype: str,
+def encode_images(vision, paths: list[ImageRef], batch_size: int, precision: str, dtype: str,
                   num_workers: int = 2, description: str = "images", decode: str = "workers"
                   ) -> tuple[torch.Tensor, list[str]]:
     """Visual features of ``paths`` as the cache would hold them (cast through ``dtype``).
@@ -79,7 +79,7 @@ def encode_records(vision, records: list, batch_size: int, precision: str, num_w
     return feats[keep], torch.tensor([r.label for r in records], dtype=torch.long)[keep], keep
 
 
-def encode_corrupted(vision, paths: list[Path], keys: list[str], settings: Sequence[Corruption],
+def encode_corrupted(vision, paths: list[ImageRef], keys: list[str], settings: Sequence[Corruption],
                      batch_size: int, precision: str, dtype: str, num_workers: int = 2,
                      description: str = "corrupted images"
                      ) -> Iterator[tuple[Corruption, torch.Tensor, list[str], float]]:
@@ -127,7 +127,7 @@ class ImageSource:
     features equal to the ones a cache (or a fine-tune's evaluation) holds."""
 
     vision: Any  # a VisionBackbone ready for inference
-    paths: list[Path]
+    paths: list[ImageRef]  # image files, or images inside tar shards or tables
     keys: list[str]  # record ids (corruption noise is keyed by them)
     labels: torch.Tensor
     batch_size: int
