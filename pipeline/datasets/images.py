@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -215,15 +215,26 @@ def _center_crop_or_pad_tensor(image: torch.Tensor, size: int, fill: tuple[int, 
     return image[:, top:top + size, left:left + size]
 
 
+ImageInput = Union[ImageRef, str, Image.Image]  # a file, a stored image, or one in memory
+
+
+def decode_input(image: ImageInput, draft_size: int | None = None) -> Image.Image:
+    """An image file decoded as :func:`load_rgb` decodes it, or an in-memory PIL image
+    converted to RGB as :func:`to_rgb` converts it."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    return load_rgb(image, draft_size)
+
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Decode ``paths[i]`` (an image file or a stored image) to ``(uint8 image, index, error
-    message or "")``.
+    """Decode ``paths[i]`` (an image file, a stored image or a PIL image) to ``(uint8 image,
+    index, error message or "")``.
 
     A bad file yields a zero image and its reason instead of raising inside a worker, so the
     caller can apply ``--on-bad-image skip|fail`` with the file name in hand.
     """
 
-    def __init__(self, paths: Sequence[ImageRef], preprocess: Preprocess):
+    def __init__(self, paths: Sequence[ImageInput], preprocess: Preprocess):
         self.paths = list(paths)
         self.preprocess = preprocess
 
@@ -232,7 +243,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         try:
-            img = load_rgb(self.paths[index], draft_size=self.preprocess.scale_size)
+            img = decode_input(self.paths[index], draft_size=self.preprocess.scale_size)
             return self.preprocess(img), index, ""
         except BadImageError as exc:
             size = self.preprocess.size

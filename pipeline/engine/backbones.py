@@ -139,6 +139,9 @@ class VisionBackbone:
     model: nn.Module
     data_config: dict[str, Any]
     description: dict[str, Any] = field(default_factory=dict)
+    # the keyword arguments of ``timm.create_model`` beyond ``num_classes=0`` (a patch model's
+    # ``img_size``): with the model name, what rebuilds the architecture (:func:`timm_backbone`)
+    create_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -571,7 +574,30 @@ def build_vision(spec: VisionSpec, weights_dir: Path | str = "cache/weights") ->
         "model": model_name, "weights": weights, "weights_digest": state_dict_digest(model),
         "data_config": data_config, "finetuned": weights_provenance(meta),
     }
-    return VisionBackbone(model, data_config, description)
+    return VisionBackbone(model, data_config, description, kwargs)
+
+
+def timm_backbone(model_name: str, create_kwargs: dict[str, Any], data_config: dict[str, Any],
+                  state: dict[str, torch.Tensor], where: str) -> VisionBackbone:
+    """A backbone rebuilt from its timm name, creation arguments and saved weights, with no
+    download (``pretrained=False``) and no preprocessing lookup (``data_config`` as saved);
+    ``where`` names the source in errors."""
+    import timm
+
+    if not timm.is_model(model_name):
+        raise BackboneError(f"{where}: timm {timm.__version__} has no model {model_name!r}; "
+                            "install the timm version the model was exported with")
+    model = timm.create_model(model_name, pretrained=False, num_classes=0, **create_kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BackboneError(f"{where}: the saved weights do not fit timm's {model_name!r} "
+                            f"({str(exc).splitlines()[0][:200]}); install the timm version "
+                            "the model was exported with") from None
+    model.eval()
+    description = {"model": model_name, "weights_digest": state_dict_digest(model),
+                   "data_config": data_config}
+    return VisionBackbone(model, data_config, description, dict(create_kwargs))
 
 
 def weights_provenance(meta: dict[str, Any] | None) -> dict[str, Any] | None:

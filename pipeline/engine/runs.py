@@ -108,7 +108,8 @@ def load_finetuned(path: Path | str, device: torch.device, weights_dir: Path | s
                    ) -> tuple[VisionBackbone, HeadsModel, dict[str, Any]]:
     """A checkpoint's backbone (on ``device``, eval mode; ready for inference, its norms
     folded, unless ``inference`` is False), its head and its provenance; ``overrides`` change
-    test-time settings of the head (as ``eval --set``)."""
+    test-time settings of the head (as ``eval --set``; the provenance's ``method_config`` is
+    then the resolved one, and ``eval_overrides`` records them)."""
     from safetensors.torch import load_file
 
     meta = read_checkpoint_meta(path)
@@ -121,10 +122,13 @@ def load_finetuned(path: Path | str, device: torch.device, weights_dir: Path | s
         vision.for_inference()
     _, heads_state = split_checkpoint(load_file(str(path)))
     try:
-        heads, _ = rebuild_heads(meta["head_method"], meta["method_config"], meta["dims"],
-                                 heads_state, str(path), overrides)
+        heads, method_cfg = rebuild_heads(meta["head_method"], meta["method_config"],
+                                          meta["dims"], heads_state, str(path), overrides)
     except ConfigError as exc:
         raise FinetuneError(str(exc)) from exc
+    if overrides:
+        meta = {**meta, "method_config": asdict(method_cfg),
+                "eval_overrides": {k: str(v) for k, v in overrides.items()}}
     return vision, heads.to(device), meta
 
 

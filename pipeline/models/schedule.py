@@ -8,12 +8,60 @@ Timesteps are 1-based, ``t = 1..T``, with ``abar_0 := 1`` (methods §1.3). Table
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> x0_hat
+
+
+class NoiseFeed:
+    """Standard normal draws read from a given tensor instead of drawn from a generator, so
+    that a traced graph (an ONNX export) takes a chain's noise as an input.
+
+    ``noise`` is ``[rows, K]``: each draw of shape ``(rows, *dims)`` takes the next
+    ``prod(dims)`` columns, in the order the chains draw. Pass it where a head takes its
+    ``generator``; :class:`NoiseTally` finds the draws' shapes.
+    """
+
+    def __init__(self, noise: torch.Tensor):
+        self.noise = noise
+        self.offset = 0
+
+    def draw(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The next ``shape`` of noise (``shape[0]`` rows)."""
+        width = math.prod(shape[1:])
+        if self.offset + width > self.noise.shape[1]:
+            raise ValueError(f"the noise input has {self.noise.shape[1]} columns per row; the "
+                             f"chains draw more (the next draw needs {width} from column "
+                             f"{self.offset})")
+        out = self.noise[:, self.offset:self.offset + width].reshape(shape)
+        self.offset += width
+        return out
+
+
+@dataclass
+class NoiseTally:
+    """A stand-in generator that records the per-row shape of every draw (and returns zeros):
+    run a head once with it to learn the noise input its chains need."""
+
+    draws: list[tuple[int, ...]] = field(default_factory=list)
+
+    def draw(self, shape: tuple[int, ...]) -> torch.Tensor:
+        self.draws.append(tuple(shape[1:]))
+        return torch.zeros(shape)
+
+
+NoiseSource = Union[torch.Generator, NoiseFeed, NoiseTally, None]
+
+
+def standard_normal(shape: tuple[int, ...], device: torch.device | str,
+                    generator: NoiseSource = None) -> torch.Tensor:
+    """``N(0, I)`` of ``shape``: from ``generator``, or the next draw of a noise feed."""
+    if isinstance(generator, (NoiseFeed, NoiseTally)):
+        return generator.draw(shape).to(device)
+    return torch.randn(shape, device=device, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -115,18 +163,19 @@ class NoiseSchedule:
     @torch.no_grad()
     def sample(self, denoise: Denoiser, shape: tuple[int, ...], device: torch.device,
                method: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: NoiseSource = None) -> torch.Tensor:
         """Run the reverse chain from ``N(0, I)`` and return ``x_0``.
 
         ``ddpm``: the full ancestral chain T..1 (the paper's sampler). ``ddim``: ``steps``
-        deterministic (eta = 0) or stochastic jumps.
+        deterministic (eta = 0) or stochastic jumps. The noise comes from ``generator``, or
+        from a :class:`NoiseFeed` (an exported graph's noise input).
         """
-        x = torch.randn(shape, device=device, generator=generator)
+        x = standard_normal(shape, device, generator)
         if method == "ddpm":
             for t in range(self.T, 0, -1):
                 tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
                 x0_hat = denoise(x, tt)
-                noise = torch.randn(shape, device=device, generator=generator) if t > 1 else \
+                noise = standard_normal(shape, device, generator) if t > 1 else \
                     torch.zeros(shape, device=device)
                 x = self.ddpm_step(x0_hat, x, tt, noise)
             return x
@@ -137,7 +186,7 @@ class NoiseSchedule:
                 x0_hat = denoise(x, tt)
                 if i == len(ts) - 1:
                     return x0_hat  # the last jump lands on t = 0: x_0 is the prediction
-                noise = torch.randn(shape, device=device, generator=generator) if eta > 0 else None
+                noise = standard_normal(shape, device, generator) if eta > 0 else None
                 x = self.ddim_step(x0_hat, x, t, ts[i + 1], eta, noise)
             return x
         raise ValueError(f"unknown sampler {method!r}; choose ddpm or ddim")

@@ -35,17 +35,18 @@ def rebuild_vision(manifest: dict[str, Any], device: torch.device, weights_dir: 
     return vision.to_runtime(device, manifest["settings"]["channels_last"]).for_inference()
 
 
-def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | None = None,
-                 end_to_end: bool = False, root: Path | str | None = None,
-                 device: str = "auto", num_workers: int = 2,
-                 weights_dir: Path | str = "cache/weights",
-                 log: Callable[[str], None] = print,
-                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Metrics of the run at ``run_dir`` on ``split``; ``end_to_end`` reruns the backbone;
-    ``overrides`` change test-time settings (see :func:`pipeline.train.load_run`)."""
+def run_logits(run_dir: Path | str, split: str = "test", cache: Path | str | None = None,
+               end_to_end: bool = False, root: Path | str | None = None,
+               device: str = "auto", num_workers: int = 2,
+               weights_dir: Path | str = "cache/weights",
+               log: Callable[[str], None] = print, overrides: dict[str, Any] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Logits and labels of the run at ``run_dir`` on ``split`` (the readable images' rows
+    end to end), and its config; diffusion heads sample with the run's seed, over the whole
+    split at once. ``end_to_end`` reruns the backbone on the images; ``overrides`` change
+    test-time settings (see :func:`pipeline.engine.runs.load_run`)."""
     dev = resolve_device(device)
     model, config = load_run(run_dir, dev, overrides)
-    settings = {"overrides": config["eval_overrides"]} if overrides else {}
     fc = run_cache(config, cache)
     generator = torch.Generator(device=dev).manual_seed(config["train"]["seed"])
     chunk = config["train"]["chunk_rows"]
@@ -53,15 +54,27 @@ def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | N
     if end_to_end and features != "visual":
         raise ValueError("an end-to-end evaluation needs a run trained on visual features; "
                          f"this run classifies {features} features")
-    if not end_to_end:
+    if end_to_end:
+        visual, labels = end_to_end_features(fc, split, root, dev, num_workers, weights_dir, log)
+    else:
         data = load_features(fc, split, dev, features, ("visual", "label"))
-        logits = model.predict(data["visual"], generator, chunk)
-        metrics = topk_metrics(logits.float(), data["label"], len(config["class_names"]))
-        return {"split": split, "source": "cache", **settings, **metrics}
-    visual, labels = end_to_end_features(fc, split, root, dev, num_workers, weights_dir, log)
-    logits = model.predict(visual.to(dev), generator, chunk)
-    metrics = topk_metrics(logits.float(), labels.to(dev), len(config["class_names"]))
-    return {"split": split, "source": "images", **settings, **metrics}
+        visual, labels = data["visual"], data["label"]
+    return model.predict(visual.to(dev), generator, chunk), labels.to(dev), config
+
+
+def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | None = None,
+                 end_to_end: bool = False, root: Path | str | None = None,
+                 device: str = "auto", num_workers: int = 2,
+                 weights_dir: Path | str = "cache/weights",
+                 log: Callable[[str], None] = print,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of the run at ``run_dir`` on ``split`` (:func:`run_logits`)."""
+    logits, labels, config = run_logits(run_dir, split, cache, end_to_end, root, device,
+                                        num_workers, weights_dir, log, overrides)
+    settings = {"overrides": config["eval_overrides"]} if overrides else {}
+    metrics = topk_metrics(logits.float(), labels, len(config["class_names"]))
+    return {"split": split, "source": "images" if end_to_end else "cache", **settings,
+            **metrics}
 
 
 def finetuned_features(checkpoint: Path | str, split: str = "test",
@@ -179,5 +192,6 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
     return visual[keep], source.labels[keep]
 
 
-__all__ = ["HeadsModel", "evaluate_finetuned", "evaluate_run", "finetuned_features", "finetuned_logits", "end_to_end_features", "rebuild_vision",
-           "require_same_dataset"]
+__all__ = ["HeadsModel", "evaluate_finetuned", "evaluate_run", "finetuned_features",
+           "finetuned_logits", "end_to_end_features", "rebuild_vision", "require_same_dataset",
+           "run_logits"]

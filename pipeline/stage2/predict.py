@@ -1,9 +1,11 @@
-"""Image-only inference with a trained run: top-k classes with probabilities per image.
+"""Image-only inference: top-k classes with probabilities per image, from a trained run, a
+fine-tuned checkpoint, or a model folder written by ``marnet export``.
 
-The vision backbone the run's cache was made with is rebuilt from the cache manifest (its
-weights digest is checked), the images are decoded and encoded exactly as extraction did (same
-preprocessing, precision and on-disk dtype cast), and the run's heads classify the features.
-Text is never read.
+A run's backbone is the one its cache was made with, rebuilt from the cache manifest (its
+weights digest is checked); a checkpoint holds its own; a model folder holds both backbone and
+head and needs neither cache nor dataset. In every case the images are decoded and encoded as
+the features the head was trained on were (same preprocessing, precision and storage dtype
+cast), so the logits are those ``eval --end-to-end`` gives. Text is never read.
 """
 
 from __future__ import annotations
@@ -11,14 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from ..core.config import require_positive
 from ..datasets.images import BadImageError, load_rgb
-from ..engine.backbones import resolve_device, resolve_precision
-from ..engine.encode import encode_images
-from ..engine.runs import load_finetuned, load_run, run_cache
-from .evaluate import rebuild_vision
+from ..engine.standalone import Classifier, load_classifier, read_model_json, top_classes
+from .export import finetuned_classifier, run_classifier
+
+RUNTIMES = ("torch", "onnx")
 
 
 def check_images(paths: Sequence[Path]) -> None:
@@ -29,54 +29,51 @@ def check_images(paths: Sequence[Path]) -> None:
         load_rgb(path)
 
 
-def top_classes(logits: torch.Tensor, class_names: Sequence[str], topk: int
-                ) -> list[list[dict[str, Any]]]:
-    """Per row, the ``topk`` classes by softmax probability: rank, class, index, probability."""
-    probs = torch.softmax(logits.float(), dim=1)
-    values, indices = probs.topk(min(topk, probs.shape[1]), dim=1)
-    return [[{"rank": rank + 1, "class": class_names[i], "index": i, "probability": p}
-             for rank, (i, p) in enumerate(zip(idx.tolist(), val.tolist()))]
-            for idx, val in zip(indices, values)]
+def load_model(path: Path | str, device: str = "auto", runtime: str = "torch",
+               overrides: dict[str, Any] | None = None) -> Classifier:
+    """The classifier of a model folder (``marnet export``): ``.predict(images, topk=5)``
+    gives the top-k classes per image, ``.logits(images)`` the logits; images are file paths
+    or PIL images. ``runtime="onnx"`` runs its ``model.onnx`` with onnxruntime on the CPU
+    instead of PyTorch; ``overrides`` change the sampling chains' test-time settings
+    (PyTorch only)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime takes {' or '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "torch":
+        return load_classifier(path, device, overrides)
+    from ..engine.onnx_graph import OnnxClassifier
+
+    if overrides:
+        raise ValueError("the ONNX graph's sampling chain is fixed at export: export again "
+                         "with --set to change it")
+    return OnnxClassifier(path, read_model_json(path))
 
 
 def predict_images(run_dir: Path | str | None, images: Sequence[Path | str], topk: int = 5,
                    device: str = "auto", num_workers: int = 0,
                    weights_dir: Path | str = "cache/weights", cache: Path | str | None = None,
-                   finetuned: Path | str | None = None) -> list[dict[str, Any]]:
+                   finetuned: Path | str | None = None, model: Path | str | None = None,
+                   runtime: str = "torch") -> list[dict[str, Any]]:
     """``[{"image": path, "predictions": [{rank, class, index, probability}, ...]}, ...]``
-    with a trained run (its cache's backbone) or a fine-tuned checkpoint (``finetuned``: its
-    own backbone and head)."""
+    with a trained run (its cache's backbone), a fine-tuned checkpoint (``finetuned``: its
+    own backbone and head) or a model folder (``model``; ``runtime="onnx"`` runs its ONNX
+    graph)."""
     require_positive("--topk", topk)
     paths = [Path(p) for p in images]
     if not paths:
         raise BadImageError("no images given")
-    if (run_dir is None) == (finetuned is None):
-        raise ValueError("pass either --run RUN or --finetuned CKPT")
+    if sum(source is not None for source in (run_dir, finetuned, model)) != 1:
+        raise ValueError("pass one of --run RUN, --finetuned CKPT or --model DIR")
+    if runtime != "torch" and model is None:
+        raise ValueError("--onnx runs a model folder's ONNX graph: pass --model DIR")
     check_images(paths)
-    dev = resolve_device(device)
-    if finetuned is not None:
-        vision, model, meta = load_finetuned(finetuned, dev, weights_dir)
-        encoding = {"batch_size": meta["batch_size"], "precision": resolve_precision("auto", dev),
-                    "dtype": "float32", "decode": "workers"}
-        class_names, seed, chunk = meta["class_names"], meta["seed"], 8192
+    classifier: Classifier
+    if model is not None:
+        classifier = load_model(model, device, runtime)
+    elif finetuned is not None:
+        classifier = finetuned_classifier(finetuned, device, weights_dir)
     else:
-        model, config = load_run(run_dir, dev)
-        fc = run_cache(config, cache)
-        vision = rebuild_vision(fc.manifest, dev, weights_dir)
-        settings = fc.manifest["settings"]
-        encoding = {"batch_size": settings["batch_size"], "precision": settings["precision"],
-                    "dtype": fc.manifest["dtype"], "decode": settings.get("decode", "workers")}
-        class_names, seed = config["class_names"], config["train"]["seed"]
-        chunk = config["train"]["chunk_rows"]
-    visual, errors = encode_images(vision, paths, encoding["batch_size"], encoding["precision"],
-                                   encoding["dtype"], num_workers, "images", encoding["decode"])
-    bad = [e for e in errors if e]
-    if bad:
-        raise BadImageError(f"cannot read {bad[0]}")
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    logits = model.predict(visual.to(dev), generator, chunk)
-    return [{"image": str(path), "predictions": top}
-            for path, top in zip(paths, top_classes(logits, class_names, topk))]
+        classifier = run_classifier(run_dir, cache, device, weights_dir)
+    return classifier.predict(paths, topk, num_workers)
 
 
-__all__ = ["predict_images", "top_classes"]
+__all__ = ["load_model", "predict_images", "top_classes"]

@@ -74,6 +74,17 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0
     return nn.functional.pad(emb, (0, dim % 2))
 
 
+def row_chunks(rows: int, chunk_rows: int) -> list[slice]:
+    """The row slices ``[0, c), [c, 2c), ...`` of ``rows`` rows, ``c = chunk_rows``: one
+    ``slice(None)`` when they fit in one chunk, so that a traced graph (an ONNX export) keeps
+    its batch size symbolic instead of looping over it; none for no rows."""
+    if rows == 0:
+        return []
+    if rows <= chunk_rows:
+        return [slice(None)]
+    return [slice(start, start + chunk_rows) for start in range(0, rows, chunk_rows)]
+
+
 class MLP(nn.Module):
     """``layers`` linear layers with SiLU between them (MARNet: "an MLP of four linear layers")."""
 

@@ -13,7 +13,7 @@ from torch import nn
 from ...core.config import ConfigError, require_choice, require_positive, require_range
 from ..losses import feature_mse
 from ..schedule import NoiseSchedule, ScheduleConfig
-from .common import MLP, ConditionalDenoiser
+from .common import MLP, ConditionalDenoiser, row_chunks
 from .contract import Batch, Dims
 
 SAMPLERS = ("ddpm", "ddim")
@@ -68,9 +68,9 @@ def generate_chunked(schedule: NoiseSchedule, denoiser: ConditionalDenoiser, con
     condition's share of the denoiser computed once per chunk:
     :meth:`ConditionalDenoiser.conditioned`)."""
     parts = []
-    for start in range(0, len(cond), chunk_rows):
-        c = cond[start:start + chunk_rows]
-        parts.append(schedule.sample(denoiser.conditioned(c), (len(c), out_dim),
+    for rows in row_chunks(cond.shape[0], chunk_rows):
+        c = cond[rows]
+        parts.append(schedule.sample(denoiser.conditioned(c), (c.shape[0], out_dim),
                                      cond.device, method, steps, eta, generator))
     return torch.cat(parts) if parts else cond.new_zeros(0, out_dim)
 

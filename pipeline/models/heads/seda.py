@@ -45,6 +45,7 @@ from .common import (
     ConditionalDenoiser,
     ProjectionEncoder,
     ScheduleOwner,
+    row_chunks,
     sinusoidal_embedding,
     val_top1,
 )
@@ -347,9 +348,8 @@ class SemanticTranslator(ScheduleOwner):
         cfg = self.cfg
         schedule = self.schedule_on(z.device)
         mapped, generated = [], []
-        for begin in range(0, len(z), chunk_rows):
-            chain = TranslatorChain(self.pfin, z[begin:begin + chunk_rows],
-                                    self.pfin_cfg.recurrent)
+        for rows in row_chunks(z.shape[0], chunk_rows):
+            chain = TranslatorChain(self.pfin, z[rows], self.pfin_cfg.recurrent)
             generated.append(schedule.sample(chain, tuple(chain.start.shape), z.device,
                                              method or cfg.sampler, steps or cfg.steps, cfg.eta,
                                              generator))
