@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from marnet.cli import app
@@ -105,21 +106,28 @@ def test_stage_two_refuses_incomplete_mismatched_and_unexpected_caches(tiny_cach
     assert 'text.pooling: run "mean", cache "cls"' in out and "weights_digest" not in out
 
 
+@pytest.mark.parametrize("damage", ["overwrite", "truncate-last"])
 def test_verify_repair_drops_damaged_shards_and_extract_rewrites_only_those(
-        tiny_cache, synth_root, make_extract_config, tmp_path):
+        tiny_cache, synth_root, make_extract_config, tmp_path, damage):
+    """Damaged values in a full shard, or the split's last, partial shard cut short (its
+    rewrite fills a partial chunk, which reads the old bytes unless repair deleted them)."""
     from marnet.pipeline.stage1.extract import extract
 
     copy = _copy(tiny_cache, tmp_path / "cache" / "synthfood" / tiny_cache.name)
-    shard = copy / "features.zarr" / "train" / "visual" / "c" / "1" / "0"
+    index = 1 if damage == "overwrite" else len(list((copy / "shards" / "train").glob("*.json"))) - 1
+    shard = copy / "features.zarr" / "train" / "visual" / "c" / str(index) / "0"
     data = bytearray(shard.read_bytes())
-    data[100:110] = bytes(10)  # damage a few stored values of train shard 1
+    if damage == "overwrite":
+        data[100:110] = bytes(10)  # damage a few stored values of train shard 1
+    else:
+        data = data[: len(data) // 2]
     shard.write_bytes(bytes(data))
     records = {str(p.relative_to(copy)): p.read_text() for p in (copy / "shards").rglob("*.json")}
 
     out = _run("cache", "verify", copy, code=1)
-    assert "shard 1 of train/visual" in out and "does not match the checksum" in out
+    assert f"shard {index} of train/visual" in out
     out = _run("cache", "verify", copy, "--repair", code=1)
-    assert "dropped 1 damaged shards (train/1)" in out and "marnet extract" in out
+    assert f"dropped 1 damaged shards (train/{index})" in out and "marnet extract" in out
     assert not FeatureCache(copy).complete
     assert "incomplete" in _run("cache", "verify", copy, code=1)
 
@@ -130,7 +138,7 @@ def test_verify_repair_drops_damaged_shards_and_extract_rewrites_only_those(
     assert "ok" in _run("cache", "verify", copy)
     after = {str(p.relative_to(copy)): p.read_text() for p in (copy / "shards").rglob("*.json")}
     rewritten = {name for name in records if after[name] != records[name]}
-    assert rewritten == {"shards/train/00001.json"}  # every other shard was kept as it was
+    assert rewritten == {f"shards/train/{index:05d}.json"}  # every other shard kept as it was
     original, repaired = FeatureCache(tiny_cache), FeatureCache(copy)
     for split in original.splits:
         assert np.array_equal(original.read_numpy(split, "visual"),

@@ -511,6 +511,16 @@ class FeatureCache:
                 return shard["index"]
         return None
 
+    def discard_shard_data(self, split: str, index: int) -> None:
+        """Delete the stored data of shard ``index`` of ``split`` (every field), so that the
+        next extraction writes it from scratch: a writer that fills a partial chunk reads the
+        old bytes first, and damaged ones fail that read. Only for a shard whose commit record
+        is gone (:func:`~marnet.pipeline.store.manage.repair_cache`)."""
+        fields = self.manifest["splits"][split]["fields"]
+        for field, spec in fields.items():
+            Path(self.backend.shard_file(split, field, index, len(spec["shape"]))).unlink(
+                missing_ok=True)
+
     def _damaged(self, split: str, field: str, index: int | None, what: str) -> DamagedShard:
         """The error for a damaged shard: which file, what is wrong, how to repair it."""
         row_ndim = len(self.manifest["splits"][split]["fields"][field]["shape"])

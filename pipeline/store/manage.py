@@ -47,9 +47,9 @@ def remove_cache(path: Path | str) -> None:
 
 def repair_cache(path: Path | str, on_shard: Callable[[], None] | None = None
                  ) -> tuple[list[str], list[tuple[str, int]]]:
-    """Verify a cache and make it resumable where it is damaged: drop the commit record of
-    every shard that fails its checks, so that running its ``marnet extract`` again rewrites
-    those shards and nothing else.
+    """Verify a cache and make it resumable where it is damaged: drop the commit record and
+    the stored data of every shard that fails its checks, so that running its ``marnet
+    extract`` again rewrites those shards and nothing else.
 
     The cache is marked incomplete (stage two refuses it until the extraction has run) when a
     shard was dropped or the manifest's shard lists disagree with the records. Holds the lock
@@ -66,6 +66,7 @@ def repair_cache(path: Path | str, on_shard: Callable[[], None] | None = None
         # "incomplete" cache whose damaged shards still look committed to extract
         for split, index in damaged:
             record_path(root, split, index).unlink(missing_ok=True)
+            cache.discard_shard_data(split, index)
         if cache.complete and problems:
             manifest = {k: v for k, v in cache.manifest.items() if k != "completed"}
             write_json_atomic(root / MANIFEST, {**manifest, "status": "incomplete",
