@@ -8,11 +8,12 @@ nothing of models or caches.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..core.defaults import DEFAULT_TEMPLATE
 from .sources import FINGERPRINT_BYTES, ImageRef, StoredImage
@@ -250,6 +251,21 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
         if line:
             out.append((line_no, line))
     return out
+
+
+def jsonl_objects(path: Path, keys: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line_no, object)`` per non-empty line of a JSONL file; a line that is not one JSON
+    object is an error naming the file and line (``keys``: what the object should hold)."""
+    for line_no, line in read_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise at_line(path, line_no, f"expected one JSON object per line ({exc.msg} at "
+                          f"column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise at_line(path, line_no, f"expected a JSON object with {keys}, found "
+                          f"{type(row).__name__}")
+        yield line_no, row
 
 
 def read_names(path: Path, what: str, on_duplicate: str = "fail") -> list[str]:

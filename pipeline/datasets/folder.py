@@ -37,7 +37,7 @@ from .base import (
     UniqueIds,
     at_line,
     case_only_groups,
-    read_lines,
+    jsonl_objects,
     read_names,
     read_text,
     render_text,
@@ -114,16 +114,8 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line_no, object)`` per non-empty JSONL line."""
-    for line_no, line in read_lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise at_line(path, line_no, f"expected one JSON object per line ({exc.msg} at "
-                          f"column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise at_line(path, line_no, f"expected a JSON object with keys "
-                          f"{', '.join(REQUIRED_COLUMNS + TEXT_COLUMNS)}, found "
-                          f"{type(row).__name__}")
+    keys = f"keys {', '.join(REQUIRED_COLUMNS + TEXT_COLUMNS)}"
+    for line_no, row in jsonl_objects(path, keys):
         _require_columns(path, line_no, list(row))
         yield line_no, row
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -39,7 +38,7 @@ from .base import (
     DatasetError,
     DatasetInfo,
     at_line,
-    read_lines,
+    jsonl_objects,
     read_text,
     require_root,
 )
@@ -86,17 +85,7 @@ def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
 
 
 def _jsonl_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    rows: list[tuple[int, dict[str, Any]]] = []
-    for line_no, line in read_lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise at_line(path, line_no, f"expected one JSON object per line ({exc.msg} at "
-                          f"column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise at_line(path, line_no, f"expected a JSON object with file_name, found "
-                          f"{type(row).__name__}")
-        rows.append((line_no, row))
+    rows = list(jsonl_objects(path, "file_name"))
     return list(dict.fromkeys(key for _, row in rows for key in row)), rows
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..datasets import DatasetInfo, load_dataset
+from ..datasets import DatasetInfo, Record, load_dataset
 from ..engine.backbones import VisionSpec, build_vision, resolve_device, resolve_precision
 from ..engine.encode import ImageSource, readable
 from ..engine.runs import load_run, run_cache
@@ -94,6 +94,22 @@ def finetuned_features(checkpoint: Path | str, split: str = "test",
     return heads, visual[keep].to(dev), source.labels[keep].to(dev), meta
 
 
+def trained_split(name: str, root: Path | str, template: str, options: dict[str, Any],
+                  digest: str, trained: str, split: str) -> list[Record]:
+    """The records of ``split`` of the dataset ``trained`` (a checkpoint, a model) was trained
+    on: read again from ``root`` and refused unless its digest is the one recorded (the same
+    records, wherever the root now is)."""
+    info = load_dataset(name, root, template, **options)
+    if info.digest() != digest:
+        raise CacheError(f"the dataset at {info.root} is not the one {trained} was trained "
+                         "on (split files, labels, texts or image paths differ); pass --root "
+                         "with that dataset")
+    if split not in info.splits:
+        raise CacheError(f"split {split!r} is not in dataset {name} "
+                         f"(it has {', '.join(info.splits)})")
+    return info.splits[split]
+
+
 def finetuned_image_source(checkpoint: Path | str, split: str, root: Path | str | None,
                            device: torch.device, num_workers: int, weights_dir: Path | str,
                            overrides: dict[str, Any] | None = None
@@ -104,15 +120,9 @@ def finetuned_image_source(checkpoint: Path | str, split: str, root: Path | str 
 
     vision, heads, meta = load_finetuned(checkpoint, device, weights_dir, overrides)
     source = meta["source"]
-    info = load_dataset(meta["dataset"], root or source["root"], meta["template"],
-                        **source.get("options", {}))
-    if info.digest() != meta["dataset_digest"]:
-        raise CacheError(f"the dataset at {info.root} is not the one {checkpoint} was trained "
-                         "on (split files, labels, texts or image paths differ); pass --root "
-                         "with that dataset")
-    if split not in info.splits:
-        raise CacheError(f"split {split!r} is not in dataset {meta['dataset']}")
-    records = info.splits[split]
+    records = trained_split(meta["dataset"], root or source["root"], meta["template"],
+                            source.get("options", {}), meta["dataset_digest"], str(checkpoint),
+                            split)
     precision = resolve_precision(meta.get("precision", "auto"), device)
     return heads, ImageSource(vision, [r.image for r in records], [r.id for r in records],
                               torch.tensor([r.label for r in records], dtype=torch.long),

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..datasets import load_dataset
 from ..engine.backbones import resolve_device, weights_provenance
 from ..engine.onnx_graph import OnnxClassifier, agreement, check_graph, export_onnx
 from ..engine.runs import load_finetuned, load_run, run_cache
@@ -29,8 +28,7 @@ from ..engine.standalone import (
     save_classifier,
     write_model_json,
 )
-from ..store import CacheError
-from .evaluate import rebuild_vision
+from .evaluate import rebuild_vision, trained_split
 
 
 def run_classifier(run_dir: Path | str, cache: Path | str | None = None,
@@ -89,16 +87,9 @@ def split_images(dataset: dict[str, Any], split: str, root: Path | str | None = 
                  ) -> list[Path]:
     """The image files of ``split`` of the dataset a model was trained on (its digest must
     match: the same records, wherever the root now is)."""
-    info = load_dataset(dataset["name"], root or dataset["root"], dataset["template"],
-                        **(dataset.get("options") or {}))
-    if info.digest() != dataset["digest"]:
-        raise CacheError(f"the dataset at {info.root} is not the one the model was trained "
-                         "on (split files, labels, texts or image paths differ); pass --root "
-                         "with that dataset")
-    if split not in info.splits:
-        raise CacheError(f"split {split!r} is not in dataset {dataset['name']} "
-                         f"(it has {', '.join(info.splits)})")
-    return [record.image for record in info.splits[split]]
+    records = trained_split(dataset["name"], root or dataset["root"], dataset["template"],
+                            dataset.get("options") or {}, dataset["digest"], "the model", split)
+    return [record.image for record in records]
 
 
 def folder_bytes(path: Path | str) -> int | None:
