@@ -280,3 +280,18 @@ def test_without_a_val_split_selection_holds_out_train_never_test(tmp_path, writ
     assert len(train) + len(val) == len(info.splits["train"]) and "held out" in how
     ids = [r.id for r in info.splits["train"]]
     assert [ids[i] for i in rows["text"].tolist()] == [r.id for r in train]
+
+
+def test_seda_cross_fits_and_refits_after_the_backbone_is_frozen(synth_root, tiny_cache,
+                                                                  tmp_path):
+    """End to end, SeDA's DSL trains with the backbone; the fold DSLs of ``dsl.cross_fit``, DST
+    and the ``C_f`` refit train on the frozen backbone's features afterwards."""
+    settings = {"dsl.cross_fit": 2, "dst.classifier_input": "v+m+s", "dst.refit_samples": 2}
+    finetune(_cfg(synth_root, tmp_path, "seda", tiny_cache, settings=settings),
+             log=lambda _: None)
+    saved = read_checkpoint_meta(tmp_path / "seda.safetensors")
+    stages = [r["stage"] for r in saved["head_stages"]]
+    assert stages == [s for s in ("dsl-fold0", "dsl-fold1", "dst+pfin", "classifier")
+                      for _ in range(2)]
+    tuned = load_file(str(tmp_path / "seda.safetensors"))
+    assert not any(".fold" in k for k in tuned)  # fold DSLs are not part of the network
