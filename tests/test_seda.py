@@ -247,6 +247,13 @@ def test_cross_fitting_gives_each_train_row_z_from_a_dsl_that_never_saw_it(tiny_
         run_stage(stage, tr, cfg, ctx, "fp32", lambda _: None)
     state = stages[4].prepare()
     z_fold = state["z_fold"]
+    # the stage's diagnostics read the out-of-fold z it hands stage 2, and val's z
+    centres = model.head.dsl.centres
+    hit = lambda z, y: 100 * (torch.cdist(z, centres).argmin(1) == y).float().mean().item()  # noqa: E731
+    val_z = model.head.semantic(va["visual"], ctx.eval_generator(), ctx.chunk_rows)
+    assert stages[4].diagnostics(state) == pytest.approx(
+        {"z_top1_train": hit(state["z"], tr["label"]), "z_top1_val": hit(val_z, va["label"])},
+        abs=1e-3)
     assert set(z_fold.tolist()) == {0, 1, 2} and torch.isfinite(state["z"]).all()
     for row, fold in enumerate(z_fold.tolist()):
         name = f"dsl-fold{fold}"

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..core.defaults import DEFAULT_TEMPLATE
-from .sources import FINGERPRINT_BYTES, ImageRef, StoredImage
+from .sources import (
+    FINGERPRINT_BYTES,
+    ImageRef,
+    StoredImage,
+    tail_start,
+    window_fingerprint,
+)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -139,13 +145,12 @@ def image_fingerprint(path: Path | str) -> str:
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            h = hashlib.blake2b(fh.read(FINGERPRINT_BYTES), digest_size=16)
-            if size > FINGERPRINT_BYTES:
-                fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-                h.update(fh.read(FINGERPRINT_BYTES))
+            head = fh.read(FINGERPRINT_BYTES)
+            fh.seek(tail_start(size))
+            tail = fh.read(FINGERPRINT_BYTES) if size > FINGERPRINT_BYTES else b""
     except OSError:
         return "missing"
-    return f"{size}:{h.hexdigest()}"
+    return window_fingerprint(size, head, tail)
 
 
 def any_fingerprint(image: ImageRef | str) -> str:

@@ -55,12 +55,8 @@ def _filesystem(url: str):
 
 
 def read_text(root: Path | str, name: str) -> str:
-    """The text of ``root/name`` (``FileNotFoundError`` when it does not exist)."""
-    if not is_url(root):
-        return Path(root, name).read_text()
-    fs, path = _filesystem(join(root, name))
-    with fs.open(path, "rt") as fh:
-        return fh.read()
+    """The text of ``root/name``, UTF-8 (``FileNotFoundError`` when it does not exist)."""
+    return read_bytes(root, name).decode("utf-8")
 
 
 def read_bytes(root: Path | str, name: str) -> bytes:
