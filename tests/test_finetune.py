@@ -11,13 +11,15 @@ from marnet.pipeline.core.config import ConfigError
 from marnet.pipeline.engine.backbones import VisionSpec, build_vision, read_checkpoint_meta
 from marnet.pipeline.engine.runs import FinetuneError, load_finetuned
 from marnet.pipeline.engine.training import HeadsModel
-from marnet.pipeline.models.heads import Dims, SplitData, TrainContext
+from marnet.pipeline.models.heads import Dims, SplitData, TrainContext, method_config
 from marnet.pipeline.stage1.extract import extract
 from marnet.pipeline.stage1.finetune import (
+    END_TO_END_DEFAULTS,
     FINETUNE_METHODS,
     EndToEnd,
     FinetuneConfig,
     finetune,
+    finetune_settings,
     trainable_prefix,
 )
 from marnet.pipeline.stage2.evaluate import finetuned_logits
@@ -34,7 +36,37 @@ METHOD_CASES = [(m, None, {}) for m in FINETUNE_METHODS if m != "team"] + [
     ("marnet", row, {}) for row in ("ema", "mlp", "cdr")] + [
     ("marnet", None, {"joint": True}), ("seda", None, {"joint": True}),
     ("seda", None, {"variant": "dst-only"}), ("seda", None, {"variant": "dsl-only"}),
-    ("seda", None, {"variant": "one-step"})]
+    ("seda", None, {"variant": "one-step"}), ("seda", None, {"dsl.visual_ce": 0.0})]
+
+
+def test_seda_fine_tunes_with_its_end_to_end_defaults_unless_set_otherwise():
+    """When a backbone trains, SeDA's DSL has R-3 step 1's visual classifier on and its
+    prototype temperature is the semantic dim; on cached features neither; --set wins."""
+    def dsl(**settings):
+        cfg = FinetuneConfig(dataset="synthfood", root=".", out="x", method="seda",
+                             settings=settings)
+        return cfg.head()[1].dsl
+
+    assert (dsl().visual_ce, dsl().tau_c) == (1.0, None)
+    assert dsl(**{"dsl.visual_ce": 0.0}).visual_ce == 0.0
+    assert dsl(**{"dsl.visual_ce": 2.5, "dsl.tau_c": 1.0}).tau_c == 1.0
+    on_cache = method_config("seda", {}).dsl
+    assert (on_cache.visual_ce, on_cache.tau_c) == (0.0, 1.0)
+    ce = FinetuneConfig(dataset="synthfood", root=".", out="x", method="ce").head()[1]
+    assert not hasattr(ce, "dsl")
+
+
+def test_a_changed_default_changes_the_settings_a_fine_tune_is_reused_by(monkeypatch):
+    """``ablate --finetune`` reuses a fine-tune with equal settings: they hold the method's
+    resolved config, so a run made under other defaults is trained again."""
+    cfg = FinetuneConfig(dataset="synthfood", root=".", out="x", method="seda")
+    before = finetune_settings(cfg)
+    assert before["method_config"]["dsl"]["visual_ce"] == 1.0
+    monkeypatch.setitem(END_TO_END_DEFAULTS, "seda", {})
+    after = finetune_settings(cfg)
+    assert after["method_config"]["dsl"]["visual_ce"] == 0.0
+    assert {k: v for k, v in after.items() if k != "method_config"} == {
+        k: v for k, v in before.items() if k != "method_config"}
 
 
 def _cfg(synth_root, tmp_path, method, cache=None, **changes):

@@ -56,7 +56,8 @@ def test_plot_run_writes_figures_and_the_data_behind_them(tiny_cache, tmp_path, 
     final = confidence["branches"][branches[-1]]
     assert final["top1"] == pytest.approx(results["test"]["top1"], abs=1e-3)
     curves = json.loads((out / "curves.json").read_text())
-    stages = ["ema+cdr", "fusion"] if method == "marnet" else ["dsl", "dst+pfin"]
+    stages = (["ema+cdr", "fusion"] if method == "marnet" else
+              ["dsl", *(f"dsl-fold{k}" for k in range(5)), "dst+pfin", "classifier"])
     assert curves == read_curves(run / "metrics.jsonl") and list(curves) == stages
     assert curves[stages[0]]["epoch"] == [1] and len(curves[stages[0]]["loss"]) == 1
     assert report["files"] == sorted(str(out / name) for name in FILES)

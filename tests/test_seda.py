@@ -157,7 +157,8 @@ def test_only_stage_2_reads_text_and_dsl_learns_exact_centres(tiny_cache):
     cache = FeatureCache(tiny_cache)
     train, val = cache.load_split("train"), cache.load_split("val")
     dims = Dims(cache.dim("visual"), cache.dim("text"), 4)
-    model = HeadsModel("seda", method_config("seda", {**SMALL, "dst.refit_samples": 2}), dims)
+    model = HeadsModel("seda", method_config("seda", {**SMALL, "dst.refit_samples": 2,
+                                                             "dsl.cross_fit": 1}), dims)
     model.norm_visual.fit(train["visual"])
     model.norm_text.fit(train["text"])
     norm = lambda d: SplitData({"visual": model.norm_visual(d["visual"]),
@@ -184,15 +185,21 @@ def test_only_stage_2_reads_text_and_dsl_learns_exact_centres(tiny_cache):
     assert torch.isfinite(model.predict(val["visual"], torch.Generator().manual_seed(0))).all()
 
 
+AS_WRITTEN = {"dsl.cross_fit": 1, "dst.classifier_input": "m+s", "dst.refit_samples": 0}
+FOLDS = [f"dsl-fold{k}" for k in range(5)]
+
+
 @pytest.mark.parametrize("overrides,stages", [
-    ({"variant": "full"}, ["dsl", "dst+pfin"]),
-    ({"variant": "full", "pfin.recurrent": True, "dst.classifier_input": "v+m+s",
-      "dsl.lambda_h": 0.5}, ["dsl", "dst+pfin"]),
-    ({"variant": "full", "dst.refit_samples": 2}, ["dsl", "dst+pfin", "classifier"]),
+    ({"variant": "full"}, ["dsl", *FOLDS, "dst+pfin", "classifier"]),
+    ({"variant": "full", **AS_WRITTEN}, ["dsl", "dst+pfin"]),
+    ({"variant": "full", "pfin.recurrent": True, "dsl.lambda_h": 0.5, "dsl.cross_fit": 1,
+      "dst.refit_samples": 0}, ["dsl", "dst+pfin"]),
+    ({"variant": "full", "dst.refit_samples": 2, "dsl.cross_fit": 1},
+     ["dsl", "dst+pfin", "classifier"]),
     ({"variant": "one-step"}, ["one-step"]),
-    ({"variant": "dst-only"}, ["dst+pfin"]),
+    ({"variant": "dst-only"}, ["dst+pfin", "classifier"]),
     ({"variant": "dsl-only"}, ["dsl"]),
-    ({"variant": "no-pfin"}, ["dsl", "dst"]),
+    ({"variant": "no-pfin", **AS_WRITTEN}, ["dsl", "dst"]),
 ])
 def test_each_variant_trains_and_predicts_from_visual_only(tiny_cache, tmp_path, overrides,
                                                            stages):
@@ -231,7 +238,8 @@ def test_cross_fitting_gives_each_train_row_z_from_a_dsl_that_never_saw_it(tiny_
     model, tr, va = _seda_splits(tiny_cache, {"dsl.cross_fit": 3})
     ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
     stages = model.head.stages(tr, va, ctx)
-    assert [s.name for s in stages] == ["dsl", "dsl-fold0", "dsl-fold1", "dsl-fold2", "dst+pfin"]
+    assert [s.name for s in stages] == ["dsl", "dsl-fold0", "dsl-fold1", "dsl-fold2", "dst+pfin",
+                                       "classifier"]
     row_of = {tuple(v.tolist()): i for i, v in enumerate(tr["visual"])}
     seen: dict[str, set[int]] = {}
     for stage in stages[1:4]:  # record the rows each fold DSL is trained on, batch by batch
@@ -269,18 +277,25 @@ def test_cross_fitting_gives_each_train_row_z_from_a_dsl_that_never_saw_it(tiny_
     assert not any(k.startswith("fold") for k in model.head.state_dict())
 
 
-def test_cross_fit_one_is_todays_seda_and_others_are_refused_where_they_do_nothing(tiny_cache,
-                                                                                   tmp_path):
+def test_cross_fit_defaults_to_five_folds_where_stage_two_reads_z_and_one_is_r2_as_written(
+        tiny_cache, tmp_path):
     _, tr, va = _seda_splits(tiny_cache, {})
     ctx = TrainContext(torch.device("cpu"), torch.Generator().manual_seed(0))
-    for overrides in ({}, {"dsl.cross_fit": 1}):
-        model, _, _ = _seda_splits(tiny_cache, overrides)
-        assert [s.name for s in model.head.stages(tr, va, ctx)] == ["dsl", "dst+pfin"]
-    cfg = TrainConfig(epochs=1, batch_size=8, device="cpu")
-    default = train_heads(tiny_cache, "seda", tmp_path / "a", SMALL, cfg, log=lambda _: None)
-    one = train_heads(tiny_cache, "seda", tmp_path / "b", {**SMALL, "dsl.cross_fit": 1}, cfg,
-                      log=lambda _: None)
-    assert default["val"] == one["val"] and default["test"] == one["test"]
+    names = lambda overrides: [s.name for s in  # noqa: E731
+                               _seda_splits(tiny_cache, overrides)[0].head.stages(tr, va, ctx)]
+    assert names({}) == ["dsl", *FOLDS, "dst+pfin", "classifier"]
+    assert names({"dsl.cross_fit": 1}) == ["dsl", "dst+pfin", "classifier"]
+    assert names(AS_WRITTEN) == ["dsl", "dst+pfin"]
+    for overrides in ({"joint": True}, {"variant": "dsl-only"}, {"variant": "dst-only"}):
+        assert method_config("seda", overrides).cross_fit_folds == 1  # nothing reads train z
+    # K = 1 hands stage 2 the z of the DSL fitted on all rows, as the reconstruction does
+    model, tr, va = _seda_splits(tiny_cache, AS_WRITTEN)
+    dsl_stage, dst_stage = model.head.stages(tr, va, ctx)
+    run_stage(dsl_stage, tr, TrainConfig(epochs=1, batch_size=8), ctx, "fp32", lambda _: None)
+    before = torch.Generator().set_state(ctx.generator.get_state())
+    state = dst_stage.prepare()
+    assert set(state) == {"z"}
+    assert torch.equal(state["z"], model.head.semantic(tr["visual"], before, ctx.chunk_rows))
     for bad in ({"dsl.cross_fit": 2, "joint": True}, {"dsl.cross_fit": 2, "variant": "dsl-only"},
                 {"dsl.cross_fit": 0}):
         with pytest.raises(ValueError, match="cross_fit"):
@@ -308,3 +323,48 @@ def test_a_run_records_how_well_z_classifies_train_val_and_test(tiny_cache, tmp_
     expected = 100 * (nearest == torch.as_tensor(test["label"])).float().mean().item()
     assert results["test"]["diagnostics"]["z_top1"] == pytest.approx(expected, abs=1e-3)
     assert 0 <= results["diagnostics"]["dst+pfin"]["z_top1_train"] <= 100
+
+
+def test_visual_ce_adds_a_class_signal_on_the_visual_feature_and_nothing_else(tiny_cache):
+    """``dsl.visual_ce = w`` adds ``w * CE(W x_v, y)`` to the DSL's loss: the same draw gives
+    the R-1 loss plus that term, and the gradient reaching ``x_v`` (end to end: the backbone)
+    gains exactly w times the CE's. Without it the DSL has no such head."""
+    plain, tr, _ = _seda_splits(tiny_cache, {})
+    assert plain.head.dsl.visual_head is None
+    aided, _, _ = _seda_splits(tiny_cache, {"dsl.visual_ce": 0.5})
+    aided.head.dsl.load_state_dict(plain.head.dsl.state_dict(), strict=False)
+    plain.head.dsl.fit_centres(tr["visual"], tr["label"])
+    aided.head.dsl.fit_centres(tr["visual"], tr["label"])
+    schedule = plain.head.dsl.schedule
+    batch = {"visual": tr["visual"][:16].clone().requires_grad_(), "label": tr["label"][:16]}
+    grads = []
+    for head in (plain.head.dsl, aided.head.dsl):
+        loss, parts = head.loss(batch, schedule, torch.Generator().manual_seed(4))
+        grads.append(torch.autograd.grad(loss, batch["visual"])[0])
+        totals = (loss, parts)
+    ce = torch.nn.functional.cross_entropy(aided.head.dsl.visual_head(batch["visual"]),
+                                           batch["label"])
+    plain_loss = plain.head.dsl.loss(batch, schedule, torch.Generator().manual_seed(4))[0]
+    assert torch.allclose(totals[0], plain_loss + 0.5 * ce, rtol=1e-6)
+    assert torch.allclose(totals[1]["dsl_visual_ce"], ce.detach())
+    ce_grad = torch.autograd.grad(ce, batch["visual"])[0]
+    assert torch.allclose(grads[1], grads[0] + 0.5 * ce_grad, atol=1e-6)
+    with pytest.raises(ValueError, match="visual_ce"):
+        method_config("seda", {"dsl.visual_ce": -1.0})
+
+
+def test_tau_c_none_is_the_semantic_dim(tiny_cache):
+    """``dsl.tau_c = none`` divides the squared centre distances by ``d_z = d_v`` (the prototype
+    logits per dimension); a given value is used as is, and a temperature must be positive."""
+    by_dim, tr, _ = _seda_splits(tiny_cache, {"dsl.tau_c": None})
+    given, _, _ = _seda_splits(tiny_cache, {"dsl.tau_c": 3.0})
+    d_z = tr["visual"].shape[1]
+    for head in (by_dim.head.dsl, given.head.dsl):
+        head.fit_centres(tr["visual"], tr["label"])
+    z = tr["visual"][:8]
+    sq_dist = torch.cdist(z, by_dim.head.dsl.centres).pow(2)
+    assert torch.allclose(by_dim.head.dsl.classify(z), -sq_dist / d_z, atol=1e-4)
+    assert torch.allclose(given.head.dsl.classify(z), -sq_dist / 3.0, atol=1e-3)
+    for bad in (0.0, -2.0):
+        with pytest.raises(ValueError, match="tau_c"):
+            method_config("seda", {"dsl.tau_c": bad})

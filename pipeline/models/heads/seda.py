@@ -54,6 +54,7 @@ from .diffusion import DiffusionConfig, MLPControl, generate_chunked
 
 VARIANTS = ("full", "one-step", "dst-only", "dsl-only", "no-pfin")
 CLASSIFIER_INPUTS = ("m+s", "v+m+s", "s")  # C_f input (methods §3.24)
+CROSS_FIT_FOLDS = 5  # dsl.cross_fit's default where stage 2 trains on z (README, SeDA)
 
 
 @dataclass
@@ -62,16 +63,24 @@ class DSLConfig(DiffusionConfig):
 
     sampler: str = "ddim"  # z = DDIM chain, eta = 0 (deterministic given the start noise)
     lambda_c: float = 0.1  # prototype CE weight (variant A)
-    tau_c: float = 1.0  # prototype temperature on standardised features
+    # prototype temperature on standardised features; None: the semantic dim d_z (squared
+    # distances per dimension), the end-to-end default (README, SeDA)
+    tau_c: float | None = 1.0
     lambda_h: float = 0.0  # > 0 adds variant B: MSE(P_h h_t, c_y) on the interactive feature
+    # w > 0 adds w * CE(W x_v, y), a linear classifier on the visual feature trained with the
+    # DSL (R-3 step 1's visual-only head). End to end it gives the backbone the class signal
+    # the centre regression lacks (README, SeDA); on a cache it changes no other weight
+    visual_ce: float = 0.0
     epochs: int | None = None  # None: the trainer's epochs
     # m of the running class centres c_k <- m c_k + (1 - m) mean_batch(x_v | y = k), used when
     # the features move (a backbone trained with the head, R-1 and methods §3.22)
     centre_momentum: float = 0.9
     # K > 1: stage 2 trains on out-of-fold z. K more DSLs, each fitted on the train rows
     # outside one of K class-stratified folds, give the z of that fold's rows; the DSL fitted
-    # on all train rows gives val and test z (a model meeting rows it never saw, as at train)
-    cross_fit: int = 1
+    # on all train rows gives val and test z (a model meeting rows it never saw, as at train).
+    # None: CROSS_FIT_FOLDS where a later stage trains on the DSL's z (the staged full and
+    # no-pfin), else 1; chosen on validation (README, SeDA), 1 is the reconstruction as written
+    cross_fit: int | None = None
 
 
 @dataclass
@@ -81,8 +90,10 @@ class DSTConfig(DiffusionConfig):
     sampler: str = "ddim"
     layers: int = 2  # H is a 2-layer MLP (R-2)
     lambda_s: float = 1.0  # CE weight of C_f
-    classifier_input: str = "m+s"  # m+s: [m ; s_hat_0] | v+m+s: [x_v' ; m ; s_hat_0] | s
-    refit_samples: int = 0  # K > 0: then refit C_f on K sampled chains per train row
+    # m+s: [m ; s_hat_0] (R-2 as written) | v+m+s: [x_v' ; m ; s_hat_0] | s. v+m+s and the
+    # refit were chosen on validation (README, SeDA); m+s and 0 are the reconstruction as written
+    classifier_input: str = "v+m+s"
+    refit_samples: int = 4  # K > 0: then refit C_f on K sampled chains per train row
     epochs: int | None = None
     # S chains averaged at test (R-4's option against the top-5 collapse): on the demo cache,
     # val top-1 63.3 -> 66.9 and test top-5 92.5 -> 94.8 over 3 seeds (README, SeDA)
@@ -117,12 +128,32 @@ class SeDAConfig:
         if self.joint and self.variant not in ("full", "no-pfin"):
             raise ValueError(f"joint applies to the variants with both stages (full, no-pfin), "
                              f"not {self.variant!r}")
+        if self.dsl.tau_c is not None and self.dsl.tau_c <= 0:
+            raise ValueError(f"dsl.tau_c is a temperature, > 0 (or none: the semantic dim); "
+                             f"got {self.dsl.tau_c}")
+        if self.dsl.visual_ce < 0:
+            raise ValueError(f"dsl.visual_ce is a loss weight, >= 0; got {self.dsl.visual_ce}")
+        if self.dsl.cross_fit is None:
+            return
         if self.dsl.cross_fit < 1:
             raise ValueError(f"dsl.cross_fit must be >= 1, got {self.dsl.cross_fit}")
-        if self.dsl.cross_fit > 1 and (self.joint or self.variant not in ("full", "no-pfin")):
+        if self.dsl.cross_fit > 1 and not self.stage_two_reads_z:
             raise ValueError("dsl.cross_fit feeds stage 2 out-of-fold z: it applies to the "
                              "staged variants with both stages (full, no-pfin), not "
                              f"{'joint' if self.joint else repr(self.variant)}")
+
+    @property
+    def stage_two_reads_z(self) -> bool:
+        """Whether a stage after the DSL's trains on its ``z`` (the staged full, no-pfin)."""
+        return not self.joint and self.variant in ("full", "no-pfin")
+
+    @property
+    def cross_fit_folds(self) -> int:
+        """``dsl.cross_fit`` resolved: the value set, else ``CROSS_FIT_FOLDS`` where stage 2
+        reads ``z`` and 1 (no cross-fitting) where nothing does."""
+        if self.dsl.cross_fit is not None:
+            return self.dsl.cross_fit
+        return CROSS_FIT_FOLDS if self.stage_two_reads_z else 1
 
 
 def class_centres(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -158,6 +189,8 @@ class SemanticLearner(ScheduleOwner):
                                             cfg.layers)
         self.register_buffer("centres", torch.zeros(dims.classes, dims.visual))
         self.hidden_map = nn.Linear(cfg.hidden, dims.visual) if cfg.lambda_h > 0 else None  # P_h
+        self.visual_head = nn.Linear(dims.visual, dims.classes) if cfg.visual_ce > 0 else None
+        self.temperature = float(dims.visual if cfg.tau_c is None else cfg.tau_c)  # tau_c
 
     @torch.no_grad()
     def fit_centres(self, visual: torch.Tensor, labels: torch.Tensor) -> None:
@@ -180,12 +213,13 @@ class SemanticLearner(ScheduleOwner):
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Prototype logits of the semantic feature (the ``dsl-only`` prediction)."""
-        return prototype_logits(z, self.centres, self.cfg.tau_c)
+        return prototype_logits(z, self.centres, self.temperature)
 
     def loss(self, batch: Batch, schedule: NoiseSchedule,
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``MSE(z_hat_0, c_y) + lambda_c * CE(-||z_hat_0 - c_k||^2 / tau_c, y)``
-        ``[+ lambda_h * MSE(P_h h_t, c_y)]`` (R-1, variants A and B)."""
+        ``[+ lambda_h * MSE(P_h h_t, c_y)] [+ visual_ce * CE(W x_v, y)]`` (R-1, variants A and
+        B; R-3 step 1's visual-only head)."""
         total, parts, _ = self.loss_and_estimate(batch, schedule, generator)
         return total, parts
 
@@ -208,6 +242,10 @@ class SemanticLearner(ScheduleOwner):
             hidden_mse = feature_mse(hidden, target)
             total = total + self.cfg.lambda_h * hidden_mse
             parts["dsl_hidden_mse"] = hidden_mse.detach()
+        if self.visual_head is not None:
+            visual_ce = F.cross_entropy(self.visual_head(visual), labels)
+            total = total + self.cfg.visual_ce * visual_ce
+            parts["dsl_visual_ce"] = visual_ce.detach()
         return total, parts, z_hat
 
     def generate(self, visual: torch.Tensor, generator: torch.Generator | None, chunk_rows: int,
@@ -511,7 +549,7 @@ class SeDA(nn.Module):
         """``dsl.cross_fit`` = K > 1: K fresh DSLs, fold k's fitted on the train rows outside
         class-stratified fold k (which it gives the z of); none for K = 1. The fold models
         live only while the head trains: the saved head keeps the DSL fitted on all rows."""
-        k = self.cfg.dsl.cross_fit
+        k = self.cfg.cross_fit_folds
         if k == 1 or self.dsl is None:
             return []
         fold_of_row = stratified_folds(train["label"], k, ctx.eval_seed)
