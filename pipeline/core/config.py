@@ -4,13 +4,27 @@ from their JSON dicts."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 
 class ConfigError(ValueError):
     """An override names an unknown field or a value of the wrong type."""
+
+
+def require_modules(modules: Sequence[str], hint: str,
+                    error: type[Exception] = ConfigError) -> list[types.ModuleType]:
+    """Import ``modules`` in order (the packages of an optional extra), or raise ``error``
+    with ``hint`` (what needs them, and the pip command) and the import's own message."""
+    loaded = []
+    for module in modules:
+        try:
+            loaded.append(importlib.import_module(module))
+        except ImportError as exc:
+            raise error(f"{hint} ({exc})") from None
+    return loaded
 
 
 def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

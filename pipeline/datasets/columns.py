@@ -16,13 +16,13 @@ rules of the ``folder`` adapter:
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Sequence
 
+from ..core.config import require_modules
 from .base import SPLITS, DatasetError, DatasetInfo, Record, render_text, warn
 from .sources import ImageRef
 
@@ -40,11 +40,8 @@ SPLITS_HELP = ("--splits maps marnet's splits to the dataset's, e.g. "
 
 def require_module(module: str, extra: str, purpose: str) -> ModuleType:
     """Import ``module``, or raise a :class:`DatasetError` with the one-line install hint."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise DatasetError(f"{purpose} needs the {module} package: pip install "
-                           f"'marnet[{extra}]' ({exc})") from None
+    return require_modules([module], f"{purpose} needs the {module} package: pip install "
+                                     f"'marnet[{extra}]'", DatasetError)[0]
 
 
 def parse_split_map(text: str | None) -> dict[str, str]:

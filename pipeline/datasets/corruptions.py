@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, require_modules
 from .images import BadImageError, Preprocess, load_rgb
 from .sources import ImageRef
 
@@ -53,11 +53,7 @@ def family_of(name: str) -> str:
 
 def corruption_function() -> Callable[..., np.ndarray]:
     """``imagecorruptions.corrupt``, or a :class:`ConfigError` with the install hint."""
-    try:
-        from imagecorruptions import corrupt
-    except ImportError as exc:
-        raise ConfigError(f"{INSTALL_HINT} ({exc})") from None
-    return corrupt
+    return require_modules(["imagecorruptions"], INSTALL_HINT)[0].corrupt
 
 
 def corruption_seed(seed: int, name: str, severity: int, key: str) -> int:

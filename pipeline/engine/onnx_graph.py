@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, require_modules
 from ..datasets.images import BadImageError, ImageInput
 from ..models.schedule import NoiseFeed, NoiseTally
 from .encode import image_loader
@@ -43,13 +43,7 @@ MAX_BATCH = 1 << 20
 
 def require_onnx(*modules: str) -> None:
     """Import ``modules`` (default: all three), or a :class:`ConfigError` with the hint."""
-    import importlib
-
-    for name in modules or ("onnx", "onnxscript", "onnxruntime"):
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ConfigError(f"{INSTALL_HINT} ({exc})") from None
+    require_modules(modules or ("onnx", "onnxscript", "onnxruntime"), INSTALL_HINT)
 
 
 class ClassifierGraph(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..core.config import ConfigError
+from ..core.config import require_modules
 
 INSTALL_HINT = "--tensorboard needs the tensorboard package: pip install 'marnet[tensorboard]'"
 NOT_SCALARS = ("stage", "epoch")  # the group and the step, not values
@@ -21,11 +21,7 @@ NOT_SCALARS = ("stage", "epoch")  # the group and the step, not values
 
 def require_tensorboard() -> type:
     """``SummaryWriter``, or a :class:`ConfigError` with the install hint."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ConfigError(f"{INSTALL_HINT} ({exc})") from None
-    return SummaryWriter
+    return require_modules(["torch.utils.tensorboard"], INSTALL_HINT)[0].SummaryWriter
 
 
 class ScalarLog:

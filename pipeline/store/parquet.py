@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..core.config import ConfigError
+from ..core.config import require_modules
 from .cache import TEXT_TABLE, TEXT_TABLE_META, FeatureCache, from_storage, is_feature, to_storage
 from .errors import CacheError
 from .location import read_bytes, read_text
@@ -42,12 +42,7 @@ FORMAT = "marnet-parquet/1"
 def require_pyarrow() -> Any:
     """The ``pyarrow`` module (with ``pyarrow.parquet`` loaded), or a :class:`ConfigError`
     with the install hint."""
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401 - the writer lives there
-    except ImportError as exc:
-        raise ConfigError(f"{INSTALL_HINT} ({exc})") from None
-    return pyarrow
+    return require_modules(["pyarrow", "pyarrow.parquet"], INSTALL_HINT)[0]
 
 
 @dataclass(frozen=True)
