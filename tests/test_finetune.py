@@ -34,24 +34,32 @@ SMALL = {"marnet": {"diffusion.hidden": 32, "diffusion.schedule.steps": 10,
 # every method finetune takes, with its Table 2 rows and staged/joint variants
 METHOD_CASES = [(m, None, {}) for m in FINETUNE_METHODS if m != "team"] + [
     ("marnet", row, {}) for row in ("ema", "mlp", "cdr")] + [
-    ("marnet", None, {"joint": True}), ("seda", None, {"joint": True}),
+    ("marnet", None, {"joint": True}), ("seda", None, {"joint": False}),
     ("seda", None, {"variant": "dst-only"}), ("seda", None, {"variant": "dsl-only"}),
     ("seda", None, {"variant": "one-step"}), ("seda", None, {"dsl.visual_ce": 0.0})]
 
 
 def test_seda_fine_tunes_with_its_end_to_end_defaults_unless_set_otherwise():
-    """When a backbone trains, SeDA's DSL has R-3 step 1's visual classifier on and its
-    prototype temperature is the semantic dim; on cached features neither; --set wins."""
-    def dsl(**settings):
+    """When a backbone trains, SeDA's DSL has R-3 step 1's visual classifier on, its prototype
+    temperature is the semantic dim, and DSL and DST train jointly where both exist (not when
+    a staged setting is asked for); on cached features none of it; --set wins."""
+    def seda(**settings):
         cfg = FinetuneConfig(dataset="synthfood", root=".", out="x", method="seda",
                              settings=settings)
-        return cfg.head()[1].dsl
+        return cfg.head()[1]
 
-    assert (dsl().visual_ce, dsl().tau_c) == (1.0, None)
-    assert dsl(**{"dsl.visual_ce": 0.0}).visual_ce == 0.0
-    assert dsl(**{"dsl.visual_ce": 2.5, "dsl.tau_c": 1.0}).tau_c == 1.0
-    on_cache = method_config("seda", {}).dsl
-    assert (on_cache.visual_ce, on_cache.tau_c) == (0.0, 1.0)
+    default = seda()
+    assert (default.dsl.visual_ce, default.dsl.tau_c, default.joint) == (1.0, None, True)
+    assert default.cross_fit_folds == 1
+    assert seda(**{"dsl.visual_ce": 0.0}).dsl.visual_ce == 0.0
+    assert seda(**{"dsl.visual_ce": 2.5, "dsl.tau_c": 1.0}).dsl.tau_c == 1.0
+    staged = seda(joint=False)
+    assert not staged.joint and staged.cross_fit_folds == 5 and staged.dsl.visual_ce == 1.0
+    assert not seda(**{"dsl.cross_fit": "3"}).joint
+    single = seda(variant="dst-only")
+    assert not single.joint and single.dsl.visual_ce == 1.0
+    on_cache = method_config("seda", {})
+    assert (on_cache.dsl.visual_ce, on_cache.dsl.tau_c, on_cache.joint) == (0.0, 1.0, False)
     ce = FinetuneConfig(dataset="synthfood", root=".", out="x", method="ce").head()[1]
     assert not hasattr(ce, "dsl")
 
@@ -62,7 +70,7 @@ def test_a_changed_default_changes_the_settings_a_fine_tune_is_reused_by(monkeyp
     cfg = FinetuneConfig(dataset="synthfood", root=".", out="x", method="seda")
     before = finetune_settings(cfg)
     assert before["method_config"]["dsl"]["visual_ce"] == 1.0
-    monkeypatch.setitem(END_TO_END_DEFAULTS, "seda", {})
+    monkeypatch.setitem(END_TO_END_DEFAULTS, "seda", lambda _: {})
     after = finetune_settings(cfg)
     assert after["method_config"]["dsl"]["visual_ce"] == 0.0
     assert {k: v for k, v in after.items() if k != "method_config"} == {

@@ -368,3 +368,23 @@ def test_tau_c_none_is_the_semantic_dim(tiny_cache):
     for bad in (0.0, -2.0):
         with pytest.raises(ValueError, match="tau_c"):
             method_config("seda", {"dsl.tau_c": bad})
+
+
+def test_target_mix_moves_the_dsl_target_from_the_centre_toward_the_visual_feature(tiny_cache):
+    """``dsl.target_mix = a``: the DSL regresses ``c_y + a (x_v - c_y)``; 0 is the class centre
+    (R-1), 1 the visual feature, and no gradient reaches ``x_v`` through the target."""
+    model, tr, _ = _seda_splits(tiny_cache, {"dsl.target_mix": 0.25})
+    dsl = model.head.dsl
+    dsl.fit_centres(tr["visual"], tr["label"])
+    visual = tr["visual"][:8].clone().requires_grad_()
+    labels = tr["label"][:8]
+    centres = dsl.centres[labels]
+    target = dsl.target(visual, labels)
+    assert torch.allclose(target, 0.75 * centres + 0.25 * visual.detach(), atol=1e-6)
+    assert not target.requires_grad
+    for mix, expected in ((0.0, centres), (1.0, visual.detach())):
+        dsl.cfg.target_mix = mix
+        assert torch.allclose(dsl.target(visual, labels), expected, atol=1e-6)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="target_mix"):
+            method_config("seda", {"dsl.target_mix": bad})

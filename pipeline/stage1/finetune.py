@@ -114,13 +114,26 @@ METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ita-mp": ("ita", {"multi_positive": True}),
 }
 FINETUNE_METHODS = ("ce", *METHODS, "ita-mp")
-# a method's defaults when its first stage trains a backbone (--set wins), chosen on val end
-# to end (README "SeDA"): staged SeDA's DSL gives the backbone no class signal of its own, so
-# R-3 step 1's visual-only classifier is on (val top-1 49.5 -> 61.6; on cached features it
-# changes nothing, so the head's own default stays 0), and the prototype CE's temperature is
-# the semantic dim, so it no longer dominates the backbone's gradient (61.6 -> 64.1)
-END_TO_END_DEFAULTS: dict[str, dict[str, Any]] = {
-    "seda": {"dsl.visual_ce": 1.0, "dsl.tau_c": None},
+
+
+def seda_end_to_end(overrides: dict[str, Any]) -> dict[str, Any]:
+    """SeDA's defaults when a backbone trains with it, each chosen on val end to end (README,
+    "SeDA", "End to end"); ``overrides`` (``--set``) win. Staged, its DSL regresses running
+    class centres and gives the backbone no class boundary and no text, so: R-3 step 1's
+    visual classifier trained with the DSL (``dsl.visual_ce``, val top-1 49.5 -> 61.6), the
+    prototype CE's temperature the semantic dim so that it no longer dominates the backbone's
+    gradient (``dsl.tau_c``, -> 64.1), and DSL and DST trained together through the backbone
+    where both stages exist (``joint``, -> 66.0), the mapping where the text reaches it; not
+    when ``dsl.cross_fit`` is set, a setting of the staged mapping. On cached features these
+    stay the head's own defaults."""
+    joint = (overrides.get("variant", "full") in ("full", "no-pfin")
+             and "dsl.cross_fit" not in overrides)
+    return {"dsl.visual_ce": 1.0, "dsl.tau_c": None, **({"joint": True} if joint else {})}
+
+
+# a method's defaults when its first stage trains a backbone, from the resolved overrides
+END_TO_END_DEFAULTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "seda": seda_end_to_end,
 }
 
 
@@ -185,8 +198,7 @@ class FinetuneConfig:
 
     def head(self) -> tuple[str, Any]:
         """The registered method this fine-tune trains and its resolved config."""
-        name, alias = METHOD_ALIASES.get(self.method, (self.method, {}))
-        base = {**END_TO_END_DEFAULTS.get(name, {}), **alias}
+        name, base = METHOD_ALIASES.get(self.method, (self.method, {}))
         sugar = {"weight": self.beta, "d": self.proj_dim, "tau": self.tau}
         given = {k: v for k, v in sugar.items() if v is not None}
         cfg_class = METHODS[name].config
@@ -199,7 +211,8 @@ class FinetuneConfig:
         try:
             overrides = {**base, **given, **resolve_overrides(name, self.ablation, None,
                                                               self.settings)}
-            return name, method_config(name, overrides)
+            end_to_end = END_TO_END_DEFAULTS.get(name, lambda _: {})(overrides)
+            return name, method_config(name, {**end_to_end, **overrides})
         except ValueError as exc:
             raise FinetuneError(str(exc)) from exc
 

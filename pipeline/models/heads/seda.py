@@ -71,6 +71,9 @@ class DSLConfig(DiffusionConfig):
     # DSL (R-3 step 1's visual-only head). End to end it gives the backbone the class signal
     # the centre regression lacks (README, SeDA); on a cache it changes no other weight
     visual_ce: float = 0.0
+    # a in [0, 1]: the DSL's target is c_y + a (x_v - c_y) (stop-gradient), 0 the class centre
+    # of R-1, 1 the visual feature itself; a > 0 keeps some of each image's own variation in z
+    target_mix: float = 0.0
     epochs: int | None = None  # None: the trainer's epochs
     # m of the running class centres c_k <- m c_k + (1 - m) mean_batch(x_v | y = k), used when
     # the features move (a backbone trained with the head, R-1 and methods §3.22)
@@ -133,6 +136,9 @@ class SeDAConfig:
                              f"got {self.dsl.tau_c}")
         if self.dsl.visual_ce < 0:
             raise ValueError(f"dsl.visual_ce is a loss weight, >= 0; got {self.dsl.visual_ce}")
+        if not 0.0 <= self.dsl.target_mix <= 1.0:
+            raise ValueError(f"dsl.target_mix mixes the class centre and x_v, in [0, 1]; got "
+                             f"{self.dsl.target_mix}")
         if self.dsl.cross_fit is None:
             return
         if self.dsl.cross_fit < 1:
@@ -211,6 +217,14 @@ class SemanticLearner(ScheduleOwner):
         updated = keep * self.centres + (1 - keep) * batch_centres
         self.centres.copy_(torch.where(present[:, None], updated, self.centres))
 
+    def target(self, visual: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The DSL's regression target: the class centre ``c_y`` (R-1), or with
+        ``target_mix = a`` the stop-gradient ``c_y + a (x_v - c_y)``."""
+        centres = self.centres[labels]
+        if self.cfg.target_mix == 0:
+            return centres
+        return centres + self.cfg.target_mix * (visual.detach().to(centres.dtype) - centres)
+
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Prototype logits of the semantic feature (the ``dsl-only`` prediction)."""
         return prototype_logits(z, self.centres, self.temperature)
@@ -219,7 +233,7 @@ class SemanticLearner(ScheduleOwner):
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``MSE(z_hat_0, c_y) + lambda_c * CE(-||z_hat_0 - c_k||^2 / tau_c, y)``
         ``[+ lambda_h * MSE(P_h h_t, c_y)] [+ visual_ce * CE(W x_v, y)]`` (R-1, variants A and
-        B; R-3 step 1's visual-only head)."""
+        B; R-3 step 1's visual-only head); ``c_y`` is :meth:`target`."""
         total, parts, _ = self.loss_and_estimate(batch, schedule, generator)
         return total, parts
 
@@ -228,7 +242,7 @@ class SemanticLearner(ScheduleOwner):
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """:meth:`loss` and the one-step estimate ``z_hat_0`` of the draw (with gradients)."""
         visual, labels = batch["visual"], batch["label"]
-        target = self.centres[labels]
+        target = self.target(visual, labels)
         t = schedule.sample_timesteps(len(visual), visual.device, generator)
         noise = torch.randn(target.shape, device=visual.device, generator=generator)
         z_t = schedule.add_noise(target, noise, t)
