@@ -463,6 +463,9 @@ def evaluate(
     except _user_errors() as exc:
         _fail(exc)
     console.print(_metrics_table(str(run or finetuned), [{"what": metrics["source"], **metrics}]))
+    if metrics.get("diagnostics"):  # the head's own measurements, e.g. SeDA's z_top1 (%)
+        console.print("head diagnostics: " + ", ".join(
+            f"{name} {value:.2f}" for name, value in metrics["diagnostics"].items()))
     if json_out:
         try:
             json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,9 @@ from marnet.pipeline.stage1.finetune import (
     finetune_settings,
     trainable_prefix,
 )
-from marnet.pipeline.stage2.evaluate import finetuned_logits
+from marnet.pipeline.stage2.evaluate import evaluate_finetuned, finetuned_logits
 from marnet.pipeline.store import FeatureCache
+from marnet.pipeline.tools.ablate import _finetuned_result
 
 SMALL = {"marnet": {"diffusion.hidden": 32, "diffusion.schedule.steps": 10,
                     "fusion_samples": 1},
@@ -325,10 +326,21 @@ def test_without_a_val_split_selection_holds_out_train_never_test(tmp_path, writ
 def test_seda_cross_fits_and_refits_after_the_backbone_is_frozen(synth_root, tiny_cache,
                                                                   tmp_path):
     """End to end, SeDA's DSL trains with the backbone; the fold DSLs of ``dsl.cross_fit``, DST
-    and the ``C_f`` refit train on the frozen backbone's features afterwards."""
+    and the ``C_f`` refit train on the frozen backbone's features afterwards. The ablation's
+    results hold how well ``z`` classifies the train rows stage 2 learnt from, val and test,
+    and ``eval --finetuned`` measures test's as the fine-tune did."""
     settings = {"dsl.cross_fit": 2, "dst.classifier_input": "v+m+s", "dst.refit_samples": 2}
-    finetune(_cfg(synth_root, tmp_path, "seda", tiny_cache, settings=settings),
-             log=lambda _: None)
+    cfg = _cfg(synth_root, tmp_path, "seda", tiny_cache, settings=settings)
+    (tmp_path / "row").mkdir()
+    result = _finetuned_result(tmp_path / "row", cfg, lambda _: None)
+    assert json.loads((tmp_path / "row" / "results.json").read_text()) == result
+    prepared = result["diagnostics"]["dst+pfin"]
+    assert set(prepared) == {"z_top1_train", "z_top1_val"}
+    assert result["val"]["diagnostics"]["z_top1"] == prepared["z_top1_val"]
+    evaluated = evaluate_finetuned(cfg.out, "test", device="cpu", num_workers=0,
+                                   log=lambda _: None)
+    assert evaluated["diagnostics"] == result["test"]["diagnostics"]
+    assert evaluated["top1"] == result["test"]["top1"]
     saved = read_checkpoint_meta(tmp_path / "seda.safetensors")
     stages = [r["stage"] for r in saved["head_stages"]]
     assert stages == [s for s in ("dsl-fold0", "dsl-fold1", "dst+pfin", "classifier")

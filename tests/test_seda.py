@@ -5,7 +5,9 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from marnet.cli import app
 from marnet.pipeline.engine.runs import load_run
 from marnet.pipeline.engine.training import HeadsModel, TrainConfig, run_stage
 from marnet.pipeline.models.heads import Dims, SplitData, TrainContext, build_head, method_config
@@ -323,6 +325,11 @@ def test_a_run_records_how_well_z_classifies_train_val_and_test(tiny_cache, tmp_
     expected = 100 * (nearest == torch.as_tensor(test["label"])).float().mean().item()
     assert results["test"]["diagnostics"]["z_top1"] == pytest.approx(expected, abs=1e-3)
     assert 0 <= results["diagnostics"]["dst+pfin"]["z_top1_train"] <= 100
+    evaluated = evaluate_run(out, "test", device="cpu", log=lambda _: None)
+    assert evaluated["diagnostics"] == results["test"]["diagnostics"]
+    printed = CliRunner().invoke(app, ["eval", "--run", str(out), "--device", "cpu"])
+    assert printed.exit_code == 0, printed.output
+    assert f"head diagnostics: z_top1 {evaluated['diagnostics']['z_top1']:.2f}" in printed.output
 
 
 def test_visual_ce_adds_a_class_signal_on_the_visual_feature_and_nothing_else(tiny_cache):

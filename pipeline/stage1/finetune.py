@@ -89,9 +89,9 @@ from ..engine.training import (
     BatchSampler,
     HeadsModel,
     TrainConfig,
+    evaluate_features,
     run_stage,
     standardise_tokens,
-    topk_metrics,
     train_step,
 )
 from ..models.heads import (
@@ -485,7 +485,9 @@ def _finetune(cfg: FinetuneConfig, device: torch.device, ranks: RankInfo,
             val_metrics = _metrics(run, run.val_records, "validate")
     meta = {**run.meta, "best_epoch": best["epoch"], "val_top1": val_metrics["top1"],
             "val_images": val_metrics["n"], "ranks": ranks.world,
-            "val_top5": val_metrics["top5"], "history": history, "head_stages": head_history}
+            "val_top5": val_metrics["top5"], "history": history, "head_stages": head_history,
+            **({"val_diagnostics": val_metrics["diagnostics"]} if "diagnostics" in val_metrics
+               else {})}
     _save_weights(Path(cfg.out), run.net, meta)
     log(f"saved {cfg.out} (backbone: best epoch {best['epoch']}; {cfg.method} val top-1 "
         f"{val_metrics['top1']:.2f}%)")
@@ -716,11 +718,10 @@ def _later_stages(run: Run, log: Callable[[str], None],
 
 def _metrics(run: Run, records: list[Record], description: str) -> dict[str, Any]:
     """Metrics of the network on ``records``, predicting as evaluation does (full test-time
-    chains, a generator seeded with the fine-tune's seed, as ``eval --finetuned``)."""
+    chains, a generator seeded with the fine-tune's seed, as ``eval --finetuned``), with the
+    head's own diagnostics of them (SeDA's ``z_top1``) when it has some."""
     feats, labels, _ = _encode(run, records, description)
-    generator = torch.Generator(device=feats.device).manual_seed(run.cfg.seed)
-    logits = run.net.heads.predict(feats, generator)
-    return topk_metrics(logits.float(), labels, logits.shape[1])
+    return evaluate_features(run.net.heads, feats, labels, run.info.num_classes, run.ctx)
 
 
 def _state_tensors(net: EndToEnd) -> dict[str, torch.Tensor]:

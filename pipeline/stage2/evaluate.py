@@ -19,7 +19,8 @@ from ..datasets import DatasetInfo, Record, load_dataset
 from ..engine.backbones import VisionSpec, build_vision, resolve_device, resolve_precision
 from ..engine.encode import ImageSource, readable
 from ..engine.runs import load_run, run_cache
-from ..engine.training import HeadsModel, topk_metrics
+from ..engine.training import HeadsModel, evaluate_features
+from ..models.heads import TrainContext
 from ..store import CacheError, FeatureCache
 from .train import load_features
 
@@ -35,21 +36,21 @@ def rebuild_vision(manifest: dict[str, Any], device: torch.device, weights_dir: 
     return vision.to_runtime(device, manifest["settings"]["channels_last"]).for_inference()
 
 
-def run_logits(run_dir: Path | str, split: str = "test", cache: Path | str | None = None,
+def run_inputs(run_dir: Path | str, split: str = "test", cache: Path | str | None = None,
                end_to_end: bool = False, root: Path | str | None = None,
                device: str = "auto", num_workers: int = 2,
                weights_dir: Path | str = "cache/weights",
                log: Callable[[str], None] = print, overrides: dict[str, Any] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Logits and labels of the run at ``run_dir`` on ``split`` (the readable images' rows
-    end to end), and its config; diffusion heads sample with the run's seed, over the whole
-    split at once. ``end_to_end`` reruns the backbone on the images; ``overrides`` change
-    test-time settings (see :func:`pipeline.engine.runs.load_run`)."""
+               ) -> tuple[HeadsModel, torch.Tensor, torch.Tensor, dict[str, Any], TrainContext]:
+    """The run at ``run_dir`` (its heads and config), the raw visual features and labels of
+    ``split`` (the readable images' rows end to end), and the context it evaluates in: the
+    run's seed and chunk size. ``end_to_end`` reruns the backbone on the images;
+    ``overrides`` change test-time settings (see :func:`pipeline.engine.runs.load_run`)."""
     dev = resolve_device(device)
     model, config = load_run(run_dir, dev, overrides)
     fc = run_cache(config, cache)
-    generator = torch.Generator(device=dev).manual_seed(config["train"]["seed"])
-    chunk = config["train"]["chunk_rows"]
+    ctx = TrainContext(dev, torch.Generator(device=dev), eval_seed=config["train"]["seed"],
+                       chunk_rows=config["train"]["chunk_rows"])
     features = config.get("features", "visual")
     if end_to_end and features != "visual":
         raise ValueError("an end-to-end evaluation needs a run trained on visual features; "
@@ -59,7 +60,21 @@ def run_logits(run_dir: Path | str, split: str = "test", cache: Path | str | Non
     else:
         data = load_features(fc, split, dev, features, ("visual", "label"))
         visual, labels = data["visual"], data["label"]
-    return model.predict(visual.to(dev), generator, chunk), labels.to(dev), config
+    return model, visual.to(dev), labels.to(dev), config, ctx
+
+
+def run_logits(run_dir: Path | str, split: str = "test", cache: Path | str | None = None,
+               end_to_end: bool = False, root: Path | str | None = None,
+               device: str = "auto", num_workers: int = 2,
+               weights_dir: Path | str = "cache/weights",
+               log: Callable[[str], None] = print, overrides: dict[str, Any] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Logits and labels of the run at ``run_dir`` on ``split`` (:func:`run_inputs`), and its
+    config; diffusion heads sample with the run's seed, over the whole split at once."""
+    model, visual, labels, config, ctx = run_inputs(run_dir, split, cache, end_to_end, root,
+                                                    device, num_workers, weights_dir, log,
+                                                    overrides)
+    return model.predict(visual, ctx.eval_generator(), ctx.chunk_rows), labels, config
 
 
 def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | None = None,
@@ -68,11 +83,13 @@ def evaluate_run(run_dir: Path | str, split: str = "test", cache: Path | str | N
                  weights_dir: Path | str = "cache/weights",
                  log: Callable[[str], None] = print,
                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Metrics of the run at ``run_dir`` on ``split`` (:func:`run_logits`)."""
-    logits, labels, config = run_logits(run_dir, split, cache, end_to_end, root, device,
-                                        num_workers, weights_dir, log, overrides)
+    """Metrics of the run at ``run_dir`` on ``split`` (:func:`run_logits`), with the head's
+    own diagnostics of the split (SeDA's ``z_top1``) when it has some."""
+    model, visual, labels, config, ctx = run_inputs(run_dir, split, cache, end_to_end, root,
+                                                    device, num_workers, weights_dir, log,
+                                                    overrides)
     settings = {"overrides": config["eval_overrides"]} if overrides else {}
-    metrics = topk_metrics(logits.float(), labels, len(config["class_names"]))
+    metrics = evaluate_features(model, visual, labels, len(config["class_names"]), ctx)
     return {"split": split, "source": "images" if end_to_end else "cache", **settings,
             **metrics}
 
@@ -151,12 +168,16 @@ def evaluate_finetuned(checkpoint: Path | str, split: str = "test",
                        num_workers: int = 2, weights_dir: Path | str = "cache/weights",
                        log: Callable[[str], None] = print,
                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Top-1/top-5 and per-class accuracy of :func:`finetuned_logits`."""
-    logits, labels, meta = finetuned_logits(checkpoint, split, root, device, num_workers,
-                                            weights_dir, log, overrides)
+    """Top-1/top-5 and per-class accuracy of :func:`finetuned_logits`, with the head's own
+    diagnostics of the split (SeDA's ``z_top1``) when it has some."""
+    heads, visual, labels, meta = finetuned_features(checkpoint, split, root,
+                                                     resolve_device(device), num_workers,
+                                                     weights_dir, log, overrides)
+    ctx = TrainContext(visual.device, torch.Generator(device=visual.device),
+                       eval_seed=meta["seed"])
     settings = {"overrides": {k: str(v) for k, v in overrides.items()}} if overrides else {}
     return {"split": split, "source": "images (fine-tuned)", "method": meta["method"],
-            **settings, **topk_metrics(logits.float(), labels, len(meta["class_names"]))}
+            **settings, **evaluate_features(heads, visual, labels, len(meta["class_names"]), ctx)}
 
 
 def require_same_dataset(info: DatasetInfo, fc: FeatureCache) -> None:
@@ -202,6 +223,6 @@ def end_to_end_features(fc: FeatureCache, split: str, root: Path | str | None,
     return visual[keep], source.labels[keep]
 
 
-__all__ = ["HeadsModel", "evaluate_finetuned", "evaluate_run", "finetuned_features",
+__all__ = ["HeadsModel", "evaluate_finetuned", "evaluate_run", "finetuned_features", "run_inputs",
            "finetuned_logits", "end_to_end_features", "rebuild_vision", "require_same_dataset",
            "run_logits"]

@@ -322,10 +322,20 @@ def _finetuned_result(run_dir: Path, cfg: FinetuneConfig, log: Callable[[str], N
     meta = finetune(replace(cfg, overwrite=True), log, evaluate=("test",))
     test = meta["evaluation"]["test"]
     result = {"settings": settings, "checkpoint": str(cfg.out), "best_epoch": meta["best_epoch"],
-              "val": {"top1": meta["val_top1"], "top5": meta["val_top5"]},
-              "test": {k: test[k] for k in ("top1", "top5", "n", "per_class_top1")}}
+              "val": {"top1": meta["val_top1"], "top5": meta["val_top5"],
+                      **_diagnostics(meta.get("val_diagnostics"))},
+              "test": {**{k: test[k] for k in ("top1", "top5", "n", "per_class_top1")},
+                       **_diagnostics(test.get("diagnostics"))},
+              **_diagnostics({r["stage"]: r["prepared"] for r in meta["head_stages"]
+                              if "prepared" in r})}
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _diagnostics(found: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"diagnostics": found}``, or nothing when the head measured none; the layout of a
+    stage-two run's ``results.json``."""
+    return {"diagnostics": found} if found else {}
 
 
 def _two_stage_result(run_dir: Path, spec: RowSpec, overrides: dict[str, Any], seed: int,
